@@ -1,0 +1,6 @@
+"""stackwise-jax: grow a transformer one stack at a time (see README.md)."""
+from stackwise_jax.config import ConfigError, load_config, validate
+from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer, TimeStepMasking
+
+__all__ = ["ConfigError", "ProgressiveRackBuilder", "ProgressiveTrainer", "TimeStepMasking",
+           "load_config", "validate"]

@@ -1,0 +1,391 @@
+"""The config surface of design §2: defaults, loading (.py or YAML), overrides and validation."""
+import ast
+from collections.abc import Sequence
+import functools
+import importlib.util
+import math
+import os
+import re
+from typing import Any
+
+from absl import flags
+import ml_collections
+from ml_collections.config_flags import tuple_parser
+import yaml
+
+
+class ConfigError(ValueError):
+  """A config value is not allowed. The message names the field path, the value and what is allowed."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field a run depends on, with its default. configs/*.py start from this."""
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 260          # 256 bytes + PAD, MASK, BOS, EOS (see data/tokenizer.py)
+  c.model.d_model = 128
+  c.model.n_heads = 4
+  c.model.n_kv_heads = 4            # == n_heads for "mha"; a divisor of n_heads for "gqa"
+  c.model.d_ff = 384
+  c.model.max_seq_len = 256
+  c.model.dropout = 0.0
+  c.model.tie_embeddings = True
+  c.model.rope_theta = 10000.0
+  c.model.norm_eps = 1e-6
+  c.model.attention = "mha"         # "mha" | "gqa"
+  c.model.n_blocks_per_stack = 1
+
+  c.training = ml_collections.ConfigDict()
+  c.training.batch_size = 16
+  c.training.seq_len = 128
+  c.training.lr = 3e-3
+  c.training.weight_decay = 0.01
+  c.training.warmup_steps = 20
+  c.training.grad_clip = 1.0
+  c.training.steps_per_stack = 100
+  c.training.seed = 0
+  c.training.eval_every = 50        # 0 = only at the end of each stage
+  c.training.eval_batches = 4
+  c.training.log_every = 10
+  c.training.checkpoint_every = 0   # 0 = only at the end of each stage
+  c.training.workdir = ""           # the CLI's --workdir sets it
+
+  p = c.training.progressive = ml_collections.ConfigDict()
+  p.enabled = True                  # False: one stage training all target_stacks end to end
+  p.max_stacks = 4
+  p.target_stacks = 3
+  p.building_mode = "append"        # "append" | "prepend"
+  p.trunk_strategy = "frozen"       # "frozen" | "qlora"
+  p.new_stack_precision = "full"    # "full" | "bfloat16" | "half"
+  p.embedding_training = "auto"     # "auto" (append: trainable, prepend: frozen) | "trainable" | "frozen"
+  p.cache_activations = True
+  p.cache_max_bytes = 2 * 1024**3   # beyond this the cache spills to disk
+  p.training_objective = "clm"      # "mlm" | "clm" | "custom"
+  p.mask_token_id = 257
+  p.mlm_min_ratio = 0.15            # mask ratio at the lowest noise level
+  p.time_interpretation = "depth"   # "input" | "depth"
+  p.num_time_steps = 16
+  p.time_embedding_dim = 64
+  p.time_encoding_type = "sinusoidal"   # "sinusoidal" | "learned"
+  p.stack_time_mapping = "linear"   # "linear" | "exponential" | "custom"
+  p.time_per_stack = 4
+  p.custom_time_mapping = ""        # a name registered with progressive.masking.register_time_mapping
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "builtin"         # "builtin" | "text"
+  c.data.paths = ()                 # files or globs for source="text"
+  c.data.tokenizer = "bytes"
+  c.data.val_fraction = 0.05
+  c.data.shuffle_seed = 0
+  c.data.num_workers = 0
+  return c
+
+
+# --- Loading: a .py with get_config(), or an upstream-style YAML; then CLI-style overrides. ---
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads a config file, applies overrides and validates the result.
+
+  Args:
+    path: a `.py` file defining `get_config()`, or a `.yaml`/`.yml` file nested like design §2
+      (fields it leaves out keep their `default_config()` values).
+    overrides: `"path.to.field=value"` strings (the CLI's `--config.` prefix already stripped); each
+      value is parsed according to the type of the field it replaces.
+
+  Returns:
+    The validated ConfigDict.
+
+  Raises:
+    ConfigError: missing file, unknown field, unparsable or disallowed value.
+  """
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path}: config file not found")
+  if path.endswith(".py"):
+    config = _load_py(path)
+  elif path.endswith((".yaml", ".yml")):
+    config = _load_yaml(path)
+  else:
+    raise ConfigError(f"{path}: unknown config file type; allowed: .py, .yaml, .yml")
+  for override in overrides:
+    _apply_override(config, override)
+  return validate(config)
+
+
+def to_yaml(config: ml_collections.ConfigDict) -> str:
+  """Returns `config` as YAML nested like design §2; `load_config` reads it back unchanged."""
+
+  def plain(x):
+    # safe_dump has no tag for tuples; lists load back as tuples through the default's type.
+    if isinstance(x, dict):
+      return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [plain(v) for v in x]
+    return x
+
+  return yaml.safe_dump(plain(config.to_dict()), sort_keys=False, default_flow_style=False)
+
+
+def _load_py(path: str) -> ml_collections.ConfigDict:
+  # A fresh, unregistered module per load: two configs named config.py must not shadow each other.
+  name = "_stackwise_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise ConfigError(f"{path}: a .py config must define get_config() returning a ConfigDict")
+  config = get_config()
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(
+        f"{path}: get_config() returned {type(config).__name__}; allowed: a ConfigDict")
+  return config
+
+
+class _YamlLoader(yaml.SafeLoader):
+  """SafeLoader that also reads `3e-4` as a float (PyYAML's YAML 1.1 needs `3.0e-4`)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _load_yaml(path: str) -> ml_collections.ConfigDict:
+  try:
+    with open(path) as f:
+      data = yaml.load(f, Loader=_YamlLoader)
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{path}: not valid YAML: {e}") from None
+  config = default_config()
+  _apply_mapping(config, {} if data is None else data, prefix="")
+  return config
+
+
+def _apply_mapping(node: ml_collections.ConfigDict, data: Any, prefix: str) -> None:
+  """Copies a nested YAML mapping onto `node`, coercing each value to its default's type."""
+  if not isinstance(data, dict):
+    raise ConfigError(f"{prefix or '<top level>'}={data!r}: expected a mapping of fields; "
+                      f"allowed keys: {', '.join(node.keys())}")
+  for key, value in data.items():
+    path = _join(prefix, key)
+    _check_known(node, key, path, prefix)
+    current = node[key]
+    if isinstance(current, ml_collections.ConfigDict):
+      _apply_mapping(current, value, path)
+    else:
+      node[key] = _coerce(path, value, current)
+
+
+def _apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+  path, sep, text = override.partition("=")
+  path = path.strip()
+  if not sep or not path:
+    raise ConfigError(f"{override!r}: an override must look like path.to.field=value")
+  node, prefix = config, ""
+  keys = path.split(".")
+  for key in keys[:-1]:
+    _check_known(node, key, _join(prefix, key), prefix)
+    node, prefix = node[key], _join(prefix, key)
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ConfigError(f"{path}={text!r}: {prefix} is a field, not a group of fields")
+  key = keys[-1]
+  _check_known(node, key, path, prefix)
+  current = node[key]
+  if isinstance(current, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}={text!r}: {path} is a group of fields; override its fields one "
+                      f"by one: {', '.join(_join(path, k) for k in current.keys())}")
+  node[key] = _coerce(path, _parse_text(path, text, current), current)
+
+
+def _parse_text(path: str, text: str, default: Any) -> Any:
+  """Parses a command-line value as `default`'s type with absl's parsers, as config_flags does."""
+  try:
+    if isinstance(default, bool):
+      return flags.BooleanParser().parse(text)
+    if isinstance(default, int):
+      return flags.IntegerParser().parse(text)
+    if isinstance(default, float):
+      return flags.FloatParser().parse(text)
+    if isinstance(default, str):
+      return text
+    if isinstance(default, tuple):
+      return _parse_tuple(text)
+    return yaml.load(text, Loader=_YamlLoader)  # A field whose default is None: any YAML literal.
+  except (ValueError, yaml.YAMLError) as e:
+    raise ConfigError(f"{path}={text!r}: expected {_type_name(default)} ({e})") from None
+
+
+def _parse_tuple(text: str) -> tuple[Any, ...]:
+  """`"('a.txt', 'b/*.txt')"`, `"[a.txt, b/*.txt]"`, `"a.txt"` or `""` -> a tuple."""
+  stripped = text.strip()
+  if not stripped:
+    return ()
+  if stripped.startswith("["):
+    try:
+      return tuple(ast.literal_eval(stripped))
+    except (ValueError, SyntaxError):
+      # Unquoted YAML flow list, e.g. [a.txt, b/*.txt]; literal_eval rejects it.
+      value = yaml.load(stripped, Loader=_YamlLoader)
+      if isinstance(value, list):
+        return tuple(value)
+      raise ValueError("not a list") from None
+  return tuple_parser.TupleParser().parse(stripped)
+
+
+def _coerce(path: str, value: Any, default: Any) -> Any:
+  """Returns `value` as the type of `default`; ConfigError naming the path if it cannot be."""
+  if value is None:
+    if default is None:
+      return None
+    raise ConfigError(f"{path}=None: null is not allowed here; expected {_type_name(default)}")
+  if default is None:
+    return value
+  if not _type_ok(value, default):
+    raise ConfigError(f"{path}={value!r}: expected {_type_name(default)}")
+  if isinstance(default, float):
+    return float(value)
+  if isinstance(default, tuple):
+    return tuple(value)
+  return value
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+  """Whether `value` may fill a field whose default is `default`; ints fill floats, lists tuples."""
+  if default is None:
+    return True
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(default, tuple):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(default))
+
+
+def _type_name(default: Any) -> str:
+  if isinstance(default, bool):
+    return "a bool (true/false)"
+  if isinstance(default, tuple):
+    return "a list, e.g. [a.txt, b/*.txt]"
+  names = {int: "an int", float: "a float", str: "a string"}
+  return names.get(type(default), type(default).__name__)
+
+
+def _check_known(node: ml_collections.ConfigDict, key: Any, path: str, prefix: str) -> None:
+  if key not in node:
+    raise ConfigError(f"{path}: unknown field; allowed in {prefix or 'the top level'}: "
+                      f"{', '.join(node.keys())}")
+
+
+def _join(prefix: str, key: Any) -> str:
+  return f"{prefix}.{key}" if prefix else str(key)
+
+
+# --- Validation: one flat table of checks. ---
+
+# Names the code implements today; design §2 lists more (nvfp4/qlora precisions, hf/array_record
+# sources) that join these sets with their implementations.
+_CHOICES = {
+    "model.attention": ("mha", "gqa"),
+    "training.progressive.building_mode": ("append", "prepend"),
+    "training.progressive.trunk_strategy": ("frozen", "qlora"),
+    "training.progressive.new_stack_precision": ("full", "bfloat16", "half"),
+    "training.progressive.embedding_training": ("auto", "trainable", "frozen"),
+    "training.progressive.training_objective": ("mlm", "clm", "custom"),
+    "training.progressive.time_interpretation": ("input", "depth"),
+    "training.progressive.time_encoding_type": ("sinusoidal", "learned"),
+    "training.progressive.stack_time_mapping": ("linear", "exponential", "custom"),
+    "data.source": ("builtin", "text"),
+    "data.tokenizer": ("bytes",),
+}
+
+_POSITIVE = (
+    "model.vocab_size", "model.d_model", "model.n_heads", "model.n_kv_heads", "model.d_ff",
+    "model.max_seq_len", "model.n_blocks_per_stack",
+    "training.batch_size", "training.seq_len", "training.eval_batches", "training.log_every",
+    "training.progressive.max_stacks", "training.progressive.target_stacks",
+    "training.progressive.num_time_steps", "training.progressive.time_embedding_dim",
+)
+
+_NON_NEGATIVE = (
+    "training.warmup_steps", "training.eval_every", "training.checkpoint_every", "training.seed",
+    "training.progressive.time_per_stack", "training.progressive.cache_max_bytes",
+    "data.shuffle_seed", "data.num_workers",
+)
+
+# Rows of (field path, ok(value, config), what is allowed). The text is formatted with `c=config`.
+# Rows run in order and the first failure is raised, so a row may rely on earlier ones (n_heads > 0
+# is checked before d_model % n_heads). Types were checked before any row runs.
+_CHECKS = [
+    *[(p, lambda v, c, a=a: v in a, "one of " + ", ".join(map(repr, a)))
+      for p, a in _CHOICES.items()],
+    *[(p, lambda v, c: v > 0, "a positive int") for p in _POSITIVE],
+    *[(p, lambda v, c: v >= 0, "an int >= 0") for p in _NON_NEGATIVE],
+    ("training.steps_per_stack", lambda v, c: v > 0,
+     "a positive number of steps per stage (zero or negative steps train nothing)"),
+    ("model.d_model", lambda v, c: v % c.model.n_heads == 0,
+     "a multiple of model.n_heads ({c.model.n_heads})"),
+    ("model.d_model", lambda v, c: (v // c.model.n_heads) % 2 == 0,
+     "a multiple of 2 * model.n_heads ({c.model.n_heads}): RoPE needs an even head dim"),
+    ("model.n_kv_heads", lambda v, c: c.model.attention != "mha" or v == c.model.n_heads,
+     "equal to model.n_heads ({c.model.n_heads}) when model.attention='mha' (use 'gqa' for fewer)"),
+    ("model.n_kv_heads", lambda v, c: c.model.n_heads % v == 0,
+     "a divisor of model.n_heads ({c.model.n_heads})"),
+    ("training.progressive.target_stacks", lambda v, c: v <= c.training.progressive.max_stacks,
+     "at most training.progressive.max_stacks ({c.training.progressive.max_stacks})"),
+    ("training.seq_len", lambda v, c: v <= c.model.max_seq_len,
+     "at most model.max_seq_len ({c.model.max_seq_len})"),
+    ("training.lr", lambda v, c: 0 < v < math.inf, "a finite float > 0"),
+    ("training.weight_decay", lambda v, c: 0 <= v < math.inf, "a finite float >= 0"),
+    ("training.grad_clip", lambda v, c: 0 <= v < math.inf, "a finite float >= 0 (0 = no clipping)"),
+    ("model.dropout", lambda v, c: 0 <= v < 1, "a float in [0, 1)"),
+    ("model.rope_theta", lambda v, c: 0 < v < math.inf, "a finite float > 0"),
+    ("model.norm_eps", lambda v, c: 0 < v < math.inf, "a finite float > 0"),
+    ("training.progressive.mlm_min_ratio", lambda v, c: 0 <= v <= 1, "a float in [0, 1]"),
+    ("data.val_fraction", lambda v, c: 0 < v < 1, "a float in (0, 1)"),
+    ("training.progressive.mask_token_id", lambda v, c: 0 <= v < c.model.vocab_size,
+     "an int in [0, model.vocab_size) = [0, {c.model.vocab_size})"),
+    ("training.progressive.custom_time_mapping",
+     lambda v, c: c.training.progressive.stack_time_mapping != "custom" or bool(v),
+     "a registered time-mapping name when training.progressive.stack_time_mapping='custom'"),
+    ("data.paths", lambda v, c: all(isinstance(p, str) and p for p in v),
+     "a list of non-empty file paths or globs"),
+    ("data.paths", lambda v, c: c.data.source != "text" or len(v) > 0,
+     "at least one file or glob when data.source='text'"),
+]
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every field of `config`; returns it unchanged.
+
+  Raises:
+    ConfigError: `"{field path}={value!r}: {what is allowed}"` for the first bad field: an unknown
+      or missing field, a wrong type, or a value outside its allowed set or range.
+  """
+  _check_schema(config, default_config(), prefix="")
+  for path, ok, allowed in _CHECKS:
+    value = functools.reduce(getattr, path.split("."), config)
+    if not ok(value, config):
+      raise ConfigError(f"{path}={value!r}: allowed: {allowed.format(c=config)}")
+  return config
+
+
+def _check_schema(node: Any, schema: ml_collections.ConfigDict, prefix: str) -> None:
+  """Same fields as `default_config()`, each of its default's type (catches .py config typos)."""
+  if not isinstance(node, ml_collections.ConfigDict):
+    raise ConfigError(f"{prefix}={node!r}: expected a group of fields: {', '.join(schema.keys())}")
+  for key in node.keys():
+    _check_known(schema, key, _join(prefix, key), prefix)
+  for key in schema.keys():
+    path = _join(prefix, key)
+    if key not in node:
+      raise ConfigError(f"{path}: missing; every field of default_config() is required")
+    if isinstance(schema[key], ml_collections.ConfigDict):
+      _check_schema(node[key], schema[key], path)
+    elif not _type_ok(node[key], schema[key]):
+      raise ConfigError(f"{path}={node[key]!r}: expected {_type_name(schema[key])}")

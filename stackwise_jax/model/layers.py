@@ -1,0 +1,90 @@
+"""Building blocks of a transformer block: RoPE attention (MHA/GQA), SwiGLU, time embedding.
+
+Kernels are `nnx.Linear` so that qwix can intercept their `dot_general` for int4 and LoRA.
+Every layer takes a compute `dtype`; params keep their own storage dtype.
+"""
+import math
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding. x: [batch, seq, heads, head_dim]; positions: [seq]."""
+  half = x.shape[-1] // 2
+  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)          # [half]
+  angles = positions.astype(jnp.float32)[:, None] * freqs[None, :]        # [seq, half]
+  sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  """Inverted dropout; a no-op without a key (evaluation, frozen stacks)."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head or grouped-query self-attention with RoPE."""
+
+  def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, *, rope_theta: float,
+               causal: bool, dtype, rngs: nnx.Rngs):
+    self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+    self.head_dim = d_model // n_heads
+    self.rope_theta, self.causal = rope_theta, causal
+    linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs)
+    self.q = linear(d_model, n_heads * self.head_dim)
+    self.k = linear(d_model, n_kv_heads * self.head_dim)
+    self.v = linear(d_model, n_kv_heads * self.head_dim)
+    self.o = linear(n_heads * self.head_dim, d_model)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [batch, seq, d_model] -> [batch, seq, d_model]."""
+    b, t, _ = x.shape
+    positions = jnp.arange(t)
+    q = rope(self.q(x).reshape(b, t, self.n_heads, self.head_dim), positions, self.rope_theta)
+    k = rope(self.k(x).reshape(b, t, self.n_kv_heads, self.head_dim), positions, self.rope_theta)
+    v = self.v(x).reshape(b, t, self.n_kv_heads, self.head_dim)
+    if q.dtype == jnp.float16:
+      # fp16 logits overflow easily, and XLA:CPU has no fp16 dot with fp32 accumulation.
+      q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+    # GQA: jax.nn.dot_product_attention broadcasts the kv heads over query-head groups.
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal).astype(x.dtype)
+    return self.o(out.reshape(b, t, self.n_heads * self.head_dim))
+
+
+class SwiGLU(nnx.Module):
+  """Feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, d_model: int, d_ff: int, *, dtype, rngs: nnx.Rngs):
+    linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs)
+    self.gate, self.up, self.down = linear(d_model, d_ff), linear(d_model, d_ff), linear(d_ff, d_model)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+def sinusoidal_embedding(time_step: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+  """time_step: [batch] ints -> [batch, dim] float32 (dim even)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = time_step.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class TimeEmbedding(nnx.Module):
+  """Diffusion time step -> vector [batch, dim]: fixed sinusoids or a learned table."""
+
+  def __init__(self, num_time_steps: int, dim: int, encoding: str, *, rngs: nnx.Rngs):
+    self.dim, self.encoding = dim, encoding
+    self.table = nnx.Embed(num_time_steps, dim, rngs=rngs) if encoding == "learned" else None
+
+  def __call__(self, time_step: jax.Array) -> jax.Array:
+    if self.table is not None:
+      return self.table(time_step)
+    return sinusoidal_embedding(time_step, self.dim)

@@ -1,0 +1,58 @@
+"""Block and Stack (design §1). A stack is `n_blocks` blocks sharing one precision."""
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from stackwise_jax.model.layers import Attention, SwiGLU, dropout
+
+# Compute dtype of each precision. Params stay fp32 while trainable (master weights).
+COMPUTE_DTYPES = {"full": jnp.float32, "bfloat16": jnp.bfloat16, "half": jnp.float16}
+# Storage dtype once a stack is frozen: bf16/fp16 stacks drop their fp32 master copy.
+FROZEN_STORAGE_DTYPES = {"full": jnp.float32, "bfloat16": jnp.bfloat16, "half": jnp.float16}
+
+
+class Block(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)); x + ffn(norm(x)).
+
+  With time as input, a per-block projection of the time embedding is added to the residual
+  stream before the block (additive conditioning; simpler than adaptive norms and cache-friendly).
+  """
+
+  def __init__(self, model_config, *, causal: bool, dtype, time_dim: int | None, rngs: nnx.Rngs):
+    m = model_config
+    self.dropout_rate = m.dropout
+    self.attn_norm = nnx.RMSNorm(m.d_model, epsilon=m.norm_eps, dtype=dtype, rngs=rngs)
+    self.attn = Attention(m.d_model, m.n_heads, m.n_kv_heads, rope_theta=m.rope_theta,
+                          causal=causal, dtype=dtype, rngs=rngs)
+    self.ffn_norm = nnx.RMSNorm(m.d_model, epsilon=m.norm_eps, dtype=dtype, rngs=rngs)
+    self.ffn = SwiGLU(m.d_model, m.d_ff, dtype=dtype, rngs=rngs)
+    self.time_proj = (nnx.Linear(time_dim, m.d_model, use_bias=False, dtype=dtype, rngs=rngs)
+                      if time_dim else None)
+
+  def __call__(self, x, time_emb=None, dropout_key=None):
+    """x: [batch, seq, d_model]; time_emb: [batch, time_dim] or None."""
+    keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
+    if self.time_proj is not None:
+      x = x + self.time_proj(time_emb)[:, None, :].astype(x.dtype)
+    x = x + dropout(self.attn(self.attn_norm(x)), self.dropout_rate, keys[0])
+    return x + dropout(self.ffn(self.ffn_norm(x)), self.dropout_rate, keys[1])
+
+
+class Stack(nnx.Module):
+  """`n_blocks` blocks with one precision. Input and output are fp32 [batch, seq, d_model];
+  inside, the residual stream runs in the stack's compute dtype."""
+
+  def __init__(self, model_config, *, n_blocks: int, precision: str, causal: bool,
+               time_dim: int | None, rngs: nnx.Rngs):
+    self.dtype = COMPUTE_DTYPES[precision]
+    self.blocks = nnx.List([
+        Block(model_config, causal=causal, dtype=self.dtype, time_dim=time_dim, rngs=rngs)
+        for _ in range(n_blocks)])
+
+  def __call__(self, x, time_emb=None, dropout_key=None):
+    keys = (jax.random.split(dropout_key, len(self.blocks)) if dropout_key is not None
+            else [None] * len(self.blocks))
+    x = x.astype(self.dtype)
+    for block, key in zip(self.blocks, keys):
+      x = block(x, time_emb, key)
+    return x.astype(jnp.float32)

@@ -1,0 +1,138 @@
+"""ProgressiveRackBuilder (design §3): grows the rack and sets trainability labels (design §4)."""
+import jax
+
+from stackwise_jax.config import validate
+from stackwise_jax.model import (COMPUTE_DTYPES, FROZEN_STORAGE_DTYPES, EmbedHead, Rack, Stack,
+                                 StackSpec, init_module, is_causal, time_dim)
+from stackwise_jax.progressive.masking import TimeStepMasking
+
+TRAINABLE, FROZEN = "trainable", "frozen"
+BUILDING_MODES = ("append", "prepend")
+# Init streams: 0 is the embedding/head, stack i uses i + 1.
+_EMBED_STREAM = 0
+
+
+class ProgressiveRackBuilder:
+  """Holds the growing rack: stack specs in forward order, their params, and a label per stack.
+
+  Params are plain nested dicts: `{"embed_head": {...}, "stacks": {"stack_0": {...}, ...}}`.
+  Adding a stack never touches existing params; each stack's init depends only on (seed, index).
+  """
+
+  def __init__(self, config, building_mode: str | None = None, default_precision: str | None = None):
+    validate(config)
+    p = config.training.progressive
+    self.building_mode = building_mode or p.building_mode
+    self.default_precision = default_precision or p.new_stack_precision
+    _check_choice("building_mode", self.building_mode, BUILDING_MODES)
+    _check_choice("default_precision", self.default_precision, tuple(COMPUTE_DTYPES))
+    if self.building_mode != p.building_mode:   # one source of truth for the time-step mapping
+      config = config.copy_and_resolve_references()
+      config.training.progressive.building_mode = self.building_mode
+    self.config = config
+    self.masking = TimeStepMasking(config)
+    self.specs: list[StackSpec] = []           # forward order: embedding side first
+    self.trained: set[str] = set()             # stacks that finished at least one stage
+    graphdef, params = init_module(lambda rngs: EmbedHead(config, rngs=rngs), config.training.seed,
+                                   _EMBED_STREAM)
+    self._graphdefs = {"embed_head": graphdef}
+    self.params = {"embed_head": params, "stacks": {}}
+    self._labels = {"embed_head": TRAINABLE}
+
+  # --- growing ---------------------------------------------------------------------------------
+  def append_stack(self, n_blocks: int | None = None, precision: str | None = None) -> StackSpec:
+    """Adds a stack after the existing ones (nearest the head)."""
+    spec = self._new_stack(n_blocks, precision)
+    self.specs.append(spec)
+    return spec
+
+  def prepend_stack(self, n_blocks: int | None = None, precision: str | None = None) -> StackSpec:
+    """Adds a stack before the existing ones (nearest the embedding)."""
+    spec = self._new_stack(n_blocks, precision)
+    self.specs.insert(0, spec)
+    return spec
+
+  def add_stack(self, n_blocks: int | None = None, precision: str | None = None) -> StackSpec:
+    """Adds a stack where this builder's building mode puts it."""
+    add = self.append_stack if self.building_mode == "append" else self.prepend_stack
+    return add(n_blocks, precision)
+
+  def _new_stack(self, n_blocks, precision) -> StackSpec:
+    p, m = self.config.training.progressive, self.config.model
+    if len(self.specs) >= p.max_stacks:
+      raise ValueError(f"training.progressive.max_stacks={p.max_stacks}: the rack already has "
+                       f"{len(self.specs)} stacks; raise max_stacks to add more")
+    n_blocks = m.n_blocks_per_stack if n_blocks is None else n_blocks
+    precision = precision or self.default_precision
+    if not isinstance(n_blocks, int) or n_blocks <= 0:
+      raise ValueError(f"n_blocks={n_blocks!r}: must be a positive int")
+    _check_choice("precision", precision, tuple(COMPUTE_DTYPES))
+    index = len(self.specs)
+    time_step = (self.masking.get_time_step_for_stack(index)
+                 if p.time_interpretation == "depth" else None)
+    spec = StackSpec(index=index, n_blocks=n_blocks, precision=precision, time_step=time_step)
+    graphdef, params = init_module(
+        lambda rngs: Stack(m, n_blocks=n_blocks, precision=precision, causal=is_causal(self.config),
+                           time_dim=time_dim(self.config), rngs=rngs),
+        self.config.training.seed, index + 1)
+    self._graphdefs[spec.name] = graphdef
+    self.params["stacks"][spec.name] = params
+    self._labels[spec.name] = TRAINABLE
+    return spec
+
+  # --- trainability ----------------------------------------------------------------------------
+  def freeze_trunk(self, indices=None) -> dict:
+    """Freezes the stacks with the given building indices (default: all trained stacks).
+
+    A frozen bf16/fp16 stack drops its fp32 master weights and is stored in its compute dtype.
+    Returns the labels pytree.
+    """
+    for spec in self._select(indices):
+      self._labels[spec.name] = FROZEN
+      dtype = FROZEN_STORAGE_DTYPES[spec.precision]
+      self.params["stacks"][spec.name] = jax.tree.map(lambda x: x.astype(dtype),
+                                                      self.params["stacks"][spec.name])
+    return self.labels()
+
+  def freeze_all_but_qlora(self, indices=None) -> dict:
+    """Freezes the given stacks except their LoRA adapters. No adapters exist yet (LoRA is a
+    later feature), so this is freeze_trunk."""
+    return self.freeze_trunk(indices)
+
+  def set_embedding_trainable(self, trainable: bool) -> None:
+    self._labels["embed_head"] = TRAINABLE if trainable else FROZEN
+
+  def _select(self, indices):
+    if indices is None:
+      return [s for s in self.specs if s.name in self.trained]
+    by_index = {s.index: s for s in self.specs}
+    missing = [i for i in indices if i not in by_index]
+    if missing:
+      raise ValueError(f"stack indices {missing} do not exist; the rack has {sorted(by_index)}")
+    return [by_index[i] for i in indices]
+
+  def labels(self) -> dict:
+    """A label (TRAINABLE / FROZEN) per params leaf, same structure as `params`."""
+    label_tree = lambda tree, label: jax.tree.map(lambda _: label, tree)
+    return {"embed_head": label_tree(self.params["embed_head"], self._labels["embed_head"]),
+            "stacks": {name: label_tree(tree, self._labels[name])
+                       for name, tree in self.params["stacks"].items()}}
+
+  def is_frozen(self, name: str) -> bool:
+    return self._labels[name] == FROZEN
+
+  # --- snapshots -------------------------------------------------------------------------------
+  def build_rack(self) -> Rack:
+    return Rack(config=self.config, specs=tuple(self.specs), graphdefs=dict(self._graphdefs),
+                params={"embed_head": self.params["embed_head"], "stacks": dict(self.params["stacks"])})
+
+  def update_params(self, params: dict) -> None:
+    """Takes trained params back (same structure as `params`)."""
+    if jax.tree.structure(params) != jax.tree.structure(self.params):
+      raise ValueError("update_params: params do not match the rack's structure")
+    self.params = params
+
+
+def _check_choice(name, value, allowed):
+  if value not in allowed:
+    raise ValueError(f"{name}={value!r}: allowed values are {', '.join(allowed)}")

@@ -1,0 +1,243 @@
+"""Objectives, deterministic masks and time steps (design §7).
+
+Time steps are ints 0..N-1 (N = `num_time_steps`): 0 is the lowest noise (BERT-like masking at
+`mlm_min_ratio`), N-1 the highest (everything masked). Every random draw is a pure function of
+(seed, example id, time step) or (seed, salt, example id), so a cached activation and a recomputed
+one see the same corrupted input, whatever batch or row the example lands in.
+
+Pure, jit-compatible functions come first; `TimeStepMasking` binds them to a config.
+"""
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from stackwise_jax.config import ConfigError
+
+TimeMapping = Callable[[int, int, int], int]   # (stack_idx, max_stacks, num_time_steps) -> time step
+_TIME_MAPPINGS: dict[str, TimeMapping] = {}
+
+OBJECTIVES = ("mlm", "clm", "custom")
+
+
+def register_time_mapping(name: str):
+  """Decorator registering `fn(stack_idx, max_stacks, num_time_steps) -> int` under `name`.
+
+  Select it with `training.progressive.stack_time_mapping="custom"` and
+  `training.progressive.custom_time_mapping=name`. `stack_idx` is the stack's level (0 = nearest the
+  LM head). The result is clipped to [0, num_time_steps - 1]. Registering a name again replaces the
+  earlier function (so re-running a notebook cell or reloading a module works).
+  """
+  def register(fn: TimeMapping) -> TimeMapping:
+    _TIME_MAPPINGS[name] = fn
+    return fn
+  return register
+
+
+def mask_ratio(time_step, num_time_steps: int, min_ratio: float):
+  """Fraction of positions masked at `time_step`: min_ratio at t=0, rising linearly to 1 at t=N-1.
+
+  Args:
+    time_step: a Python int, or an int array of any shape (e.g. [B]).
+    num_time_steps: N.
+    min_ratio: the ratio at t=0.
+
+  Returns:
+    A Python float for an int input, else a float array of `time_step`'s shape. N == 1 gives
+    min_ratio.
+  """
+  if num_time_steps == 1:
+    return min_ratio + 0.0 * time_step   # the only step is the lowest noise; keeps the input's type
+  # Written from the top so that t = N-1 gives exactly 1.0 in float32 (u < 1.0 masks every position);
+  # algebraically min_ratio + (1 - min_ratio) * t / (N - 1).
+  return 1.0 - (1.0 - min_ratio) * ((num_time_steps - 1) - time_step) / (num_time_steps - 1)
+
+
+def clm_mask(batch_size: int, seq_len: int) -> jax.Array:
+  """float32 [B, T]: 1 everywhere except 0 at the last position, which has no next token to predict."""
+  return jnp.ones((batch_size, seq_len), jnp.float32).at[:, -1].set(0.0)
+
+
+def combined_masks(*masks) -> jax.Array:
+  """The loss mask after all rules: the float32 product of `masks` (bool/int/float, broadcastable)."""
+  if not masks:
+    raise ValueError("combined_masks needs at least one mask")
+  out = jnp.asarray(masks[0], jnp.float32)
+  for m in masks[1:]:
+    out = out * jnp.asarray(m, jnp.float32)
+  return out
+
+
+def mlm_mask(example_ids, time_steps, seq_len: int, *, seed: int, num_time_steps: int,
+             min_ratio: float) -> jax.Array:
+  """Deterministic MLM mask: bool [B, T], True where the input token is replaced by the mask token.
+
+  Row b depends only on (example_ids[b], time_steps[b], seed): position i is masked iff
+  `uniform(key)[i] < mask_ratio(t)` with key = fold_in(fold_in(key(seed), example_id), t). The
+  position with the smallest draw is always masked, so every example has at least one masked token
+  (it is already masked whenever anything is, so this only adds a position to otherwise empty rows).
+
+  Args:
+    example_ids: int [B] global example ids.
+    time_steps: int [B] time steps in [0, num_time_steps - 1].
+    seq_len: T.
+    seed: the run's seed (`training.seed`).
+    num_time_steps: N.
+    min_ratio: mask ratio at t=0.
+  """
+  base = jax.random.key(seed)
+
+  def one(example_id, t):
+    key = jax.random.fold_in(jax.random.fold_in(base, example_id), t)
+    u = jax.random.uniform(key, (seq_len,))
+    forced = jnp.arange(seq_len) == jnp.argmin(u)
+    return (u < mask_ratio(t, num_time_steps, min_ratio)) | forced
+
+  return jax.vmap(one)(jnp.asarray(example_ids, jnp.int32), jnp.asarray(time_steps, jnp.int32))
+
+
+TIME_STREAM = 0x7157   # any constant; see sample_time_steps
+
+
+def sample_time_steps(example_ids, *, seed: int, salt: int, num_time_steps: int) -> jax.Array:
+  """Time as input: int32 [B], t = floor(u * N) with u ~ U[0, 1) per example.
+
+  u comes from fold_in(fold_in(fold_in(key(seed), TIME_STREAM), salt), example_id): fixed for a
+  fixed (seed, salt, id), so the trainer (salt = stage index) and evaluation (a fixed salt) can
+  redraw the same steps. TIME_STREAM keeps these keys apart from the mask keys
+  fold_in(fold_in(key(seed), id), t), which would otherwise coincide for salt == id.
+  """
+  base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), TIME_STREAM), salt)
+  u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(base, i)))(
+      jnp.asarray(example_ids, jnp.int32))
+  # min() guards float rounding of u * N up to N.
+  return jnp.minimum(jnp.floor(u * num_time_steps).astype(jnp.int32), num_time_steps - 1)
+
+
+def make_training_example(batch: dict, time_steps, *, objective: str, seed: int, num_time_steps: int,
+                          min_ratio: float, mask_token_id: int, pad_id: int = 256) -> dict:
+  """Turns a token batch into what the train step consumes, for one objective.
+
+  Args:
+    batch: {"tokens": int32 [B, T], "example_id": int32 [B], and for objective="custom"
+      "targets": int32 [B, T] plus optionally "loss_mask": [B, T]}.
+    time_steps: int32 [B] (or a scalar, broadcast to [B]); only "mlm" uses it for masking.
+    objective: "mlm" | "clm" | "custom". This and the other keyword arguments are Python values
+      (static under jit).
+    seed, num_time_steps, min_ratio: see `mlm_mask`.
+    mask_token_id: the token that replaces masked inputs.
+    pad_id: targets equal to it never count in the loss.
+
+  Returns:
+    {"inputs": int32 [B, T], "targets": int32 [B, T], "loss_mask": float32 [B, T],
+     "time_step": int32 [B]}.
+  """
+  tokens = jnp.asarray(batch["tokens"], jnp.int32)
+  b, t = tokens.shape
+  time_steps = jnp.broadcast_to(jnp.asarray(time_steps, jnp.int32), (b,))
+  if objective == "mlm":
+    masked = mlm_mask(batch["example_id"], time_steps, t, seed=seed, num_time_steps=num_time_steps,
+                      min_ratio=min_ratio)
+    inputs, targets = jnp.where(masked, mask_token_id, tokens), tokens
+    rule = masked
+  elif objective == "clm":
+    # The last target is a placeholder (0, a valid id for any vocab); clm_mask drops it from the loss.
+    inputs, targets = tokens, jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
+    rule = clm_mask(b, t)
+  elif objective == "custom":
+    if "targets" not in batch:
+      raise ValueError("training_objective='custom' needs batch['targets'] (int [B, T]) and optionally "
+                       f"batch['loss_mask']; the batch has keys {sorted(batch)}")
+    inputs, targets = tokens, jnp.asarray(batch["targets"], jnp.int32)
+    rule = batch.get("loss_mask", jnp.ones((b, t), jnp.float32))
+  else:
+    raise ConfigError(f"training.progressive.training_objective={objective!r}: allowed: "
+                      + ", ".join(map(repr, OBJECTIVES)))
+  return {"inputs": inputs.astype(jnp.int32), "targets": targets,
+          "loss_mask": combined_masks(rule, targets != pad_id), "time_step": time_steps}
+
+
+class TimeStepMasking:
+  """The functions above bound to `config.training.progressive` and `config.training.seed`.
+
+  A stack's level counts from the head: level 0 is nearest the LM head (lowest noise). In prepend
+  mode the k-th stack built sits at level k; in append mode at level target_stacks - 1 - k (the first
+  stack built ends up nearest the embedding). Both modes thus put high noise near the embedding.
+  """
+
+  def __init__(self, config):
+    p = config.training.progressive
+    self.objective = p.training_objective
+    self.building_mode = p.building_mode
+    self.time_interpretation = p.time_interpretation
+    self.num_time_steps = p.num_time_steps
+    self.min_ratio = p.mlm_min_ratio
+    self.mask_token_id = p.mask_token_id
+    self.stack_time_mapping = p.stack_time_mapping
+    self.time_per_stack = p.time_per_stack
+    self.max_stacks = p.max_stacks
+    self.target_stacks = p.target_stacks
+    self.seed = config.training.seed
+    self._custom = None
+    if self.stack_time_mapping == "custom":
+      # Fail at construction, not at the first stage boundary hours later.
+      name = p.custom_time_mapping
+      if name not in _TIME_MAPPINGS:
+        raise ConfigError(f"training.progressive.custom_time_mapping={name!r}: not a registered time "
+                          f"mapping; registered: {sorted(_TIME_MAPPINGS) or 'none'} (register one with "
+                          "@stackwise_jax.progressive.masking.register_time_mapping(name))")
+      self._custom = _TIME_MAPPINGS[name]
+
+  def level_of_stack(self, k: int) -> int:
+    """Building index k (0 = first built) -> level (0 = nearest the head)."""
+    if k < 0:
+      raise ValueError(f"stack index k={k}: must be >= 0")
+    if self.building_mode == "prepend":
+      return k
+    # Append stacks built past target_stacks sit nearest the head, i.e. at level 0.
+    return max(self.target_stacks - 1 - k, 0)
+
+  def get_time_step_for_stack(self, k: int) -> int:
+    """Time as depth: building index k -> the stack's time step in [0, num_time_steps - 1]."""
+    level = self.level_of_stack(k)
+    if self.stack_time_mapping == "linear":
+      step = level * self.time_per_stack
+    elif self.stack_time_mapping == "exponential":
+      step = self.time_per_stack * (2**level - 1)   # 0, tps, 3 tps, 7 tps, ...
+    elif self.stack_time_mapping == "custom":
+      step = self._custom(level, self.max_stacks, self.num_time_steps)
+    else:
+      raise ConfigError(f"training.progressive.stack_time_mapping={self.stack_time_mapping!r}: "
+                        "allowed: 'linear', 'exponential', 'custom'")
+    return int(min(max(round(step), 0), self.num_time_steps - 1))
+
+  def sample_time_steps(self, example_ids, salt: int) -> jax.Array:
+    """Time as input: int32 [B] steps, fixed for fixed (seed, salt, example ids)."""
+    return sample_time_steps(example_ids, seed=self.seed, salt=salt, num_time_steps=self.num_time_steps)
+
+  def time_steps_for_batch(self, batch, k: int, salt: int) -> jax.Array:
+    """int32 [B]: stack k's step for every example (depth), or one sampled step per example (input)."""
+    if self.time_interpretation == "depth":
+      return jnp.full((batch["tokens"].shape[0],), self.get_time_step_for_stack(k), jnp.int32)
+    return self.sample_time_steps(batch["example_id"], salt)
+
+  def example(self, batch, time_steps) -> dict:
+    """`make_training_example` with this config's objective, seed and masking settings."""
+    return make_training_example(
+        batch, time_steps, objective=self.objective, seed=self.seed,
+        num_time_steps=self.num_time_steps, min_ratio=self.min_ratio,
+        mask_token_id=self.mask_token_id)
+
+  def generate_masks_for_stack(self, batch, k: int, salt: int = 0) -> dict:
+    """The training example of stage k: its time steps, masks, targets and loss mask."""
+    return self.example(batch, self.time_steps_for_batch(batch, k, salt))
+
+  def mask_ratio_for_stack(self, k: int) -> float:
+    """Stack k's MLM mask ratio (time as depth); the expected ratio over t (time as input); 0.0 for
+    clm/custom, which mask nothing."""
+    if self.objective != "mlm":
+      return 0.0
+    if self.time_interpretation == "input":
+      # Mean of mask_ratio over t uniform on 0..N-1 (mean t / (N-1) is 1/2).
+      return self.min_ratio + (1.0 - self.min_ratio) * (0.5 if self.num_time_steps > 1 else 0.0)
+    return float(mask_ratio(self.get_time_step_for_stack(k), self.num_time_steps, self.min_ratio))

@@ -1,0 +1,130 @@
+"""A stage as data (StagePlan), its optimizer, and the pure train/eval/prefix steps.
+
+The forward of a stage is split at the end of the *frozen prefix*: the longest run of frozen
+stacks next to the embedding. The prefix is computed outside `jax.value_and_grad` (from the
+activation cache, or streamed inside the step), so no backward pass ever runs through it.
+Everything after it is differentiated; frozen leaves there get zero updates from
+`optax.multi_transform` and their weight gradients are dead code that XLA removes.
+"""
+import dataclasses
+import functools
+
+from flax.training.dynamic_scale import DynamicScale
+import jax
+import jax.numpy as jnp
+import optax
+
+from stackwise_jax.model import Rack
+from stackwise_jax.progressive.builder import FROZEN, TRAINABLE
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+  """What differs between stages: which stacks run where, and how activations are obtained."""
+  stage: int                   # 1-based
+  new: tuple[str, ...]         # stacks trained in this stage
+  prefix: tuple[str, ...]      # leading frozen stacks, run without gradients
+  body: tuple[str, ...]        # the rest, differentiated
+  cached: bool                 # prefix outputs come from the activation cache
+  loss_scaling: bool           # an fp16 stack trains: dynamic loss scaling
+
+  @property
+  def activation_mode(self) -> str:
+    return "cached" if self.cached else "streamed"
+
+
+def plan_stage(rack: Rack, stage: int, new: tuple[str, ...], frozen: set[str],
+               cache_activations: bool) -> StagePlan:
+  prefix = []
+  for name in rack.order:
+    if name not in frozen:
+      break
+    prefix.append(name)
+  body = rack.order[len(prefix):]
+  loss_scaling = any(s.precision == "half" and s.name not in frozen for s in rack.specs)
+  return StagePlan(stage=stage, new=new, prefix=tuple(prefix), body=body,
+                   cached=cache_activations and bool(prefix), loss_scaling=loss_scaling)
+
+
+def make_optimizer(training_config, labels, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with warm-up + cosine for trainable leaves; set_to_zero (no state) for frozen ones."""
+  t = training_config
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.lr, warmup_steps=min(t.warmup_steps, max(total_steps - 1, 0)),
+      decay_steps=max(total_steps, 1), end_value=t.lr * 0.1)
+  # Decay matrices only; norm scales stay undecayed.
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+  adamw = optax.adamw(schedule, weight_decay=t.weight_decay, mask=decay_mask)
+  trainable = optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
+  return optax.multi_transform({TRAINABLE: trainable, FROZEN: optax.set_to_zero()}, labels)
+
+
+def masked_cross_entropy(logits, targets, loss_mask):
+  """Mean token cross entropy over positions where loss_mask is 1. logits: [B, T, V] fp32."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return jnp.sum(losses * loss_mask) / jnp.maximum(jnp.sum(loss_mask), 1.0)
+
+
+def prefix_activations(rack: Rack, names, params, example):
+  """Embedding then the named (frozen) stacks: [B, T, d_model] fp32."""
+  h, time_emb = rack.embed(params, example["inputs"], example["time_step"])
+  return rack.apply_stacks(params, names, h, time_emb)
+
+
+def init_train_state(params, tx, plan: StagePlan) -> dict:
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+  if plan.loss_scaling:
+    state["dyn_scale"] = DynamicScale()
+  return state
+
+
+def make_train_step(rack: Rack, plan: StagePlan, tx, dropout_seed: int):
+  """(state, example) -> (state, loss). `example` holds inputs/targets/loss_mask/time_step and,
+  for a cached stage, `h`: the prefix output [B, T, d_model]."""
+
+  def loss_fn(params, h, example, dropout_key):
+    if plan.prefix:   # the embedding only feeds the body through the (gradient-free) prefix
+      time_emb = rack.time_embedding(params, example["time_step"])
+    else:
+      h, time_emb = rack.embed(params, example["inputs"], example["time_step"])
+    h = rack.apply_stacks(params, plan.body, h, time_emb, dropout_key)
+    return masked_cross_entropy(rack.logits(params, h), example["targets"], example["loss_mask"])
+
+  def step(state, example):
+    params = state["params"]
+    if plan.cached:
+      h = example["h"]
+    elif plan.prefix:
+      h = prefix_activations(rack, plan.prefix, params, example)
+    else:
+      h = None
+    dropout_key = jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
+    grad_fn = functools.partial(loss_fn, h=h, example=example, dropout_key=dropout_key)
+    if plan.loss_scaling:
+      dyn_scale, finite, loss, grads = state["dyn_scale"].value_and_grad(grad_fn)(params)
+    else:
+      loss, grads = jax.value_and_grad(grad_fn)(params)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                 "step": state["step"] + 1}
+    if plan.loss_scaling:   # skip the update where fp16 gradients overflowed
+      keep = lambda new, old: jnp.where(finite, new, old)
+      new_state["params"] = jax.tree.map(keep, new_state["params"], params)
+      new_state["opt_state"] = jax.tree.map(keep, opt_state, state["opt_state"])
+      new_state["dyn_scale"] = dyn_scale
+    return new_state, loss
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(rack: Rack):
+  """(params, example) -> (sum of token losses, number of loss tokens, correct predictions)."""
+
+  def step(params, example):
+    logits = rack(params, example["inputs"], example["time_step"])
+    mask = example["loss_mask"]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, example["targets"])
+    correct = (jnp.argmax(logits, -1) == example["targets"]) * mask
+    return jnp.sum(losses * mask), jnp.sum(mask), jnp.sum(correct)
+
+  return jax.jit(step)

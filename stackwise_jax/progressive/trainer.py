@@ -1,0 +1,199 @@
+"""ProgressiveTrainer (design §3): one stage per new stack, one jitted train step per stage."""
+import functools
+import sys
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from stackwise_jax.config import validate
+from stackwise_jax.progressive.builder import TRAINABLE, ProgressiveRackBuilder
+from stackwise_jax.progressive.caching import ActivationCache
+from stackwise_jax.progressive.steps import (init_train_state, make_eval_step, make_optimizer,
+                                             make_train_step, plan_stage, prefix_activations)
+
+EVAL_SALT = 1 << 20   # time-step draws for evaluation are the same at every stage
+
+
+class ProgressiveTrainer:
+  """Trains a rack stage by stage. `results` holds one dict per stage (see `_run_stage`)."""
+
+  def __init__(self, config, *, progress: bool = True, log=None):
+    self.config = validate(config)
+    self.progress = progress
+    self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    self.results = {"stages": [], "final_eval_loss": None}
+
+  def train_progressively(self, rack_builder: ProgressiveRackBuilder, dataloader,
+                          target_stacks: int | None = None) -> dict:
+    """Grows `rack_builder` to `target_stacks`, training each new stack in its own stage.
+
+    Stacks already in the builder that were never trained are trained together in the first
+    stage. `dataloader` has `train_iter()` (yielding {"tokens": [B, T], "example_id": [B]}) and
+    `eval_batches(n)`.
+    """
+    p = self.config.training.progressive
+    target = p.target_stacks if target_stacks is None else target_stacks
+    if not len(rack_builder.specs) <= target <= p.max_stacks:
+      raise ValueError(f"target_stacks={target}: must be between the rack's current "
+                       f"{len(rack_builder.specs)} stacks and training.progressive.max_stacks="
+                       f"{p.max_stacks}")
+    data = dataloader.train_iter()
+    eval_batches = dataloader.eval_batches(self.config.training.eval_batches)
+    for new in self._stages(rack_builder, target):
+      stage = len(self.results["stages"]) + 1
+      self.results["stages"].append(self._run_stage(rack_builder, new, stage, target, data,
+                                                     eval_batches))
+      self.results["final_eval_loss"] = self.results["stages"][-1]["eval_loss"]
+    return self.results
+
+  train_rack = train_progressively   # the upstream's name for the same entry
+
+  def _stages(self, builder, target):
+    """Yields the specs each stage trains: untrained stacks first, then one new stack a stage
+    (or, with progressive training off, all remaining stacks in one stage)."""
+    untrained = [s for s in builder.specs if s.name not in builder.trained]
+    if untrained:
+      yield untrained
+    if not self.config.training.progressive.enabled and len(builder.specs) < target:
+      yield [builder.add_stack() for _ in range(target - len(builder.specs))]
+    while len(builder.specs) < target:
+      yield [builder.add_stack()]
+
+  def _set_labels(self, builder) -> set[str]:
+    """Design §4: trunk frozen (or adapters only), embedding/head by building mode."""
+    p = self.config.training.progressive
+    has_trunk = bool(builder.trained)
+    if has_trunk:
+      freeze = builder.freeze_trunk if p.trunk_strategy == "frozen" else builder.freeze_all_but_qlora
+      freeze()
+    embed_trainable = (not has_trunk or p.embedding_training == "trainable"
+                       or (p.embedding_training == "auto" and builder.building_mode == "append"))
+    builder.set_embedding_trainable(embed_trainable)
+    return {s.name for s in builder.specs if builder.is_frozen(s.name)}
+
+  def _run_stage(self, builder, new_specs, stage, target, data, eval_batches) -> dict:
+    t, p = self.config.training, self.config.training.progressive
+    started = time.perf_counter()
+    frozen = self._set_labels(builder)
+    rack, labels = builder.build_rack(), builder.labels()
+    new = tuple(s.name for s in new_specs)
+    plan = plan_stage(rack, stage, new, frozen, p.cache_activations)
+    if p.cache_activations and not plan.cached and builder.trained:
+      self.log(f"stage {stage}: cache_activations=True, but activations are streamed "
+               f"({'prepend mode: the trunk follows the new stack' if not plan.prefix else 'trainable trunk'})")
+    k = new_specs[-1].index
+    masking = builder.masking
+    prepare = jax.jit(functools.partial(masking.generate_masks_for_stack, k=k, salt=stage))
+
+    cache = None
+    if plan.cached:
+      cache = self._build_cache(rack, plan, prepare, data, stage)
+      example_at = lambda i: {**cache.get(i)[1], "h": cache.get(i)[0]}
+    else:
+      example_at = lambda i: prepare(next(data))
+
+    tx = make_optimizer(t, labels, t.steps_per_stack)
+    state = init_train_state(rack.params, tx, plan)
+    train_step = make_train_step(rack, plan, tx, dropout_seed=t.seed * 1000 + stage)
+    eval_step = make_eval_step(rack)
+    eval_examples = [self._eval_example(masking, b) for b in eval_batches]
+
+    losses, eval_curve, eval_seconds = [], [], 0.0
+    bar = tqdm(total=t.steps_per_stack, desc=f"stage {stage}/{target} [{plan.activation_mode}]",
+               disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
+    for i in range(t.steps_per_stack):
+      state, loss = train_step(state, example_at(i))
+      losses.append(loss)
+      if i == 0:
+        loss.block_until_ready()
+        steady_start = time.perf_counter()   # excludes compilation from tokens/s
+      last = i + 1 == t.steps_per_stack
+      if last or (t.eval_every and (i + 1) % t.eval_every == 0):
+        eval_started = time.perf_counter()
+        eval_curve.append((i + 1, self._evaluate(eval_step, state["params"], eval_examples)))
+        eval_seconds += time.perf_counter() - eval_started
+        bar.set_postfix(loss=f"{float(loss):.3f}", eval=f"{eval_curve[-1][1]:.3f}")
+      elif (i + 1) % t.log_every == 0:
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+      bar.update(1)
+    bar.close()
+    jax.block_until_ready(state["params"])
+    steady_seconds = time.perf_counter() - steady_start - eval_seconds
+    builder.update_params(state["params"])
+    builder.trained.update(new)
+
+    losses = [float(x) for x in losses]
+    steady_steps = max(t.steps_per_stack - 1, 1)
+    tokens_per_step = t.batch_size * t.seq_len
+    counts = _param_counts(state["params"], labels)
+    result = {
+        "stage": stage,
+        "stack_index": k,
+        "new_stacks": list(new),
+        "stack_order": list(rack.order),
+        "building_mode": builder.building_mode,
+        "time_step": new_specs[-1].time_step,
+        "mask_ratio": masking.mask_ratio_for_stack(k),
+        "steps": t.steps_per_stack,
+        "tokens": t.steps_per_stack * tokens_per_step,
+        "loss_start": losses[0],
+        "loss_end": float(np.mean(losses[-min(10, len(losses)):])),
+        "eval_loss": eval_curve[-1][1] if eval_curve else None,
+        "tokens_per_s": steady_steps * tokens_per_step / max(steady_seconds, 1e-9),
+        "step_seconds": steady_seconds / steady_steps,
+        "seconds": time.perf_counter() - started,
+        "trainable_params": counts["trainable"],
+        "frozen_params": counts["frozen"],
+        "lora_params": 0,
+        "cache_bytes": cache.nbytes if cache else 0,
+        "cache_bytes_on_disk": cache.bytes_on_disk if cache else 0,
+        "activation_mode": plan.activation_mode,
+        "peak_memory_bytes": _peak_device_memory(),
+        "losses": losses,
+        "eval_curve": eval_curve,
+    }
+    if cache:
+      cache.close()
+    return result
+
+  def _build_cache(self, rack, plan, prepare, data, stage) -> ActivationCache:
+    """Runs the frozen prefix once over the stage's examples (design §8)."""
+    t = self.config.training
+    prefix = jax.jit(functools.partial(prefix_activations, rack, plan.prefix))
+    shape = (t.batch_size, t.seq_len, self.config.model.d_model)
+    spill_dir = f"{t.workdir}/cache" if t.workdir else None
+    cache = ActivationCache(t.steps_per_stack, shape, t.progressive.cache_max_bytes, spill_dir)
+    for i in tqdm(range(t.steps_per_stack), desc=f"stage {stage}: caching trunk activations",
+                  disable=not self.progress, dynamic_ncols=True, file=sys.stderr, leave=False):
+      example = prepare(next(data))
+      cache.put(i, np.asarray(prefix(rack.params, example)), jax.device_get(example))
+    if cache.bytes_on_disk:
+      self.log(f"stage {stage}: activation cache {cache.nbytes / 2**20:.1f} MiB, "
+               f"{cache.bytes_on_disk / 2**20:.1f} MiB spilled to disk")
+    return cache
+
+  @staticmethod
+  def _eval_example(masking, batch):
+    """Evaluation masks draw their time steps per example, identically at every stage."""
+    return masking.example(batch, masking.sample_time_steps(batch["example_id"], EVAL_SALT))
+
+  @staticmethod
+  def _evaluate(eval_step, params, eval_examples) -> float | None:
+    if not eval_examples:
+      return None
+    totals = np.sum([np.asarray(eval_step(params, ex)[:2]) for ex in eval_examples], axis=0)
+    return float(totals[0] / max(totals[1], 1.0))
+
+
+def _param_counts(params, labels) -> dict:
+  counts = {"trainable": 0, "frozen": 0}
+  for x, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels)):
+    counts["trainable" if label == TRAINABLE else "frozen"] += int(np.prod(x.shape))
+  return counts
+
+
+def _peak_device_memory() -> int | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")

@@ -1,0 +1,31 @@
+"""Shared fixtures: small configs that build in milliseconds."""
+import pathlib
+
+import pytest
+
+from stackwise_jax.config import default_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def micro_config(**progressive):
+  """A 2-head, d_model 32 config over a tiny text corpus; override progressive fields by name."""
+  c = default_config()
+  c.model.d_model, c.model.n_heads, c.model.n_kv_heads, c.model.d_ff = 32, 2, 2, 64
+  c.model.max_seq_len = 32
+  c.training.batch_size, c.training.seq_len = 4, 16
+  c.training.steps_per_stack, c.training.warmup_steps = 8, 2
+  c.training.eval_every, c.training.eval_batches, c.training.log_every = 0, 2, 4
+  c.training.progressive.max_stacks, c.training.progressive.target_stacks = 4, 3
+  for key, value in progressive.items():
+    c.training.progressive[key] = value
+  return c
+
+
+@pytest.fixture
+def text_corpus(tmp_path):
+  """A few small text files; returns the glob pattern."""
+  words = "the quick brown fox jumps over the lazy dog while stacks grow one at a time".split()
+  for i in range(6):
+    (tmp_path / f"doc{i}.txt").write_text(" ".join(words[i:] + words[:i]) * 40)
+  return str(tmp_path / "*.txt")
