@@ -15,7 +15,7 @@ def get_config():
   config.training.seq_len = 128
   config.training.lr = 3e-3
   config.training.warmup_steps = 20
-  config.training.steps_per_stack = 150
+  config.training.steps_per_stack = 250
   config.training.eval_every = 50
   config.training.eval_batches = 4
   config.training.log_every = 10

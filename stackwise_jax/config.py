@@ -58,7 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
   p.building_mode = "append"        # "append" | "prepend"
   p.trunk_strategy = "frozen"       # "frozen" | "qlora"
   p.new_stack_precision = "full"    # "full" | "bfloat16" | "half"
-  p.embedding_training = "auto"     # "auto" (append: trainable, prepend: frozen) | "trainable" | "frozen"
+  # Once a trunk exists: "auto" freezes the token/time embedding (it feeds the frozen trunk) and
+  # trains the head side (final norm, untied head) in append mode only; "trainable" | "frozen": all.
+  p.embedding_training = "auto"
   p.cache_activations = True
   p.cache_max_bytes = 2 * 1024**3   # beyond this the cache spills to disk
   p.training_objective = "clm"      # "mlm" | "clm" | "custom"

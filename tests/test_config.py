@@ -29,7 +29,7 @@ training:
   seq_len: 128
   lr: 3e-3
   warmup_steps: 20
-  steps_per_stack: 150
+  steps_per_stack: 250
   eval_every: 50
   eval_batches: 4
   log_every: 10

@@ -45,7 +45,8 @@ def test_frozen_trunk_params_do_not_change_and_new_stack_does(text_corpus, cache
   assert stage2["stack_order"] == ["stack_0", "stack_1"]
   assert stage2["cache_bytes"] == (8 * 4 * 16 * 32 * 4 if cache else 0)   # steps*B*T*D*fp32
   n_stack0 = sum(x.size for x in jax.tree.leaves(before["stacks"]["stack_0"]))
-  assert stage2["frozen_params"] == n_stack0
+  n_embedding = before["embed_head"]["embed"]["embedding"].size   # the input side, frozen too
+  assert stage2["frozen_params"] == n_stack0 + n_embedding
 
 
 def stage_two_setup(config):
@@ -146,10 +147,10 @@ def test_three_stage_run_in_each_building_mode(text_corpus, mode, order):
   # append caches the frozen trunk; prepend must stream (the trunk follows the new stack)
   assert [s["activation_mode"] for s in stages[1:]] == (["cached"] * 2 if mode == "append"
                                                         else ["streamed"] * 2)
-  # prepend keeps the embedding/head frozen once a trunk exists; append trains it
-  embed_size = sum(x.size for x in jax.tree.leaves(builder.params["embed_head"]))
+  # once a trunk exists the (tied) embedding is frozen; append mode still trains the final norm
+  norm_size = builder.params["embed_head"]["final_norm"]["scale"].size
   stack_size = sum(x.size for x in jax.tree.leaves(builder.params["stacks"]["stack_0"]))
-  expected = stack_size + (embed_size if mode == "append" else 0)
+  expected = stack_size + (norm_size if mode == "append" else 0)
   assert stages[2]["trainable_params"] == expected
   assert all(np.isfinite(s["eval_loss"]) for s in stages)
 
@@ -162,3 +163,14 @@ def test_time_as_input_run_and_half_precision_stack(text_corpus):
   assert all(np.isfinite(s["loss_end"]) for s in results["stages"])
   assert results["stages"][1]["time_step"] is None
   assert {str(x.dtype) for x in jax.tree.leaves(builder.params["stacks"]["stack_0"])} == {"float16"}
+
+
+def test_cached_stage_equals_streamed_stage(text_corpus):
+  """With the trunk and its input embedding frozen, caching is exact over a whole stage."""
+  losses = {}
+  for cache in (True, False):
+    config = text_config(text_corpus, cache_activations=cache)
+    trainer = ProgressiveTrainer(config, progress=False)
+    results = trainer.train_progressively(ProgressiveRackBuilder(config), make_dataloader(config), 2)
+    losses[cache] = results["stages"][1]["losses"]
+  np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)

@@ -10,6 +10,8 @@ TRAINABLE, FROZEN = "trainable", "frozen"
 BUILDING_MODES = ("append", "prepend")
 # Init streams: 0 is the embedding/head, stack i uses i + 1.
 _EMBED_STREAM = 0
+# Params of EmbedHead on the head side; the rest (token and time embedding) feed the first stack.
+HEAD_SIDE = ("final_norm", "head")
 
 
 class ProgressiveRackBuilder:
@@ -37,7 +39,7 @@ class ProgressiveRackBuilder:
                                    _EMBED_STREAM)
     self._graphdefs = {"embed_head": graphdef}
     self.params = {"embed_head": params, "stacks": {}}
-    self._labels = {"embed_head": TRAINABLE}
+    self._labels = {"input_side": TRAINABLE, "head_side": TRAINABLE}
 
   # --- growing ---------------------------------------------------------------------------------
   def append_stack(self, n_blocks: int | None = None, precision: str | None = None) -> StackSpec:
@@ -99,8 +101,11 @@ class ProgressiveRackBuilder:
     later feature), so this is freeze_trunk."""
     return self.freeze_trunk(indices)
 
-  def set_embedding_trainable(self, trainable: bool) -> None:
-    self._labels["embed_head"] = TRAINABLE if trainable else FROZEN
+  def set_embedding_trainable(self, *, input_side: bool, head_side: bool) -> None:
+    """Input side: token/time embedding (a tied head shares the token table). Head side: final
+    norm and an untied head."""
+    self._labels["input_side"] = TRAINABLE if input_side else FROZEN
+    self._labels["head_side"] = TRAINABLE if head_side else FROZEN
 
   def _select(self, indices):
     if indices is None:
@@ -114,7 +119,9 @@ class ProgressiveRackBuilder:
   def labels(self) -> dict:
     """A label (TRAINABLE / FROZEN) per params leaf, same structure as `params`."""
     label_tree = lambda tree, label: jax.tree.map(lambda _: label, tree)
-    return {"embed_head": label_tree(self.params["embed_head"], self._labels["embed_head"]),
+    side = lambda key: self._labels["head_side" if key in HEAD_SIDE else "input_side"]
+    return {"embed_head": {key: label_tree(tree, side(key))
+                           for key, tree in self.params["embed_head"].items()},
             "stacks": {name: label_tree(tree, self._labels[name])
                        for name, tree in self.params["stacks"].items()}}
 

@@ -62,15 +62,24 @@ class ProgressiveTrainer:
       yield [builder.add_stack()]
 
   def _set_labels(self, builder) -> set[str]:
-    """Design §4: trunk frozen (or adapters only), embedding/head by building mode."""
+    """Design §4: trunk frozen (or adapters only); embedding/head by `embedding_training`.
+
+    "auto": once a trunk exists, the input side (token/time embedding) is frozen, since it feeds
+    the frozen trunk (training it would change the trunk's input and stale the cache); the head
+    side (final norm, untied head) trains in append mode and is frozen in prepend mode.
+    """
     p = self.config.training.progressive
     has_trunk = bool(builder.trained)
     if has_trunk:
       freeze = builder.freeze_trunk if p.trunk_strategy == "frozen" else builder.freeze_all_but_qlora
       freeze()
-    embed_trainable = (not has_trunk or p.embedding_training == "trainable"
-                       or (p.embedding_training == "auto" and builder.building_mode == "append"))
-    builder.set_embedding_trainable(embed_trainable)
+    mode = p.embedding_training
+    if not has_trunk or mode == "trainable":
+      builder.set_embedding_trainable(input_side=True, head_side=True)
+    elif mode == "frozen":
+      builder.set_embedding_trainable(input_side=False, head_side=False)
+    else:
+      builder.set_embedding_trainable(input_side=False, head_side=builder.building_mode == "append")
     return {s.name for s in builder.specs if builder.is_frozen(s.name)}
 
   def _run_stage(self, builder, new_specs, stage, target, data, eval_batches) -> dict:

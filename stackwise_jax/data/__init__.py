@@ -1,0 +1,7 @@
+"""Data (design §10): byte tokens, the corpus (builtin stdlib or text files) and grain pipelines."""
+from stackwise_jax.data.pipeline import DataLoader, make_dataloader
+from stackwise_jax.data.tokenizer import (BOS_ID, EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE, decode,
+                                          encode)
+
+__all__ = ["make_dataloader", "DataLoader", "encode", "decode", "VOCAB_SIZE", "PAD_ID", "MASK_ID",
+           "BOS_ID", "EOS_ID"]
