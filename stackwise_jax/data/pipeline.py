@@ -10,6 +10,7 @@ A batch is {"tokens": int32 [batch_size, seq_len], "example_id": int32 [batch_si
 from collections.abc import Sequence
 import pathlib
 
+from absl import flags
 import grain
 import ml_collections
 import numpy as np
@@ -66,6 +67,16 @@ class _Records:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     return {"tokens": self._records[index].astype(np.int32), "example_id": np.int32(index)}
+
+
+def _take_default_absl_flags() -> None:
+  """Lets grain start worker processes in a program that never parsed absl flags (our argparse CLI).
+
+  grain 0.2.18 reads its `--grain_*` absl flags when it starts workers and raises
+  UnparsedFlagAccessError if nobody parsed them; marking them parsed keeps every default.
+  """
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 class DataLoader:
@@ -145,6 +156,7 @@ class DataLoader:
     # Records are already in memory: reader threads would only contend for the GIL.
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if self.num_workers > 0:
+      _take_default_absl_flags()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
     return iter(ds)
 
