@@ -1,7 +1,8 @@
 """Building blocks of a transformer block: RoPE attention (MHA/GQA), SwiGLU, time embedding.
 
-Kernels are `nnx.Linear` so that qwix can intercept their `dot_general` for int4 and LoRA.
-Every layer takes a compute `dtype`; params keep their own storage dtype.
+Kernels are `Linear` (an `nnx.Linear`) so that qwix can intercept their `dot_general` for int4 and
+the stack LoRA (model/lora.py). Every layer takes a compute `dtype`; params keep their own storage
+dtype.
 """
 import math
 
@@ -29,6 +30,30 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
+class Linear(nnx.Linear):
+  """A bias-free `nnx.Linear` that can carry a progressive LoRA adapter (design §6).
+
+  `adapter` is a flax `nnx.LoRA` (B = 0 at init, so adding it changes nothing) whose output is
+  scaled by alpha / rank; it is attached by `add_adapter` when the stack becomes trunk.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs):
+    super().__init__(in_features, out_features, use_bias=False, dtype=dtype, rngs=rngs)
+    self.adapter = nnx.data(None)
+    self.adapter_scale = 0.0
+
+  def add_adapter(self, rank: int, alpha: float, rngs: nnx.Rngs) -> None:
+    self.adapter = nnx.LoRA(self.in_features, rank, self.out_features, dtype=self.dtype,
+                            rngs=rngs)
+    self.adapter_scale = alpha / rank
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = super().__call__(x)
+    if self.adapter is not None:
+      y = y + (self.adapter(x) * self.adapter_scale).astype(y.dtype)
+    return y
+
+
 class Attention(nnx.Module):
   """Multi-head or grouped-query self-attention with RoPE."""
 
@@ -37,7 +62,7 @@ class Attention(nnx.Module):
     self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
     self.head_dim = d_model // n_heads
     self.rope_theta, self.causal = rope_theta, causal
-    linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs)
+    linear = lambda i, o: Linear(i, o, dtype=dtype, rngs=rngs)
     self.q = linear(d_model, n_heads * self.head_dim)
     self.k = linear(d_model, n_kv_heads * self.head_dim)
     self.v = linear(d_model, n_kv_heads * self.head_dim)
@@ -62,7 +87,7 @@ class SwiGLU(nnx.Module):
   """Feed-forward: down(silu(gate(x)) * up(x))."""
 
   def __init__(self, d_model: int, d_ff: int, *, dtype, rngs: nnx.Rngs):
-    linear = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs)
+    linear = lambda i, o: Linear(i, o, dtype=dtype, rngs=rngs)
     self.gate, self.up, self.down = linear(d_model, d_ff), linear(d_model, d_ff), linear(d_ff, d_model)
 
   def __call__(self, x: jax.Array) -> jax.Array:
