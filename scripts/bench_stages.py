@@ -23,10 +23,12 @@ from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
 
 
 def run(config_path, stages, steps, cache, overrides):
+  """Trains `stages` stages of `steps` steps quietly; returns the results. `cache` None keeps the
+  config's cache_activations."""
+  cache_override = [] if cache is None else [f"training.progressive.cache_activations={cache}"]
   config = load_config(config_path, [
       *overrides, f"training.steps_per_stack={steps}", "training.eval_every=0",
-      "training.eval_batches=1", f"training.progressive.target_stacks={stages}",
-      f"training.progressive.cache_activations={cache}"])
+      "training.eval_batches=1", f"training.progressive.target_stacks={stages}", *cache_override])
   trainer = ProgressiveTrainer(config, progress=False, log=lambda msg: None)
   return trainer.train_progressively(ProgressiveRackBuilder(config), make_dataloader(config))
 
@@ -66,14 +68,19 @@ def main():
              "streamed_stage_ratio": rows[-1]["streamed_step_ms"] / rows[0]["streamed_step_ms"]}
   print(f"cached stage {args.stages} / stage 1 step time: {summary['cached_stage_ratio']:.3f} "
         f"(goal <= 1.15)")
-  payload = {"summary": summary, "rows": rows, "command": " ".join(sys.argv),
-             "config": args.config, "steps_per_stage": args.steps,
-             "date": datetime.date.today().isoformat(),
+  save(args.out, {"summary": summary, "rows": rows, "config": args.config,
+                  "steps_per_stage": args.steps})
+
+
+def save(path, payload):
+  """Writes `payload` as JSON with the command line, the date and the machine."""
+  payload = {**payload, "command": " ".join(sys.argv), "date": datetime.date.today().isoformat(),
              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                        f"jax {jax.__version__} {jax.default_backend()}"}
-  with open(args.out, "w") as f:
+                        f"jax {jax.__version__} {jax.default_backend()} "
+                        f"({jax.devices()[0].device_kind})"}
+  with open(path, "w") as f:
     json.dump(payload, f, indent=2)
-  print(f"wrote {args.out}")
+  print(f"wrote {path}")
 
 
 if __name__ == "__main__":

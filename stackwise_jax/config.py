@@ -57,7 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
   p.target_stacks = 3
   p.building_mode = "append"        # "append" | "prepend"
   p.trunk_strategy = "frozen"       # "frozen" | "qlora"
-  p.new_stack_precision = "full"    # "full" | "bfloat16" | "half"
+  p.new_stack_precision = "full"    # "full" | "bfloat16" | "half" | "qlora"
   # Once a trunk exists: "auto" freezes the token/time embedding (it feeds the frozen trunk) and
   # trains the head side (final norm, untied head) in append mode only; "trainable" | "frozen": all.
   p.embedding_training = "auto"
@@ -73,6 +73,19 @@ def default_config() -> ml_collections.ConfigDict:
   p.stack_time_mapping = "linear"   # "linear" | "exponential" | "custom"
   p.time_per_stack = 4
   p.custom_time_mapping = ""        # a name registered with progressive.masking.register_time_mapping
+  # Dual LoRA (design §6). Stack LoRA: adapters on every stack's attention/FFN kernels.
+  p.qlora_enabled = False
+  p.qlora_rank = 8
+  p.qlora_alpha = 16.0
+  p.qlora_strategy = "simplified"   # "simplified" | "progressive" | "variable"
+  p.qlora_rank_pattern = "constant"   # "constant" | "increasing" | "decreasing" | "linear"
+  p.qlora_alpha_pattern = "constant"
+  p.qlora_configs = ml_collections.ConfigDict()   # {stack_idx: {rank, alpha}} for "variable"
+  # Progressive QLoRA: a smaller adapter set on every trunk stack once a stack is added on top.
+  p.progressive_qlora = False
+  p.progressive_qlora_rank = 4
+  p.progressive_qlora_alpha = 8.0
+  p.quant_block_size = 64           # int4 block (values per scale) along the contraction axis
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "builtin"         # "builtin" | "text"
@@ -166,6 +179,10 @@ def _load_yaml(path: str) -> ml_collections.ConfigDict:
   return config
 
 
+# Fields whose value is a mapping with free keys (not a group of named fields).
+_MAPPINGS = ("training.progressive.qlora_configs",)
+
+
 def _apply_mapping(node: ml_collections.ConfigDict, data: Any, prefix: str) -> None:
   """Copies a nested YAML mapping onto `node`, coercing each value to its default's type."""
   if not isinstance(data, dict):
@@ -175,7 +192,9 @@ def _apply_mapping(node: ml_collections.ConfigDict, data: Any, prefix: str) -> N
     path = _join(prefix, key)
     _check_known(node, key, path, prefix)
     current = node[key]
-    if isinstance(current, ml_collections.ConfigDict):
+    if path in _MAPPINGS:
+      node[key] = _as_mapping(path, value)
+    elif isinstance(current, ml_collections.ConfigDict):
       _apply_mapping(current, value, path)
     else:
       node[key] = _coerce(path, value, current)
@@ -196,10 +215,23 @@ def _apply_override(config: ml_collections.ConfigDict, override: str) -> None:
   key = keys[-1]
   _check_known(node, key, path, prefix)
   current = node[key]
+  if path in _MAPPINGS:
+    try:
+      node[key] = _as_mapping(path, yaml.load(text, Loader=_YamlLoader) if text.strip() else {})
+    except yaml.YAMLError as e:
+      raise ConfigError(f"{path}={text!r}: expected a mapping, e.g. "
+                        f"'{{0: {{rank: 8, alpha: 16}}}}' ({e})") from None
+    return
   if isinstance(current, ml_collections.ConfigDict):
     raise ConfigError(f"{path}={text!r}: {path} is a group of fields; override its fields one "
                       f"by one: {', '.join(_join(path, k) for k in current.keys())}")
   node[key] = _coerce(path, _parse_text(path, text, current), current)
+
+
+def _as_mapping(path: str, value: Any) -> ml_collections.ConfigDict:
+  if not isinstance(value, (dict, ml_collections.ConfigDict)):
+    raise ConfigError(f"{path}={value!r}: expected a mapping, e.g. {{0: {{rank: 8, alpha: 16}}}}")
+  return ml_collections.ConfigDict(dict(value))
 
 
 def _parse_text(path: str, text: str, default: Any) -> Any:
@@ -290,13 +322,16 @@ def _join(prefix: str, key: Any) -> str:
 
 # --- Validation: one flat table of checks. ---
 
-# Names the code implements today; design §2 lists more (nvfp4/qlora precisions, hf/array_record
-# sources) that join these sets with their implementations.
+# Names the code implements today; design §2 lists more (nvfp4 precision, hf/array_record sources)
+# that join these sets with their implementations.
 _CHOICES = {
     "model.attention": ("mha", "gqa"),
     "training.progressive.building_mode": ("append", "prepend"),
     "training.progressive.trunk_strategy": ("frozen", "qlora"),
-    "training.progressive.new_stack_precision": ("full", "bfloat16", "half"),
+    "training.progressive.new_stack_precision": ("full", "bfloat16", "half", "qlora"),
+    "training.progressive.qlora_strategy": ("simplified", "progressive", "variable"),
+    "training.progressive.qlora_rank_pattern": ("constant", "increasing", "decreasing", "linear"),
+    "training.progressive.qlora_alpha_pattern": ("constant", "increasing", "decreasing", "linear"),
     "training.progressive.embedding_training": ("auto", "trainable", "frozen"),
     "training.progressive.training_objective": ("mlm", "clm", "custom"),
     "training.progressive.time_interpretation": ("input", "depth"),
@@ -312,6 +347,8 @@ _POSITIVE = (
     "training.batch_size", "training.seq_len", "training.eval_batches", "training.log_every",
     "training.progressive.max_stacks", "training.progressive.target_stacks",
     "training.progressive.num_time_steps", "training.progressive.time_embedding_dim",
+    "training.progressive.qlora_rank", "training.progressive.progressive_qlora_rank",
+    "training.progressive.quant_block_size",
 )
 
 _NON_NEGATIVE = (
@@ -355,11 +392,48 @@ _CHECKS = [
     ("training.progressive.custom_time_mapping",
      lambda v, c: c.training.progressive.stack_time_mapping != "custom" or bool(v),
      "a registered time-mapping name when training.progressive.stack_time_mapping='custom'"),
+    ("training.progressive.qlora_alpha", lambda v, c: 0 < v < math.inf, "a finite float > 0"),
+    ("training.progressive.progressive_qlora_alpha", lambda v, c: 0 < v < math.inf,
+     "a finite float > 0"),
+    ("training.progressive.qlora_configs", lambda v, c: all(_lora_entry_ok(k, e) for k, e in v.items()),
+     "a mapping {{stack index (an int >= 0): {{rank: an int > 0, alpha: a float > 0}}}}"),
+    ("training.progressive.qlora_configs",
+     lambda v, c: (c.training.progressive.qlora_strategy != "variable" or not _uses_stack_lora(c)
+                   or set(range(c.training.progressive.target_stacks)) <= set(v.keys())),
+     "an entry for every stack index 0..target_stacks-1 "
+     "({c.training.progressive.target_stacks} stacks) when qlora_strategy='variable'"),
+    ("training.progressive.trunk_strategy",
+     lambda v, c: v != "qlora" or c.training.progressive.qlora_enabled
+     or c.training.progressive.progressive_qlora,
+     "'frozen' unless the trunk has adapters to train: 'qlora' needs "
+     "training.progressive.qlora_enabled or training.progressive.progressive_qlora"),
+    ("training.progressive.quant_block_size",
+     lambda v, c: not _uses_int4(c) or (c.model.d_model % v == 0 and c.model.d_ff % v == 0),
+     "a divisor of model.d_model ({c.model.d_model}) and model.d_ff ({c.model.d_ff}): int4 "
+     "blocks run along the kernels' input axis"),
     ("data.paths", lambda v, c: all(isinstance(p, str) and p for p in v),
      "a list of non-empty file paths or globs"),
     ("data.paths", lambda v, c: c.data.source != "text" or len(v) > 0,
      "at least one file or glob when data.source='text'"),
 ]
+
+
+def _lora_entry_ok(key: Any, entry: Any) -> bool:
+  return (isinstance(key, int) and not isinstance(key, bool) and key >= 0
+          and isinstance(entry, (dict, ml_collections.ConfigDict))
+          and set(entry.keys()) == {"rank", "alpha"}
+          and _type_ok(entry["rank"], 1) and entry["rank"] > 0
+          and _type_ok(entry["alpha"], 1.0) and 0 < entry["alpha"] < math.inf)
+
+
+def _uses_stack_lora(c) -> bool:
+  p = c.training.progressive
+  return p.qlora_enabled or p.new_stack_precision == "qlora"
+
+
+def _uses_int4(c) -> bool:
+  p = c.training.progressive
+  return p.trunk_strategy == "qlora" or p.new_stack_precision == "qlora"
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -373,7 +447,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for path, ok, allowed in _CHECKS:
     value = functools.reduce(getattr, path.split("."), config)
     if not ok(value, config):
-      raise ConfigError(f"{path}={value!r}: allowed: {allowed.format(c=config)}")
+      shown = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+      raise ConfigError(f"{path}={shown!r}: allowed: {allowed.format(c=config)}")
   return config
 
 
@@ -387,7 +462,10 @@ def _check_schema(node: Any, schema: ml_collections.ConfigDict, prefix: str) -> 
     path = _join(prefix, key)
     if key not in node:
       raise ConfigError(f"{path}: missing; every field of default_config() is required")
-    if isinstance(schema[key], ml_collections.ConfigDict):
+    if path in _MAPPINGS:
+      if not isinstance(node[key], (dict, ml_collections.ConfigDict)):
+        raise ConfigError(f"{path}={node[key]!r}: expected a mapping")
+    elif isinstance(schema[key], ml_collections.ConfigDict):
       _check_schema(node[key], schema[key], path)
     elif not _type_ok(node[key], schema[key]):
       raise ConfigError(f"{path}={node[key]!r}: expected {_type_name(schema[key])}")

@@ -17,6 +17,7 @@ _COLUMNS = (
     ("seconds", "seconds", "{:.1f}"),
     ("trainable", "trainable_params", "{:,}"),
     ("frozen", "frozen_params", "{:,}"),
+    ("lora", "lora_params", "{:,}"),
     ("cache MiB", "cache_bytes", None),
     ("activations", "activation_mode", "{}"),
 )
@@ -31,15 +32,32 @@ def _cell(stage, key, fmt):
   return fmt.format(value)
 
 
-def summary_table(results: dict) -> str:
-  """A plain-text table, one row per stage, then the final eval loss."""
-  rows = [[h for h, _, _ in _COLUMNS]]
-  rows += [[_cell(s, key, fmt) for _, key, fmt in _COLUMNS] for s in results["stages"]]
-  widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+def _table(rows: list[list[str]]) -> list[str]:
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))
+  return lines
+
+
+def memory_table(memory: dict) -> list[str]:
+  """One row per stack (a stage's `memory`): base weights, adapters, optimizer state in MiB."""
+  mib = lambda b: f"{b / 2**20:.2f}"
+  rows = [["stack", "precision", "base MiB", "adapters MiB", "optimizer MiB"]]
+  rows += [[name, m["precision"] + (" (int4)" if m["quantized"] else ""), mib(m["base_bytes"]),
+            mib(m["adapter_bytes"]), mib(m["optimizer_bytes"])] for name, m in memory.items()]
+  return _table(rows)
+
+
+def summary_table(results: dict) -> str:
+  """A plain-text table, one row per stage; the final eval loss; the last stage's memory per
+  stack."""
+  rows = [[h for h, _, _ in _COLUMNS]]
+  rows += [[_cell(s, key, fmt) for _, key, fmt in _COLUMNS] for s in results["stages"]]
+  lines = _table(rows)
   final = results.get("final_eval_loss")
   lines.append(f"final eval loss: {final:.4f}" if final is not None else "final eval loss: -")
+  if results["stages"] and results["stages"][-1].get("memory"):
+    lines += ["", "memory per stack (last stage):", *memory_table(results["stages"][-1]["memory"])]
   return "\n".join(lines)
 
 

@@ -35,6 +35,18 @@ def test_train_writes_results_json_and_prints_summary(text_corpus, tmp_path, cap
   assert (tmp_path / "run" / "config.yaml").exists()
 
 
+def test_qlora_trunk_config_reports_memory_per_stack(text_corpus, tmp_path, capsys):
+  args = micro_args(text_corpus, tmp_path / "run")
+  args[2] = str(REPO / "configs/qlora_trunk.py")
+  assert main([*args, "--config.training.progressive.quant_block_size=16"]) == 0
+  results = json.loads((tmp_path / "run" / "results.json").read_text())
+  memory = results["stages"][-1]["memory"]
+  assert memory["stack_0"]["quantized"] and not memory["stack_1"]["quantized"]
+  assert results["stages"][-1]["lora_params"] > 0
+  out = capsys.readouterr().out
+  assert "memory per stack" in out and "full (int4)" in out
+
+
 def test_finished_workdir_is_never_overwritten(text_corpus, tmp_path, capsys):
   args = micro_args(text_corpus, tmp_path / "run")
   assert main(args) == 0

@@ -60,7 +60,7 @@ def _tiny_with(**changes):
 # --- Shipped configs. ---
 
 
-@pytest.mark.parametrize("name", ["tiny.py", "small.py"])
+@pytest.mark.parametrize("name", ["tiny.py", "small.py", "qlora_trunk.py"])
 def test_shipped_configs_load_and_validate(name):
   config = load_config(str(CONFIGS / name))
   assert validate(config) is config
@@ -249,6 +249,9 @@ _ENUM_PATHS = [
     "training.progressive.time_interpretation",
     "training.progressive.time_encoding_type",
     "training.progressive.stack_time_mapping",
+    "training.progressive.qlora_strategy",
+    "training.progressive.qlora_rank_pattern",
+    "training.progressive.qlora_alpha_pattern",
     "data.source",
     "data.tokenizer",
 ]
@@ -258,6 +261,8 @@ _POSITIVE_PATHS = [
     "training.steps_per_stack", "training.eval_batches", "training.log_every",
     "training.progressive.max_stacks", "training.progressive.target_stacks",
     "training.progressive.num_time_steps", "training.progressive.time_embedding_dim",
+    "training.progressive.qlora_rank", "training.progressive.progressive_qlora_rank",
+    "training.progressive.quant_block_size",
 ]
 _NON_NEGATIVE_PATHS = [
     "training.warmup_steps", "training.eval_every", "training.checkpoint_every", "training.seed",
@@ -298,6 +303,18 @@ _INVALID = [
     _case("training.progressive.mask_token_id", -1),
     _case("training.progressive.custom_time_mapping", "",
           training__progressive__stack_time_mapping="custom"),
+    _case("training.progressive.qlora_rank", -4),
+    _case("training.progressive.qlora_alpha", 0.0),
+    _case("training.progressive.progressive_qlora_alpha", -1.0),
+    _case("training.progressive.trunk_strategy", "qlora"),   # no adapters would train
+    _case("training.progressive.quant_block_size", 48, training__progressive__trunk_strategy="qlora",
+          training__progressive__progressive_qlora=True),     # 48 does not divide d_model=128
+    _case("training.progressive.qlora_configs", {0: {"alpha": 1.0, "rank": 0}}),
+    _case("training.progressive.qlora_configs", {0: {"rank": 2}}),
+    _case("training.progressive.qlora_configs", {"x": {"alpha": 1.0, "rank": 2}}),
+    _case("training.progressive.qlora_configs", {0: {"alpha": 1.0, "rank": 2}},
+          training__progressive__qlora_strategy="variable",
+          training__progressive__qlora_enabled=True),       # no entry for stacks 1, 2
     _case("data.paths", (), data__source="text"),
     _case("data.paths", ("",), data__source="text"),
 ]
@@ -315,7 +332,10 @@ def test_invalid_value_names_path_and_value(changes, path, value):
 @pytest.mark.parametrize("changes", [
     {"training__grad_clip": 0.0},
     {"training__progressive__enabled": False},
-    {"training__progressive__trunk_strategy": "qlora"},
+    {"training__progressive__trunk_strategy": "qlora", "training__progressive__progressive_qlora": True},
+    {"training__progressive__qlora_strategy": "variable", "training__progressive__qlora_enabled": True,
+     "training__progressive__target_stacks": 2,
+     "training__progressive__qlora_configs": {0: {"rank": 1, "alpha": 2}, 1: {"rank": 4, "alpha": 0.5}}},
     {"model__attention": "gqa", "model__n_heads": 8, "model__n_kv_heads": 2},
     {"training__progressive__target_stacks": 4},
     {"training__steps_per_stack": 1, "training__warmup_steps": 0, "training__eval_every": 0},
@@ -347,3 +367,21 @@ def test_validate_rejects_wrong_type():
   config.model.d_model = None  # ConfigDict lets None into any field
   with pytest.raises(ConfigError, match=r"^model\.d_model=None: expected an int"):
     validate(config)
+
+
+def test_qlora_configs_from_yaml_py_and_override_agree(tmp_path):
+  yaml_path = tmp_path / "c.yaml"
+  yaml_path.write_text("training:\n  progressive:\n    qlora_strategy: variable\n"
+                       "    qlora_enabled: true\n    target_stacks: 2\n"
+                       "    qlora_configs: {0: {rank: 2, alpha: 4}, 1: {rank: 8, alpha: 16.0}}\n")
+  from_yaml = load_config(str(yaml_path))
+  from_override = load_config(str(yaml_path), [
+      "training.progressive.qlora_configs={0: {rank: 2, alpha: 4}, 1: {rank: 8, alpha: 16.0}}"])
+  entries = from_yaml.training.progressive.qlora_configs
+  assert entries[1]["rank"] == 8 and entries[0]["alpha"] == 4
+  assert from_override.training.progressive.qlora_configs.to_dict() == entries.to_dict()
+  round_trip = tmp_path / "round.yaml"
+  round_trip.write_text(to_yaml(from_yaml))
+  assert load_config(str(round_trip)) == from_yaml
+  with pytest.raises(ConfigError, match=r"qlora_configs=\[1, 2\]: expected a mapping"):
+    load_config(str(yaml_path), ["training.progressive.qlora_configs=[1, 2]"])

@@ -6,13 +6,18 @@ Its methods are pure functions of params, so they can be jitted and differentiat
 sits at that boundary.
 """
 import dataclasses
+import re
 from typing import Any
 
 from flax import nnx
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
 from stackwise_jax.model.layers import TimeEmbedding
+from stackwise_jax.model.layers import Linear
+from stackwise_jax.model.lora import ADAPTED_KERNELS, LoraSetting, apply_qwix
+from stackwise_jax.model.stack import COMPUTE_DTYPES, Stack
 
 Params = dict[str, Any]
 
@@ -24,10 +29,17 @@ class StackSpec:
   n_blocks: int
   precision: str
   time_step: int | None = None   # time-as-depth step of this stack; None with time as input
+  lora: LoraSetting | None = None               # stack LoRA (qwix), from creation
+  progressive_lora: LoraSetting | None = None   # progressive adapter, added once it is trunk
+  quantized: bool = False        # attention/FFN kernels are int4 (qwix), compute in bf16
 
   @property
   def name(self) -> str:
     return f"stack_{self.index}"
+
+  @property
+  def compute_dtype(self):
+    return COMPUTE_DTYPES["qlora" if self.quantized else self.precision]
 
 
 class EmbedHead(nnx.Module):
@@ -112,3 +124,48 @@ def init_module(module_fn, seed: int, stream: int):
   module = module_fn(nnx.Rngs(jax.random.fold_in(jax.random.key(seed), stream)))
   graphdef, state = nnx.split(module, nnx.Param)
   return graphdef, nnx.to_pure_dict(state)
+
+
+# Init streams under a stack's own key: its stack LoRA and its progressive adapters.
+_STACK_LORA_STREAM, _PROGRESSIVE_STREAM = 1, 2
+
+
+def init_stack(config, spec: StackSpec, old_params: Params | None = None):
+  """Builds stack `spec` -> (graphdef, params as plain dicts).
+
+  Base weights come from the stack's own stream `index + 1`, adapters from sub-streams of it, so
+  neither adapters nor other stacks change them. With `old_params` (the same stack under its
+  previous spec) every leaf that still exists is carried over: float kernels feed the int4
+  quantization when `spec.quantized` is new, adapters and int4 leaves are kept as they are.
+  """
+  key = jax.random.fold_in(jax.random.key(config.training.seed), spec.index + 1)
+  module = Stack(config.model, n_blocks=spec.n_blocks, dtype=spec.compute_dtype,
+                 causal=is_causal(config), time_dim=time_dim(config), rngs=nnx.Rngs(key))
+  if spec.progressive_lora:
+    rngs = nnx.Rngs(jax.random.fold_in(key, _PROGRESSIVE_STREAM))
+    for path, layer in nnx.iter_modules(module):
+      if isinstance(layer, Linear) and re.fullmatch(ADAPTED_KERNELS, "/".join(map(str, path))):
+        layer.add_adapter(spec.progressive_lora.rank, spec.progressive_lora.alpha, rngs)
+  _carry_over(module, old_params)
+  if spec.lora or spec.quantized:
+    sample = (jnp.zeros((1, 1, config.model.d_model), jnp.float32),
+              jnp.zeros((1, time_dim(config))) if time_dim(config) else None)
+    module = apply_qwix(module, spec.lora, spec.quantized, config.training.progressive.quant_block_size,
+                        sample, nnx.Rngs(jax.random.fold_in(key, _STACK_LORA_STREAM)))
+    _carry_over(module, old_params)   # leaves qwix made: stack LoRA, int4 kernels
+  graphdef, state = nnx.split(module, nnx.Param)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def _carry_over(module: nnx.Module, old_params: Params | None) -> None:
+  """Sets every param of `module` that `old_params` has at the same path and shape."""
+  if old_params is None:
+    return
+  state = nnx.state(module, nnx.Param)
+  new = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+  old = traverse_util.flatten_dict(old_params)
+  for path, value in old.items():
+    if path in new and new[path].shape == value.shape:
+      new[path] = value
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(new))
+  nnx.update(module, state)

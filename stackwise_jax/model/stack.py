@@ -5,10 +5,11 @@ import jax.numpy as jnp
 
 from stackwise_jax.model.layers import Attention, SwiGLU, dropout
 
-# Compute dtype of each precision. Params stay fp32 while trainable (master weights).
-COMPUTE_DTYPES = {"full": jnp.float32, "bfloat16": jnp.bfloat16, "half": jnp.float16}
-# Storage dtype once a stack is frozen: bf16/fp16 stacks drop their fp32 master copy.
-FROZEN_STORAGE_DTYPES = {"full": jnp.float32, "bfloat16": jnp.bfloat16, "half": jnp.float16}
+# Compute dtype of each precision. Params stay fp32 while trainable (master weights); a frozen
+# stack stores its float params in this dtype (bf16/fp16 stacks drop their fp32 master copy).
+# `qlora`: int4 kernels (qwix) with bf16 compute.
+COMPUTE_DTYPES = {"full": jnp.float32, "bfloat16": jnp.bfloat16, "half": jnp.float16,
+                  "qlora": jnp.bfloat16}
 
 
 class Block(nnx.Module):
@@ -42,9 +43,9 @@ class Stack(nnx.Module):
   """`n_blocks` blocks with one precision. Input and output are fp32 [batch, seq, d_model];
   inside, the residual stream runs in the stack's compute dtype."""
 
-  def __init__(self, model_config, *, n_blocks: int, precision: str, causal: bool,
-               time_dim: int | None, rngs: nnx.Rngs):
-    self.dtype = COMPUTE_DTYPES[precision]
+  def __init__(self, model_config, *, n_blocks: int, dtype, causal: bool, time_dim: int | None,
+               rngs: nnx.Rngs):
+    self.dtype = dtype
     self.blocks = nnx.List([
         Block(model_config, causal=causal, dtype=self.dtype, time_dim=time_dim, rngs=rngs)
         for _ in range(n_blocks)])

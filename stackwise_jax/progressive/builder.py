@@ -1,12 +1,19 @@
 """ProgressiveRackBuilder (design §3): grows the rack and sets trainability labels (design §4)."""
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 
 from stackwise_jax.config import validate
-from stackwise_jax.model import (COMPUTE_DTYPES, FROZEN_STORAGE_DTYPES, EmbedHead, Rack, Stack,
-                                 StackSpec, init_module, is_causal, time_dim)
+from stackwise_jax.model import COMPUTE_DTYPES, EmbedHead, Rack, StackSpec, init_module
+from stackwise_jax.model.lora import LoraSetting, is_adapter_path, stack_lora_setting
+from stackwise_jax.model.rack import init_stack
 from stackwise_jax.progressive.masking import TimeStepMasking
 
+# Leaf labels for optax.multi_transform.
 TRAINABLE, FROZEN = "trainable", "frozen"
+# A stack's mode: all leaves trainable, all frozen, or only its adapters trainable.
+ADAPTERS_ONLY = "adapters_only"
 BUILDING_MODES = ("append", "prepend")
 # Init streams: 0 is the embedding/head, stack i uses i + 1.
 _EMBED_STREAM = 0
@@ -72,34 +79,63 @@ class ProgressiveRackBuilder:
     index = len(self.specs)
     time_step = (self.masking.get_time_step_for_stack(index)
                  if p.time_interpretation == "depth" else None)
-    spec = StackSpec(index=index, n_blocks=n_blocks, precision=precision, time_step=time_step)
-    graphdef, params = init_module(
-        lambda rngs: Stack(m, n_blocks=n_blocks, precision=precision, causal=is_causal(self.config),
-                           time_dim=time_dim(self.config), rngs=rngs),
-        self.config.training.seed, index + 1)
-    self._graphdefs[spec.name] = graphdef
-    self.params["stacks"][spec.name] = params
-    self._labels[spec.name] = TRAINABLE
+    # A qlora stack trains only adapters, so it always has its stack LoRA.
+    lora = stack_lora_setting(p, index) if p.qlora_enabled or precision == "qlora" else None
+    spec = StackSpec(index=index, n_blocks=n_blocks, precision=precision, time_step=time_step,
+                     lora=lora, quantized=precision == "qlora")
+    if p.progressive_qlora:   # design §6: the trunk gets its progressive adapters
+      progressive = LoraSetting(p.progressive_qlora_rank, float(p.progressive_qlora_alpha))
+      for trunk in self.specs:
+        if trunk.progressive_lora is None:
+          self._respec(trunk, progressive_lora=progressive)
+    self._set_stack(spec)
+    self._labels[spec.name] = ADAPTERS_ONLY if spec.quantized else TRAINABLE
     return spec
+
+  def _set_stack(self, spec: StackSpec, old_params=None) -> None:
+    if spec.quantized:
+      m, block = self.config.model, self.config.training.progressive.quant_block_size
+      if m.d_model % block or m.d_ff % block:
+        raise ValueError(f"training.progressive.quant_block_size={block}: int4 blocks run along "
+                         f"the kernels' input axis; allowed: a divisor of model.d_model "
+                         f"({m.d_model}) and model.d_ff ({m.d_ff})")
+    self._graphdefs[spec.name], self.params["stacks"][spec.name] = init_stack(
+        self.config, spec, old_params)
+
+  def _respec(self, spec: StackSpec, **changes) -> StackSpec:
+    """Rebuilds an existing stack under a changed spec, keeping its params (see `init_stack`)."""
+    new = dataclasses.replace(spec, **changes)
+    self._set_stack(new, self.params["stacks"][spec.name])
+    self.specs[self.specs.index(spec)] = new
+    return new
 
   # --- trainability ----------------------------------------------------------------------------
   def freeze_trunk(self, indices=None) -> dict:
-    """Freezes the stacks with the given building indices (default: all trained stacks).
-
-    A frozen bf16/fp16 stack drops its fp32 master weights and is stored in its compute dtype.
-    Returns the labels pytree.
-    """
+    """Freezes every leaf of the stacks with the given building indices (default: all trained
+    stacks), adapters included. Frozen base weights are stored in the compute dtype (a bf16/fp16
+    stack drops its fp32 master copy). Returns the labels pytree."""
     for spec in self._select(indices):
       self._labels[spec.name] = FROZEN
-      dtype = FROZEN_STORAGE_DTYPES[spec.precision]
-      self.params["stacks"][spec.name] = jax.tree.map(lambda x: x.astype(dtype),
-                                                      self.params["stacks"][spec.name])
+      self._store_base_in_compute_dtype(spec)
     return self.labels()
 
   def freeze_all_but_qlora(self, indices=None) -> dict:
-    """Freezes the given stacks except their LoRA adapters. No adapters exist yet (LoRA is a
-    later feature), so this is freeze_trunk."""
-    return self.freeze_trunk(indices)
+    """Leaves exactly the adapters (stack LoRA, progressive) of the given stacks (default: all
+    trained stacks) trainable. Their attention/FFN kernels become int4 first (design §5, trunk
+    under `trunk_strategy="qlora"`), computing in bf16. Returns the labels pytree."""
+    for spec in self._select(indices):
+      if not spec.quantized:
+        spec = self._respec(spec, quantized=True)
+      self._labels[spec.name] = ADAPTERS_ONLY
+      self._store_base_in_compute_dtype(spec)
+    return self.labels()
+
+  def _store_base_in_compute_dtype(self, spec: StackSpec) -> None:
+    """Casts the float base leaves (not adapters, not int4) to the stack's compute dtype."""
+    cast = lambda path, x: (x if is_adapter_path(path) or not jnp.issubdtype(
+        x.dtype, jnp.floating) else x.astype(spec.compute_dtype))
+    self.params["stacks"][spec.name] = jax.tree_util.tree_map_with_path(
+        cast, self.params["stacks"][spec.name])
 
   def set_embedding_trainable(self, *, input_side: bool, head_side: bool) -> None:
     """Input side: token/time embedding (a tied head shares the token table). Head side: final
@@ -117,15 +153,26 @@ class ProgressiveRackBuilder:
     return [by_index[i] for i in indices]
 
   def labels(self) -> dict:
-    """A label (TRAINABLE / FROZEN) per params leaf, same structure as `params`."""
+    """A label (TRAINABLE / FROZEN) per params leaf, same structure as `params`.
+
+    Integer (int4) leaves are always FROZEN; in an ADAPTERS_ONLY stack only adapter leaves train.
+    """
     label_tree = lambda tree, label: jax.tree.map(lambda _: label, tree)
     side = lambda key: self._labels["head_side" if key in HEAD_SIDE else "input_side"]
+
+    def stack_label(mode, path, x):
+      if mode == FROZEN or not jnp.issubdtype(x.dtype, jnp.floating):
+        return FROZEN
+      return TRAINABLE if mode == TRAINABLE or is_adapter_path(path) else FROZEN
+
     return {"embed_head": {key: label_tree(tree, side(key))
                            for key, tree in self.params["embed_head"].items()},
-            "stacks": {name: label_tree(tree, self._labels[name])
+            "stacks": {name: jax.tree_util.tree_map_with_path(
+                           lambda path, x, mode=self._labels[name]: stack_label(mode, path, x), tree)
                        for name, tree in self.params["stacks"].items()}}
 
   def is_frozen(self, name: str) -> bool:
+    """Whether every leaf of stack `name` is frozen (it can then run outside the gradient)."""
     return self._labels[name] == FROZEN
 
   # --- snapshots -------------------------------------------------------------------------------

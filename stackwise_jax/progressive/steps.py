@@ -3,12 +3,11 @@
 The forward of a stage is split at the end of the *frozen prefix*: the longest run of frozen
 stacks next to the embedding. The prefix is computed outside `jax.value_and_grad` (from the
 activation cache, or streamed inside the step), so no backward pass ever runs through it.
-Everything after it is differentiated; frozen leaves there get zero updates from
-`optax.multi_transform` and their weight gradients are dead code that XLA removes.
+Everything after it is differentiated with respect to the trainable leaves only (int4 kernels
+cannot be differentiated, frozen ones need not be); frozen leaves get zero updates from
+`optax.multi_transform`.
 """
 import dataclasses
-import functools
-
 from flax.training.dynamic_scale import DynamicScale
 import jax
 import jax.numpy as jnp
@@ -41,7 +40,7 @@ def plan_stage(rack: Rack, stage: int, new: tuple[str, ...], frozen: set[str],
       break
     prefix.append(name)
   body = rack.order[len(prefix):]
-  loss_scaling = any(s.precision == "half" and s.name not in frozen for s in rack.specs)
+  loss_scaling = any(s.compute_dtype == jnp.float16 and s.name not in frozen for s in rack.specs)
   return StagePlan(stage=stage, new=new, prefix=tuple(prefix), body=body,
                    cached=cache_activations and bool(prefix), loss_scaling=loss_scaling)
 
@@ -71,6 +70,19 @@ def prefix_activations(rack: Rack, names, params, example):
   return rack.apply_stacks(params, names, h, time_emb)
 
 
+def split_by_label(params, labels):
+  """-> (trainable, frozen): two trees shaped like `params`, each with None where the other holds
+  the leaf."""
+  pick = lambda wanted: jax.tree.map(lambda x, l: x if l == wanted else None, params, labels)
+  return pick(TRAINABLE), pick(FROZEN)
+
+
+def join(trainable, frozen):
+  """Inverse of `split_by_label`."""
+  return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
+                      is_leaf=lambda x: x is None)
+
+
 def init_train_state(params, tx, plan: StagePlan) -> dict:
   state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
   if plan.loss_scaling:
@@ -78,7 +90,7 @@ def init_train_state(params, tx, plan: StagePlan) -> dict:
   return state
 
 
-def make_train_step(rack: Rack, plan: StagePlan, tx, dropout_seed: int):
+def make_train_step(rack: Rack, plan: StagePlan, tx, labels, dropout_seed: int):
   """(state, example) -> (state, loss). `example` holds inputs/targets/loss_mask/time_step and,
   for a cached stage, `h`: the prefix output [B, T, d_model]."""
 
@@ -99,11 +111,13 @@ def make_train_step(rack: Rack, plan: StagePlan, tx, dropout_seed: int):
     else:
       h = None
     dropout_key = jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
-    grad_fn = functools.partial(loss_fn, h=h, example=example, dropout_key=dropout_key)
+    trainable, frozen = split_by_label(params, labels)
+    grad_fn = lambda trainable: loss_fn(join(trainable, frozen), h, example, dropout_key)
     if plan.loss_scaling:
-      dyn_scale, finite, loss, grads = state["dyn_scale"].value_and_grad(grad_fn)(params)
+      dyn_scale, finite, loss, grads = state["dyn_scale"].value_and_grad(grad_fn)(trainable)
     else:
-      loss, grads = jax.value_and_grad(grad_fn)(params)
+      loss, grads = jax.value_and_grad(grad_fn)(trainable)
+    grads = join(grads, jax.tree.map(jnp.zeros_like, frozen))   # set_to_zero ignores these
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                  "step": state["step"] + 1}

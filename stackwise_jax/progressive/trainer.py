@@ -8,6 +8,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stackwise_jax.config import validate
+from stackwise_jax.model.lora import is_adapter_path, leaf_bytes, plain_keys
 from stackwise_jax.progressive.builder import TRAINABLE, ProgressiveRackBuilder
 from stackwise_jax.progressive.caching import ActivationCache
 from stackwise_jax.progressive.steps import (init_train_state, make_eval_step, make_optimizer,
@@ -24,6 +25,7 @@ class ProgressiveTrainer:
     self.progress = progress
     self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     self.results = {"stages": [], "final_eval_loss": None}
+    self._told_streaming = False
 
   def train_progressively(self, rack_builder: ProgressiveRackBuilder, dataloader,
                           target_stacks: int | None = None) -> dict:
@@ -89,9 +91,11 @@ class ProgressiveTrainer:
     rack, labels = builder.build_rack(), builder.labels()
     new = tuple(s.name for s in new_specs)
     plan = plan_stage(rack, stage, new, frozen, p.cache_activations)
-    if p.cache_activations and not plan.cached and builder.trained:
-      self.log(f"stage {stage}: cache_activations=True, but activations are streamed "
-               f"({'prepend mode: the trunk follows the new stack' if not plan.prefix else 'trainable trunk'})")
+    if p.cache_activations and not plan.cached and builder.trained and not self._told_streaming:
+      self._told_streaming = True
+      why = ("prepend mode: the trunk follows the new stack" if builder.building_mode == "prepend"
+             else "the trunk's adapters train, so cached trunk outputs would go stale")
+      self.log(f"cache_activations=True, but trunk activations are streamed ({why})")
     k = new_specs[-1].index
     masking = builder.masking
     prepare = jax.jit(functools.partial(masking.generate_masks_for_stack, k=k, salt=stage))
@@ -105,7 +109,7 @@ class ProgressiveTrainer:
 
     tx = make_optimizer(t, labels, t.steps_per_stack)
     state = init_train_state(rack.params, tx, plan)
-    train_step = make_train_step(rack, plan, tx, dropout_seed=t.seed * 1000 + stage)
+    train_step = make_train_step(rack, plan, tx, labels, dropout_seed=t.seed * 1000 + stage)
     eval_step = make_eval_step(rack)
     eval_examples = [self._eval_example(masking, b) for b in eval_batches]
 
@@ -120,6 +124,7 @@ class ProgressiveTrainer:
         steady_start = time.perf_counter()   # excludes compilation from tokens/s
       last = i + 1 == t.steps_per_stack
       if last or (t.eval_every and (i + 1) % t.eval_every == 0):
+        loss.block_until_ready()   # steps are dispatched asynchronously: they are not eval time
         eval_started = time.perf_counter()
         eval_curve.append((i + 1, self._evaluate(eval_step, state["params"], eval_examples)))
         eval_seconds += time.perf_counter() - eval_started
@@ -137,6 +142,7 @@ class ProgressiveTrainer:
     steady_steps = max(t.steps_per_stack - 1, 1)
     tokens_per_step = t.batch_size * t.seq_len
     counts = _param_counts(state["params"], labels)
+    memory = stack_memory(rack.specs, state["params"], state["opt_state"])
     result = {
         "stage": stage,
         "stack_index": k,
@@ -155,7 +161,8 @@ class ProgressiveTrainer:
         "seconds": time.perf_counter() - started,
         "trainable_params": counts["trainable"],
         "frozen_params": counts["frozen"],
-        "lora_params": 0,
+        "lora_params": counts["lora"],
+        "memory": memory,
         "cache_bytes": cache.nbytes if cache else 0,
         "cache_bytes_on_disk": cache.bytes_on_disk if cache else 0,
         "activation_mode": plan.activation_mode,
@@ -197,10 +204,31 @@ class ProgressiveTrainer:
 
 
 def _param_counts(params, labels) -> dict:
-  counts = {"trainable": 0, "frozen": 0}
-  for x, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels)):
-    counts["trainable" if label == TRAINABLE else "frozen"] += int(np.prod(x.shape))
+  """Trainable and frozen params (they add up to all params); `lora`: those in adapters."""
+  counts = {"trainable": 0, "frozen": 0, "lora": 0}
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  for (path, x), label in zip(leaves, jax.tree.leaves(labels)):
+    counts["trainable" if label == TRAINABLE else "frozen"] += x.size
+    counts["lora"] += x.size if is_adapter_path(path) else 0
   return counts
+
+
+def stack_memory(specs, params, opt_state) -> dict:
+  """Per stack: bytes of base weights (int4 as packed half bytes), adapters and optimizer state.
+
+  Optimizer state is attributed by path: every state leaf under `stacks/<name>` (Adam's mu and nu
+  of that stack's trainable leaves; frozen leaves have none).
+  """
+  report = {s.name: {"precision": s.precision, "quantized": s.quantized, "base_bytes": 0,
+                     "adapter_bytes": 0, "optimizer_bytes": 0} for s in specs}
+  for path, x in jax.tree_util.tree_leaves_with_path(params["stacks"]):
+    keys = plain_keys(path)
+    report[keys[0]]["adapter_bytes" if is_adapter_path(keys) else "base_bytes"] += leaf_bytes(x)
+  for path, x in jax.tree_util.tree_leaves_with_path(opt_state):
+    keys = plain_keys(path)
+    if "stacks" in keys[:-1] and keys[keys.index("stacks") + 1] in report:
+      report[keys[keys.index("stacks") + 1]]["optimizer_bytes"] += leaf_bytes(x)
+  return report
 
 
 def _peak_device_memory() -> int | None:
