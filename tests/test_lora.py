@@ -149,30 +149,41 @@ def test_int4_trunk_with_both_adapters_matches_a_hand_dequantized_reference():
   builder.params = jax.tree_util.tree_map_with_path(
       lambda p, x: (0.05 * jax.random.normal(next(key), x.shape)
                     if str(p[-1].key) in ("kernel_lora_b", "lora_b") else x), builder.params)
+  # A unit-scale embedding makes logits O(10), so that a missing adapter term (O(10)) would show.
+  embedding = builder.params["embed_head"]["embed"]["embedding"]
+  builder.params["embed_head"]["embed"]["embedding"] = jax.random.normal(jax.random.key(9),
+                                                                         embedding.shape)
   rack = builder.build_rack()
   tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, 256)
   got = rack(rack.params, tokens)
   want = reference_logits(_dequantized(builder), config, rack.order, tokens, causal=True)
-  # The int4 stack computes in bf16: tolerance of bf16 rounding, not of int4 (that is exact here).
-  np.testing.assert_allclose(got, want, atol=0.05, rtol=0.05)
-  assert float(jnp.max(jnp.abs(got - want))) < 0.1 * float(jnp.max(jnp.abs(want)))
+  # The int4 stack computes in bf16: the tolerance is bf16 rounding (int4 itself is exact here).
+  scale = float(jnp.max(jnp.abs(want)))
+  assert scale > 5
+  np.testing.assert_allclose(got, want, atol=0.02 * scale, rtol=0)
 
 
 def test_int4_forward_tracks_full_precision():
-  """Relative RMS error of a stack's residual update after int4 (block 32) quantization: < 15%
-  (uniform rounding on a Gaussian block of 32 gives ~9% per weight)."""
+  """Stated tolerances (relative RMS error, int4 blocks of 32 vs fp32): each kernel < 10% (uniform
+  rounding of a Gaussian block of 32 gives ~9%); the stack's residual update < 25% (the kernel
+  errors compound through SwiGLU's product and attention)."""
   config = micro_config(qlora_enabled=True, quant_block_size=32)
   config.model.d_model, config.model.n_heads, config.model.n_kv_heads, config.model.d_ff = (
       128, 4, 4, 384)
+  rel = lambda approx, exact: float(jnp.sqrt(jnp.mean((approx - exact) ** 2) / jnp.mean(exact ** 2)))
   builder = ProgressiveRackBuilder(config)
   builder.append_stack()
   h = jax.random.normal(jax.random.key(4), (2, 16, 128))
-  full = _stack_output(builder, "stack_0", h) - h
+  full = _stack_output(builder, "stack_0", h)
+  kernels = {p: np.asarray(x) for p, x in _flat(builder.params).items() if p[-1] == "kernel"}
   builder.trained.add("stack_0")
   builder.freeze_all_but_qlora()
-  int4 = _stack_output(builder, "stack_0", h) - h
-  rel = float(jnp.sqrt(jnp.mean((int4 - full) ** 2) / jnp.mean(full ** 2)))
-  assert 0.01 < rel < 0.15, rel   # > 0.01: the kernels really were quantized
+  int4 = _stack_output(builder, "stack_0", h)
+  dequantized = _flat(_dequantized(builder))
+  kernel_errors = [rel(dequantized[p], w) for p, w in kernels.items() if "time_proj" not in p]
+  assert len(kernel_errors) == len(KERNELS)
+  assert 0.01 < max(kernel_errors) < 0.10, kernel_errors   # > 0.01: really quantized
+  assert rel(int4 - h, full - h) < 0.25
 
 
 def test_frozen_int4_stack_takes_at_most_030_of_bf16_bytes():
