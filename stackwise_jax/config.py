@@ -57,7 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
   p.target_stacks = 3
   p.building_mode = "append"        # "append" | "prepend"
   p.trunk_strategy = "frozen"       # "frozen" | "qlora"
-  p.new_stack_precision = "full"    # "full" | "bfloat16" | "half" | "qlora"
+  p.new_stack_precision = "full"    # "full" | "bfloat16" | "half" | "nvfp4" | "qlora"
   # Once a trunk exists: "auto" freezes the token/time embedding (it feeds the frozen trunk) and
   # trains the head side (final norm, untied head) in append mode only; "trainable" | "frozen": all.
   p.embedding_training = "auto"
@@ -322,13 +322,13 @@ def _join(prefix: str, key: Any) -> str:
 
 # --- Validation: one flat table of checks. ---
 
-# Names the code implements today; design §2 lists more (nvfp4 precision, hf/array_record sources)
-# that join these sets with their implementations.
+# Names the code implements today; design §2 lists more (hf/array_record sources) that join these
+# sets with their implementations.
 _CHOICES = {
     "model.attention": ("mha", "gqa"),
     "training.progressive.building_mode": ("append", "prepend"),
     "training.progressive.trunk_strategy": ("frozen", "qlora"),
-    "training.progressive.new_stack_precision": ("full", "bfloat16", "half", "qlora"),
+    "training.progressive.new_stack_precision": ("full", "bfloat16", "half", "nvfp4", "qlora"),
     "training.progressive.qlora_strategy": ("simplified", "progressive", "variable"),
     "training.progressive.qlora_rank_pattern": ("constant", "increasing", "decreasing", "linear"),
     "training.progressive.qlora_alpha_pattern": ("constant", "increasing", "decreasing", "linear"),
@@ -407,6 +407,14 @@ _CHECKS = [
      or c.training.progressive.progressive_qlora,
      "'frozen' unless the trunk has adapters to train: 'qlora' needs "
      "training.progressive.qlora_enabled or training.progressive.progressive_qlora"),
+    ("training.progressive.qlora_enabled",
+     lambda v, c: not v or c.training.progressive.new_stack_precision != "nvfp4",
+     "False when training.progressive.new_stack_precision='nvfp4': qwix's stack LoRA intercepts "
+     "the kernel an nvfp4 stack quantizes itself (progressive_qlora adapters do work)"),
+    ("model.d_ff", lambda v, c: c.training.progressive.new_stack_precision != "nvfp4" or (
+        v % 16 == 0 and c.model.d_model % 16 == 0),
+     "a multiple of 16, as model.d_model ({c.model.d_model}), when "
+     "training.progressive.new_stack_precision='nvfp4' (the NVFP4 block)"),
     ("training.progressive.quant_block_size",
      lambda v, c: not _uses_int4(c) or (c.model.d_model % v == 0 and c.model.d_ff % v == 0),
      "a divisor of model.d_model ({c.model.d_model}) and model.d_ff ({c.model.d_ff}): int4 "
@@ -433,7 +441,9 @@ def _uses_stack_lora(c) -> bool:
 
 def _uses_int4(c) -> bool:
   p = c.training.progressive
-  return p.trunk_strategy == "qlora" or p.new_stack_precision == "qlora"
+  # A qlora trunk of nvfp4 stacks keeps its kernels in NVFP4.
+  return ((p.trunk_strategy == "qlora" and p.new_stack_precision != "nvfp4")
+          or p.new_stack_precision == "qlora")
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

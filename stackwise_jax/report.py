@@ -43,7 +43,7 @@ def memory_table(memory: dict) -> list[str]:
   """One row per stack (a stage's `memory`): base weights, adapters, optimizer state in MiB."""
   mib = lambda b: f"{b / 2**20:.2f}"
   rows = [["stack", "precision", "base MiB", "adapters MiB", "optimizer MiB"]]
-  rows += [[name, m["precision"] + (" (int4)" if m["quantized"] else ""), mib(m["base_bytes"]),
+  rows += [[name, m["precision"] + (" (int4)" if m["quantized"] else " (packed)" if m["packed"] else ""), mib(m["base_bytes"]),
             mib(m["adapter_bytes"]), mib(m["optimizer_bytes"])] for name, m in memory.items()]
   return _table(rows)
 

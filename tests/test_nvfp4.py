@@ -1,10 +1,16 @@
-"""NVFP4 quantization in JAX against hand-worked encodings (design §5)."""
+"""NVFP4 in JAX (design §5): hand-worked encodings, and nvfp4 stacks (fake-quantized while they
+train, packed once frozen)."""
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import micro_config
+from stackwise_jax import ConfigError, ProgressiveRackBuilder, ProgressiveTrainer, validate
+from stackwise_jax.data import make_dataloader
 from stackwise_jax.model import nvfp4
+from stackwise_jax.progressive import TRAINABLE
 
 # E2M1 codes (sign bit 8): 0, 0.5, 1, 1.5, 2, 3, 4, 6 -> 0..7.
 TENSOR_AMAX = 6 * 448.0   # a block holding this makes the tensor scale exactly 1
@@ -100,3 +106,121 @@ def test_straight_through_gradient_equals_the_unquantized_gradient():
   linear = lambda w, f: jnp.sum((x @ f(w).T) * c)
   np.testing.assert_allclose(jax.grad(lambda w: linear(w, nvfp4.fake_quantize))(w),
                              jax.grad(lambda w: linear(w, lambda u: u))(w), rtol=1e-6)
+
+
+# --- nvfp4 stacks. ---
+
+KERNELS = ("attn/q", "attn/k", "attn/v", "attn/o", "ffn/gate", "ffn/up", "ffn/down")
+
+
+def _flat(tree):
+  return {"/".join(map(str, path)): x for path, x in traverse_util.flatten_dict(tree).items()}
+
+
+def _stack_output(builder, name, h):
+  rack = builder.build_rack()
+  return rack.apply_stacks(rack.params, [name], h)
+
+
+def _nvfp4_round_trip(params):
+  """The stack's params with every attention/FFN kernel [in, out] replaced by
+  dequantize(quantize(kernel^T))^T: what an nvfp4 stack should compute with."""
+  flat = traverse_util.flatten_dict(params)
+  for path, w in flat.items():
+    if path[-1] == "kernel" and "/".join(map(str, path[-3:-1])) in KERNELS:
+      flat[path] = nvfp4.dequantize(nvfp4.quantize(w.T)).T
+  return traverse_util.unflatten_dict(flat)
+
+
+def test_nvfp4_stack_computes_with_round_tripped_kernels_and_packs_when_frozen():
+  config = micro_config()
+  h = jax.random.normal(jax.random.key(1), (2, 16, 32))
+  builder = ProgressiveRackBuilder(config)
+  builder.append_stack(precision="nvfp4")
+  fake = _stack_output(builder, "stack_0", h)
+  # Independent reference: a bf16 stack (the same compute dtype) holding the round-tripped kernels.
+  reference = ProgressiveRackBuilder(config)
+  reference.append_stack(precision="bfloat16")
+  reference.params["stacks"]["stack_0"] = _nvfp4_round_trip(builder.params["stacks"]["stack_0"])
+  expected = _stack_output(reference, "stack_0", h)
+  np.testing.assert_allclose(fake, expected, rtol=1e-5, atol=1e-5)
+  # ... and differs from the unquantized bf16 stack: the kernels really were quantized.
+  reference.params["stacks"]["stack_0"] = builder.params["stacks"]["stack_0"]
+  assert float(jnp.max(jnp.abs(_stack_output(reference, "stack_0", h) - fake))) > 1e-2
+
+  builder.trained.add("stack_0")
+  builder.freeze_trunk()
+  assert builder.specs[0].packed
+  stored = _flat(builder.params["stacks"]["stack_0"])
+  for kernel in KERNELS:
+    path = f"blocks/0/{kernel}"
+    assert f"{path}/kernel" not in stored
+    assert stored[f"{path}/kernel_packed"].dtype == jnp.uint8
+    assert stored[f"{path}/kernel_scales"].dtype == jnp.float8_e4m3fn
+    assert stored[f"{path}/kernel_tensor_scale"].dtype == jnp.float32
+  np.testing.assert_allclose(_stack_output(builder, "stack_0", h), fake, rtol=1e-6, atol=1e-6)
+
+
+def test_frozen_nvfp4_stack_takes_at_most_030_of_bf16_bytes_and_reports_it():
+  from stackwise_jax.progressive.trainer import stack_memory
+  config = micro_config()
+  config.model.d_model, config.model.n_heads, config.model.n_kv_heads, config.model.d_ff = (
+      128, 4, 4, 384)
+  sizes = {}
+  for precision in ("bfloat16", "nvfp4"):
+    builder = ProgressiveRackBuilder(config, default_precision=precision)
+    builder.append_stack()
+    builder.trained.add("stack_0")
+    builder.freeze_trunk()
+    base = builder.params["stacks"]["stack_0"]
+    sizes[precision] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(base))
+    reported = stack_memory(builder.specs, builder.params, {})["stack_0"]
+    assert reported["base_bytes"] == sizes[precision]
+  kernel_values = 4 * 128 * 128 + 3 * 128 * 384
+  norms = 2 * 128 * 2                               # two bf16 RMSNorm scales
+  # Half a byte per value + one E4M3 scale per 16 values + 4 bytes per tensor scale.
+  assert sizes["nvfp4"] == kernel_values // 2 + kernel_values // 16 + 7 * 4 + norms
+  assert sizes["nvfp4"] <= 0.30 * sizes["bfloat16"], sizes
+
+
+def test_nvfp4_trunk_under_qlora_packs_and_trains_only_its_adapters():
+  config = micro_config(progressive_qlora=True, trunk_strategy="qlora",
+                        new_stack_precision="nvfp4")
+  builder = ProgressiveRackBuilder(config)
+  builder.append_stack(), builder.append_stack()
+  builder.trained.add("stack_0")
+  builder.freeze_all_but_qlora()
+  assert builder.specs[0].packed and not builder.specs[0].quantized   # nvfp4, not int4
+  labels = _flat(builder.labels()["stacks"]["stack_0"])
+  trainable = {p for p, label in labels.items() if label == TRAINABLE}
+  assert trainable == {p for p in labels if "/adapter/" in p}
+  assert len(trainable) == 2 * len(KERNELS)
+
+
+def test_nvfp4_config_errors_name_the_field():
+  with pytest.raises(ConfigError, match="qlora_enabled"):
+    validate(micro_config(new_stack_precision="nvfp4", qlora_enabled=True))
+  config = micro_config(new_stack_precision="nvfp4")
+  config.model.d_ff = 72
+  with pytest.raises(ConfigError, match=r"model\.d_ff.*multiple of 16"):
+    validate(config)
+  builder = ProgressiveRackBuilder(micro_config(qlora_enabled=True))
+  with pytest.raises(ValueError, match="qlora_enabled"):
+    builder.append_stack(precision="nvfp4")
+
+
+def test_two_stage_run_with_nvfp4_trunk_lowers_the_loss(text_corpus):
+  config = micro_config(new_stack_precision="nvfp4", target_stacks=2)
+  config.data.source, config.data.paths = "text", (text_corpus,)
+  config.training.steps_per_stack, config.training.eval_every = 30, 30
+  config.training.lr = 3e-3
+  builder = ProgressiveRackBuilder(config)
+  results = ProgressiveTrainer(config, progress=False, log=lambda _: None).train_progressively(
+      builder, make_dataloader(config))
+  first, second = results["stages"]
+  assert builder.specs[0].packed and not builder.specs[1].packed
+  assert second["memory"]["stack_0"]["packed"]
+  assert second["activation_mode"] == "cached"
+  for stage in (first, second):
+    assert stage["loss_end"] < stage["loss_start"], stage
+  assert second["eval_loss"] < first["eval_loss"], (first["eval_loss"], second["eval_loss"])

@@ -13,6 +13,9 @@ import jax.numpy as jnp
 BLOCK = 16
 FP4_MAX = 6.0      # largest E2M1 value
 FP8_MAX = 448.0    # largest E4M3 value
+# Param names of a packed kernel in a frozen nvfp4 stack (`layers.Linear`): the three parts of
+# `quantize`'s result.
+PACKED_LEAVES = ("kernel_packed", "kernel_scales", "kernel_tensor_scale")
 
 
 def quantize(x: jax.Array) -> dict[str, jax.Array]:

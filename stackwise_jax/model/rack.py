@@ -14,8 +14,7 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
-from stackwise_jax.model.layers import TimeEmbedding
-from stackwise_jax.model.layers import Linear
+from stackwise_jax.model.layers import Linear, TimeEmbedding
 from stackwise_jax.model.lora import ADAPTED_KERNELS, LoraSetting, apply_qwix
 from stackwise_jax.model.stack import COMPUTE_DTYPES, Stack
 
@@ -32,6 +31,7 @@ class StackSpec:
   lora: LoraSetting | None = None               # stack LoRA (qwix), from creation
   progressive_lora: LoraSetting | None = None   # progressive adapter, added once it is trunk
   quantized: bool = False        # attention/FFN kernels are int4 (qwix), compute in bf16
+  packed: bool = False           # nvfp4 kernels stored packed (frozen), not fake-quantized fp32
 
   @property
   def name(self) -> str:
@@ -135,18 +135,22 @@ def init_stack(config, spec: StackSpec, old_params: Params | None = None):
 
   Base weights come from the stack's own stream `index + 1`, adapters from sub-streams of it, so
   neither adapters nor other stacks change them. With `old_params` (the same stack under its
-  previous spec) every leaf that still exists is carried over: float kernels feed the int4
-  quantization when `spec.quantized` is new, adapters and int4 leaves are kept as they are.
+  previous spec) every leaf that still exists is carried over: float kernels feed the int4 or
+  nvfp4 quantization when `spec.quantized` or `spec.packed` is new, adapters and quantized leaves
+  are kept as they are.
   """
   key = jax.random.fold_in(jax.random.key(config.training.seed), spec.index + 1)
   module = Stack(config.model, n_blocks=spec.n_blocks, dtype=spec.compute_dtype,
                  causal=is_causal(config), time_dim=time_dim(config), rngs=nnx.Rngs(key))
   if spec.progressive_lora:
     rngs = nnx.Rngs(jax.random.fold_in(key, _PROGRESSIVE_STREAM))
-    for path, layer in nnx.iter_modules(module):
-      if isinstance(layer, Linear) and re.fullmatch(ADAPTED_KERNELS, "/".join(map(str, path))):
-        layer.add_adapter(spec.progressive_lora.rank, spec.progressive_lora.alpha, rngs)
+    for layer in _adapted_linears(module):
+      layer.add_adapter(spec.progressive_lora.rank, spec.progressive_lora.alpha, rngs)
   _carry_over(module, old_params)
+  if spec.precision == "nvfp4":
+    for layer in _adapted_linears(module):
+      layer.use_nvfp4(packed=spec.packed)
+    _carry_over(module, old_params)   # packed leaves of an already packed stack
   if spec.lora or spec.quantized:
     sample = (jnp.zeros((1, 1, config.model.d_model), jnp.float32),
               jnp.zeros((1, time_dim(config))) if time_dim(config) else None)
@@ -155,6 +159,12 @@ def init_stack(config, spec: StackSpec, old_params: Params | None = None):
     _carry_over(module, old_params)   # leaves qwix made: stack LoRA, int4 kernels
   graphdef, state = nnx.split(module, nnx.Param)
   return graphdef, nnx.to_pure_dict(state)
+
+
+def _adapted_linears(module: nnx.Module) -> list[Linear]:
+  """The attention/FFN `Linear`s of a stack: the kernels that get adapters, int4 or nvfp4."""
+  return [layer for path, layer in nnx.iter_modules(module)
+          if isinstance(layer, Linear) and re.fullmatch(ADAPTED_KERNELS, "/".join(map(str, path)))]
 
 
 def _carry_over(module: nnx.Module, old_params: Params | None) -> None:

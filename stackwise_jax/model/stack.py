@@ -7,9 +7,10 @@ from stackwise_jax.model.layers import Attention, SwiGLU, dropout
 
 # Compute dtype of each precision. Params stay fp32 while trainable (master weights); a frozen
 # stack stores its float params in this dtype (bf16/fp16 stacks drop their fp32 master copy).
-# `qlora`: int4 kernels (qwix) with bf16 compute.
+# `qlora`: int4 kernels (qwix) with bf16 compute; `nvfp4`: NVFP4 kernels (model/nvfp4.py), weights
+# only, with bf16 activations as NVFP4 weight-only inference runs.
 COMPUTE_DTYPES = {"full": jnp.float32, "bfloat16": jnp.bfloat16, "half": jnp.float16,
-                  "qlora": jnp.bfloat16}
+                  "qlora": jnp.bfloat16, "nvfp4": jnp.bfloat16}
 
 
 class Block(nnx.Module):

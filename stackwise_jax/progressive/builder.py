@@ -6,7 +6,8 @@ import jax.numpy as jnp
 
 from stackwise_jax.config import validate
 from stackwise_jax.model import COMPUTE_DTYPES, EmbedHead, Rack, StackSpec, init_module
-from stackwise_jax.model.lora import LoraSetting, is_adapter_path, stack_lora_setting
+from stackwise_jax.model import nvfp4
+from stackwise_jax.model.lora import LoraSetting, is_adapter_path, plain_keys, stack_lora_setting
 from stackwise_jax.model.rack import init_stack
 from stackwise_jax.progressive.masking import TimeStepMasking
 
@@ -76,6 +77,10 @@ class ProgressiveRackBuilder:
     if not isinstance(n_blocks, int) or n_blocks <= 0:
       raise ValueError(f"n_blocks={n_blocks!r}: must be a positive int")
     _check_choice("precision", precision, tuple(COMPUTE_DTYPES))
+    if precision == "nvfp4" and p.qlora_enabled:
+      raise ValueError("precision='nvfp4' with training.progressive.qlora_enabled=True: qwix's "
+                       "stack LoRA intercepts the kernel that an nvfp4 stack quantizes itself; "
+                       "allowed: qlora_enabled=False (progressive_qlora adapters do work)")
     index = len(self.specs)
     time_step = (self.masking.get_time_step_for_stack(index)
                  if p.time_interpretation == "depth" else None)
@@ -93,12 +98,14 @@ class ProgressiveRackBuilder:
     return spec
 
   def _set_stack(self, spec: StackSpec, old_params=None) -> None:
-    if spec.quantized:
-      m, block = self.config.model, self.config.training.progressive.quant_block_size
-      if m.d_model % block or m.d_ff % block:
-        raise ValueError(f"training.progressive.quant_block_size={block}: int4 blocks run along "
-                         f"the kernels' input axis; allowed: a divisor of model.d_model "
-                         f"({m.d_model}) and model.d_ff ({m.d_ff})")
+    m, block = self.config.model, self.config.training.progressive.quant_block_size
+    if spec.quantized and (m.d_model % block or m.d_ff % block):
+      raise ValueError(f"training.progressive.quant_block_size={block}: int4 blocks run along "
+                       f"the kernels' input axis; allowed: a divisor of model.d_model "
+                       f"({m.d_model}) and model.d_ff ({m.d_ff})")
+    if spec.precision == "nvfp4" and (m.d_model % nvfp4.BLOCK or m.d_ff % nvfp4.BLOCK):
+      raise ValueError(f"precision='nvfp4' needs model.d_model ({m.d_model}) and model.d_ff "
+                       f"({m.d_ff}) to be multiples of {nvfp4.BLOCK} (the NVFP4 block)")
     self._graphdefs[spec.name], self.params["stacks"][spec.name] = init_stack(
         self.config, spec, old_params)
 
@@ -113,8 +120,10 @@ class ProgressiveRackBuilder:
   def freeze_trunk(self, indices=None) -> dict:
     """Freezes every leaf of the stacks with the given building indices (default: all trained
     stacks), adapters included. Frozen base weights are stored in the compute dtype (a bf16/fp16
-    stack drops its fp32 master copy). Returns the labels pytree."""
+    stack drops its fp32 master copy; an nvfp4 stack's kernels are packed). Returns the labels
+    pytree."""
     for spec in self._select(indices):
+      spec = self._pack_nvfp4(spec)
       self._labels[spec.name] = FROZEN
       self._store_base_in_compute_dtype(spec)
     return self.labels()
@@ -122,17 +131,25 @@ class ProgressiveRackBuilder:
   def freeze_all_but_qlora(self, indices=None) -> dict:
     """Leaves exactly the adapters (stack LoRA, progressive) of the given stacks (default: all
     trained stacks) trainable. Their attention/FFN kernels become int4 first (design §5, trunk
-    under `trunk_strategy="qlora"`), computing in bf16. Returns the labels pytree."""
+    under `trunk_strategy="qlora"`), computing in bf16; an nvfp4 stack's kernels are packed
+    NVFP4 instead. Returns the labels pytree."""
     for spec in self._select(indices):
-      if not spec.quantized:
+      spec = self._pack_nvfp4(spec)
+      if not (spec.quantized or spec.packed):
         spec = self._respec(spec, quantized=True)
       self._labels[spec.name] = ADAPTERS_ONLY
       self._store_base_in_compute_dtype(spec)
     return self.labels()
 
+  def _pack_nvfp4(self, spec: StackSpec) -> StackSpec:
+    """An nvfp4 stack that stops training stores its kernels packed (other stacks: unchanged)."""
+    if spec.precision == "nvfp4" and not spec.packed:
+      return self._respec(spec, packed=True)
+    return spec
+
   def _store_base_in_compute_dtype(self, spec: StackSpec) -> None:
-    """Casts the float base leaves (not adapters, not int4) to the stack's compute dtype."""
-    cast = lambda path, x: (x if is_adapter_path(path) or not jnp.issubdtype(
+    """Casts the float base leaves (not adapters, not int4/nvfp4) to the stack's compute dtype."""
+    cast = lambda path, x: (x if is_adapter_path(path) or _is_packed(path) or not jnp.issubdtype(
         x.dtype, jnp.floating) else x.astype(spec.compute_dtype))
     self.params["stacks"][spec.name] = jax.tree_util.tree_map_with_path(
         cast, self.params["stacks"][spec.name])
@@ -155,13 +172,14 @@ class ProgressiveRackBuilder:
   def labels(self) -> dict:
     """A label (TRAINABLE / FROZEN) per params leaf, same structure as `params`.
 
-    Integer (int4) leaves are always FROZEN; in an ADAPTERS_ONLY stack only adapter leaves train.
+    Integer (int4) and packed nvfp4 leaves are always FROZEN; in an ADAPTERS_ONLY stack only
+    adapter leaves train.
     """
     label_tree = lambda tree, label: jax.tree.map(lambda _: label, tree)
     side = lambda key: self._labels["head_side" if key in HEAD_SIDE else "input_side"]
 
     def stack_label(mode, path, x):
-      if mode == FROZEN or not jnp.issubdtype(x.dtype, jnp.floating):
+      if mode == FROZEN or not jnp.issubdtype(x.dtype, jnp.floating) or _is_packed(path):
         return FROZEN
       return TRAINABLE if mode == TRAINABLE or is_adapter_path(path) else FROZEN
 
@@ -185,6 +203,11 @@ class ProgressiveRackBuilder:
     if jax.tree.structure(params) != jax.tree.structure(self.params):
       raise ValueError("update_params: params do not match the rack's structure")
     self.params = params
+
+
+def _is_packed(path) -> bool:
+  """Whether a params leaf is part of a packed nvfp4 kernel (its scales are float8, not trainable)."""
+  return str(plain_keys(path)[-1]) in nvfp4.PACKED_LEAVES
 
 
 def _check_choice(name, value, allowed):

@@ -8,6 +8,7 @@ cannot be differentiated, frozen ones need not be); frozen leaves get zero updat
 `optax.multi_transform`.
 """
 import dataclasses
+
 from flax.training.dynamic_scale import DynamicScale
 import jax
 import jax.numpy as jnp

@@ -214,12 +214,14 @@ def _param_counts(params, labels) -> dict:
 
 
 def stack_memory(specs, params, opt_state) -> dict:
-  """Per stack: bytes of base weights (int4 as packed half bytes), adapters and optimizer state.
+  """Per stack: bytes of base weights (int4 as packed half bytes, nvfp4 as stored packed),
+  adapters and optimizer state.
 
   Optimizer state is attributed by path: every state leaf under `stacks/<name>` (Adam's mu and nu
   of that stack's trainable leaves; frozen leaves have none).
   """
-  report = {s.name: {"precision": s.precision, "quantized": s.quantized, "base_bytes": 0,
+  report = {s.name: {"precision": s.precision, "quantized": s.quantized, "packed": s.packed,
+                     "base_bytes": 0,
                      "adapter_bytes": 0, "optimizer_bytes": 0} for s in specs}
   for path, x in jax.tree_util.tree_leaves_with_path(params["stacks"]):
     keys = plain_keys(path)
