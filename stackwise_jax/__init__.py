@@ -1,6 +1,7 @@
 """stackwise-jax: grow a transformer one stack at a time (see README.md)."""
 from stackwise_jax.config import ConfigError, load_config, validate
-from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer, TimeStepMasking
+from stackwise_jax.progressive import (ProgressiveRackBuilder, ProgressiveTrainer, TimeStepMasking,
+                                       load_rack)
 
 __all__ = ["ConfigError", "ProgressiveRackBuilder", "ProgressiveTrainer", "TimeStepMasking",
-           "load_config", "validate"]
+           "load_config", "load_rack", "validate"]

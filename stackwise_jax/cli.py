@@ -1,6 +1,5 @@
 """Command line: `stackwise-jax train --config configs/tiny.py [--config.a.b=v ...] --workdir DIR`."""
 import argparse
-import json
 import os
 import sys
 
@@ -22,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--config", required=True, help="configs/*.py or an upstream YAML file")
   train.add_argument("--workdir", required=True, help="directory for results.json and the config")
   train.add_argument("--no-progress", action="store_true", help="no progress bars")
+  train.add_argument("--fresh", action="store_true",
+                     help="start over: move the workdir's checkpoints aside instead of resuming")
   return parser
 
 
@@ -44,41 +45,27 @@ def _split_overrides(argv):
   return rest, overrides
 
 
-def _flatten(d, prefix=""):
-  out = {}
-  for key, value in d.items():
-    path = f"{prefix}{key}"
-    out.update(_flatten(value, path + ".") if isinstance(value, dict) else {path: value})
-  return out
-
-
-def _check_workdir(workdir, config) -> dict | None:
-  """Returns the results of a finished run with this same config; refuses a different one."""
-  results_path = os.path.join(workdir, "results.json")
-  if not os.path.exists(results_path):
-    return None
-  stored = _flatten(load_config(os.path.join(workdir, "config.yaml")).to_dict())
-  wanted = _flatten(config.to_dict())
-  diff = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
-  if diff:
-    raise ConfigError(f"--workdir {workdir} holds a finished run with another config ({diff[0]}: "
-                      f"{stored.get(diff[0])!r} there, {wanted.get(diff[0])!r} now); "
-                      "choose another --workdir")
-  with open(results_path) as f:
-    return json.load(f)
-
-
 def _prepare_train(args, overrides):
-  """Everything that can fail on bad input, before any model is built. Returns the run."""
+  """Everything that can fail on bad input, before any model is built: the config, the workdir's
+  checkpoints (another config's are refused) and the data. Returns the run."""
+  from stackwise_jax.checkpoint import RunCheckpoints
   from stackwise_jax.data import make_dataloader
-
   config = load_config(args.config, overrides)
   config.training.workdir = args.workdir
-  finished = _check_workdir(args.workdir, config)
-  if finished is not None:
-    return lambda: _show_finished(args.workdir, finished)
+  results_path = os.path.join(args.workdir, "results.json")
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  if os.path.exists(results_path) and not args.fresh and not os.path.isdir(
+      os.path.join(args.workdir, "checkpoints")):
+    raise ConfigError(f"--workdir {args.workdir} holds results.json but no checkpoint to resume; "
+                      "pass --fresh to start over there, or choose another --workdir")
+  checkpoints = RunCheckpoints(args.workdir, config, fresh=args.fresh, log=log)
+  latest = checkpoints.latest
+  if (latest is not None and latest.stage_done
+      and len(latest.meta["specs"]) == config.training.progressive.target_stacks):
+    checkpoints.close()
+    return lambda: _show_finished(args.workdir, latest.meta["results"])
   dataloader = make_dataloader(config)   # bad data paths fail here
-  return lambda: _train(config, dataloader, args)
+  return lambda: _train(config, dataloader, checkpoints, args)
 
 
 def _show_finished(workdir, results) -> int:
@@ -88,17 +75,26 @@ def _show_finished(workdir, results) -> int:
   return 0
 
 
-def _train(config, dataloader, args) -> int:
+def _train(config, dataloader, checkpoints, args) -> int:
   from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
+  from stackwise_jax.progressive.trainer import TrainingInterrupted
   from stackwise_jax.report import summary_table, write_json
-
-  os.makedirs(args.workdir, exist_ok=True)
   with open(os.path.join(args.workdir, "config.yaml"), "w") as f:
     f.write(to_yaml(config))
   print(dataloader.describe(), file=sys.stderr)
   builder = ProgressiveRackBuilder(config)
-  trainer = ProgressiveTrainer(config, progress=not args.no_progress)
-  results = trainer.train_progressively(builder, dataloader)
+  trainer = ProgressiveTrainer(config, progress=not args.no_progress, checkpoints=checkpoints)
+  try:
+    results = trainer.train_progressively(builder, dataloader)
+  except TrainingInterrupted as e:
+    message, signum = e.args
+    print(f"stackwise-jax: {message}", file=sys.stderr)
+    return 128 + signum
+  except ConfigError as e:   # a checkpoint whose rack this config does not build
+    print(f"stackwise-jax: error: {e}", file=sys.stderr)
+    return 2
+  finally:
+    checkpoints.close()
   results_path = os.path.join(args.workdir, "results.json")
   write_json(results_path, results)
   print(summary_table(results))

@@ -49,6 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.training.eval_batches = 4
   c.training.log_every = 10
   c.training.checkpoint_every = 0   # 0 = only at the end of each stage
+  c.training.keep_checkpoints = 3   # the latest N are kept, and the end of every stage
   c.training.workdir = ""           # the CLI's --workdir sets it
 
   p = c.training.progressive = ml_collections.ConfigDict()
@@ -169,11 +170,17 @@ _YamlLoader.add_implicit_resolver(
 
 
 def _load_yaml(path: str) -> ml_collections.ConfigDict:
+  with open(path) as f:
+    return from_yaml(f.read(), path)
+
+
+def from_yaml(text: str, source: str = "<yaml>") -> ml_collections.ConfigDict:
+  """Parses YAML nested like design §2 (`to_yaml`'s output) onto `default_config()`; not
+  validated. `source` names the text in errors."""
   try:
-    with open(path) as f:
-      data = yaml.load(f, Loader=_YamlLoader)
+    data = yaml.load(text, Loader=_YamlLoader)
   except yaml.YAMLError as e:
-    raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raise ConfigError(f"{source}: not valid YAML: {e}") from None
   config = default_config()
   _apply_mapping(config, {} if data is None else data, prefix="")
   return config
@@ -348,7 +355,7 @@ _POSITIVE = (
     "training.progressive.max_stacks", "training.progressive.target_stacks",
     "training.progressive.num_time_steps", "training.progressive.time_embedding_dim",
     "training.progressive.qlora_rank", "training.progressive.progressive_qlora_rank",
-    "training.progressive.quant_block_size",
+    "training.progressive.quant_block_size", "training.keep_checkpoints",
 )
 
 _NON_NEGATIVE = (

@@ -1,7 +1,8 @@
 """PyTorch shim for NVFP4 (design §5): the same format as `stackwise_jax.model.nvfp4`, in torch.
 
-`quantize` packs bit-identically to the JAX reference (same fp32 operation order, same
-round-to-nearest-even), so encodings move between the two freely. Tensors cross through DLPack
+`quantize` packs bit-identically to the JAX reference, eager or jitted (same fp32 operations in
+the same order, divisions as multiplications by reciprocals, same round-to-nearest-even), so
+encodings move between the two freely. Tensors cross through DLPack
 (`to_torch`, `to_jax`) without a copy where the device allows. `export_stack` turns a rack's stack
 into a torch module; `Nvfp4Linear` multiplies NVFP4 weights and `to_bitsandbytes` re-quantizes one
 for bitsandbytes' 4-bit kernels.
@@ -48,12 +49,13 @@ def _e2m1_codes(values: torch.Tensor) -> torch.Tensor:
   """fp32 values in [-6, 6] -> E2M1 codes (uint8, sign bit 8), rounded to nearest with ties to
   the even code, as ml_dtypes' float4_e2m1fn cast does (torch has no float -> float4 cast on CPU).
   """
-  midpoints = torch.tensor(_MIDPOINTS, device=values.device)
-  down = torch.bucketize(values.abs(), midpoints)               # a tie rounds down
-  up = torch.bucketize(values.abs(), midpoints, right=True)     # a tie rounds up
-  magnitude = torch.where(down % 2 == 0, down, up)   # down != up only at a tie: take the even one
+  midpoints = torch.tensor(_MIDPOINTS, dtype=torch.float32, device=values.device)
+  magnitude = values.abs().contiguous()
+  down = torch.bucketize(magnitude, midpoints)               # a tie rounds down
+  up = torch.bucketize(magnitude, midpoints, right=True)     # a tie rounds up
+  code = torch.where(down % 2 == 0, down, up)   # down != up only at a tie: take the even one
   # signbit, not `< 0`: -0.0 and negatives that round to zero keep the sign, as in ml_dtypes.
-  return (magnitude | torch.signbit(values).long() << 3).to(torch.uint8)
+  return (code | torch.signbit(values).long() << 3).to(torch.uint8)
 
 
 def quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -64,13 +66,15 @@ def quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
   # The operations below follow nvfp4.quantize one for one: fp32 rounding then matches bit for bit.
   x = w.detach().to(torch.float32)
   blocks = x.reshape(*x.shape[:-1], x.shape[-1] // nvfp4.BLOCK, nvfp4.BLOCK)
+  fp32 = lambda c: torch.tensor(c, dtype=torch.float32, device=x.device)
   amax = x.abs().amax()
-  tensor_scale = torch.where(amax > 0, amax / (nvfp4.FP4_MAX * nvfp4.FP8_MAX), 1.0)
+  tensor_scale = torch.where(amax > 0, amax * fp32(nvfp4.INV_RANGE), 1.0)
   block_amax = blocks.abs().amax(-1)
-  scales = torch.clamp(block_amax / nvfp4.FP4_MAX / tensor_scale, max=nvfp4.FP8_MAX).to(
-      torch.float8_e4m3fn)
+  scales = torch.clamp(block_amax * fp32(nvfp4.INV_FP4_MAX) * (1.0 / tensor_scale),
+                       max=nvfp4.FP8_MAX).to(torch.float8_e4m3fn)
   step = scales.to(torch.float32)[..., None] * tensor_scale
-  values = torch.where(step > 0, blocks / torch.where(step > 0, step, 1.0), 0.0)
+  inverse_step = torch.where(step > 0, 1.0 / torch.where(step > 0, step, 1.0), 0.0)
+  values = blocks * inverse_step
   codes = _e2m1_codes(values.clamp(-nvfp4.FP4_MAX, nvfp4.FP4_MAX))
   codes = codes.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
   return {"packed": codes[..., 0] | (codes[..., 1] << 4), "scales": scales,
@@ -81,7 +85,7 @@ def dequantize(q: dict[str, torch.Tensor], dtype=torch.float32) -> torch.Tensor:
   """Inverse of `quantize` up to rounding: -> [..., K] in `dtype`, equal to `nvfp4.dequantize`."""
   packed = q["packed"]
   codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).long()
-  magnitude = torch.tensor(_E2M1, device=packed.device)[codes & 7]
+  magnitude = torch.tensor(_E2M1, dtype=torch.float32, device=packed.device)[codes & 7]
   values = torch.where(codes >= 8, -magnitude, magnitude)
   values = values.reshape(*packed.shape[:-1], packed.shape[-1] * 2 // nvfp4.BLOCK, nvfp4.BLOCK)
   step = q["scales"].to(torch.float32)[..., None] * q["tensor_scale"]
@@ -90,7 +94,8 @@ def dequantize(q: dict[str, torch.Tensor], dtype=torch.float32) -> torch.Tensor:
 
 def as_float4(packed: torch.Tensor) -> torch.Tensor:
   """uint8 [..., K/2] -> the same bytes as torch.float4_e2m1fn_x2 [..., K/2] (no copy): the dtype
-  torch's native NVFP4 matmul consumes, packed the same way (element 2i in the low nibble)."""
+  torch's native NVFP4 matmul consumes, packed the same way (c10's Float4_e2m1fn_x2: element 2i
+  in bits 0-3, element 2i+1 in bits 4-7)."""
   return packed.view(torch.float4_e2m1fn_x2)
 
 
@@ -105,10 +110,8 @@ class Nvfp4Linear(torch.nn.Module):
   """y = x @ W.T for a weight W [out, in] held as NVFP4: `q` is `quantize(W)` (the [out, in]
   layout puts the blocks along the contraction axis `in`).
 
-  The weight is dequantized, then multiplied in x's dtype. Where `native_fp4_matmul_available()`,
-  forward is where `torch._scaled_mm` would multiply `as_float4(packed)` with the block scales
-  directly; that path waits for a GPU to test it on. The encoding is kept as buffers: move the
-  module with `.to(device)`, not `.to(dtype)` (that would round the scales).
+  The weight is dequantized, then multiplied in x's dtype. The encoding is kept as buffers: move
+  the module with `.to(device)`, not `.to(dtype)` (that would round the scales).
   """
 
   def __init__(self, q: dict[str, torch.Tensor]):
@@ -123,6 +126,10 @@ class Nvfp4Linear(torch.nn.Module):
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     """x: [..., in] -> [..., out] in x's dtype."""
+    # The native path would go here, where `native_fp4_matmul_available()`: torch._scaled_mm on
+    # `as_float4(packed)` with the block scales in its swizzled layout, no dequantized weight in
+    # memory. It multiplies fp4 by fp4, so x would be quantized too. Not written until it can be
+    # tested on such a GPU.
     return x @ dequantize(self.quantized(), x.dtype).T
 
 
@@ -139,7 +146,8 @@ def to_bitsandbytes(linear: Nvfp4Linear, compute_dtype=torch.float32) -> torch.n
   except ImportError as error:
     raise ImportError("to_bitsandbytes needs bitsandbytes: pip install bitsandbytes") from error
   layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
-                            compute_dtype=compute_dtype, compress_statistics=False, quant_type="fp4")
+                            compute_dtype=compute_dtype, compress_statistics=False,
+                            quant_type="fp4")
   layer.weight = bnb.nn.Params4bit(dequantize(linear.quantized()), requires_grad=False,
                                    compress_statistics=False, quant_type="fp4")
   return layer.to(linear.packed.device)   # bitsandbytes quantizes as the weight moves to a device
@@ -184,6 +192,24 @@ class _Projection(torch.nn.Module):
     return y
 
 
+def _projection(p: dict, spec, dtype) -> _Projection:
+  """One attention/FFN kernel's params (see `export_stack`) -> its torch module."""
+  tensor = lambda x: to_torch(x).to(dtype)
+  if nvfp4.PACKED_LEAVES[0] in p:
+    base = Nvfp4Linear({key: to_torch(p[leaf]) for key, leaf in zip(_KEYS, nvfp4.PACKED_LEAVES)})
+  elif spec.precision == "nvfp4":   # still training: its forward fake-quantizes the fp32 kernel
+    base = Nvfp4Linear(quantize(to_torch(p["kernel"]).T))
+  else:
+    base = _Dense(tensor(p["kernel"]))
+  adapters = []
+  if "kernel_lora_a" in p:
+    adapters.append(_LoRA(tensor(p["kernel_lora_a"]), tensor(p["kernel_lora_b"]), spec.lora.scale))
+  if "adapter" in p:
+    adapters.append(_LoRA(tensor(p["adapter"]["lora_a"]), tensor(p["adapter"]["lora_b"]),
+                          spec.progressive_lora.scale))
+  return _Projection(base, adapters)
+
+
 def _rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
   """As flax's RMSNorm: statistics in fp32, x · (rsqrt(mean(x²) + eps) · scale), back to x's
   dtype."""
@@ -205,16 +231,19 @@ def _rope(x: torch.Tensor, theta: float) -> torch.Tensor:
 class _Block(torch.nn.Module):
   """`stack.Block` without dropout: pre-norm RoPE attention (MHA/GQA) and SwiGLU."""
 
-  def __init__(self, params: dict, projection, tensor, model_config, causal: bool):
+  def __init__(self, params: dict, spec, model_config, *, causal: bool, dtype):
     super().__init__()
     m = model_config
     self.n_heads, self.n_kv_heads, self.head_dim = m.n_heads, m.n_kv_heads, m.d_model // m.n_heads
     self.eps, self.theta, self.causal = m.norm_eps, m.rope_theta, causal
-    self.register_buffer("attn_norm", tensor(params["attn_norm"]["scale"]))
-    self.register_buffer("ffn_norm", tensor(params["ffn_norm"]["scale"]))
-    self.attn = torch.nn.ModuleDict({n: projection(params["attn"][n]) for n in "qkvo"})
-    self.ffn = torch.nn.ModuleDict({n: projection(params["ffn"][n]) for n in ("gate", "up", "down")})
-    self.time_proj = _Dense(tensor(params["time_proj"]["kernel"])) if "time_proj" in params else None
+    self.register_buffer("attn_norm", to_torch(params["attn_norm"]["scale"]).to(dtype))
+    self.register_buffer("ffn_norm", to_torch(params["ffn_norm"]["scale"]).to(dtype))
+    self.attn = torch.nn.ModuleDict({n: _projection(params["attn"][n], spec, dtype)
+                                     for n in ("q", "k", "v", "o")})
+    self.ffn = torch.nn.ModuleDict({n: _projection(params["ffn"][n], spec, dtype)
+                                    for n in ("gate", "up", "down")})
+    self.time_proj = (_Dense(to_torch(params["time_proj"]["kernel"]).to(dtype))
+                      if "time_proj" in params else None)
 
   def attention(self, x):
     """x: [batch, seq, d_model] -> [batch, seq, d_model]."""
@@ -255,10 +284,13 @@ class TorchStack(torch.nn.Module):
 def export_stack(rack, name: str, dtype=torch.float32) -> TorchStack:
   """Stack `name` of a `stackwise_jax.model.Rack` -> a `TorchStack` computing in `dtype`.
 
-  Dense kernels become `x @ kernel`, NVFP4 kernels `Nvfp4Linear`s (an nvfp4 stack still training
-  is quantized here exactly as its forward fake-quantizes), adapters `(x @ A @ B) · alpha/rank`.
-  Tensors cross through DLPack and share the rack's buffers where no cast is needed: treat them
-  as read-only. Raises ValueError for an unknown name or an int4 (qwix) stack.
+  Per block (params `blocks/i`): norms, time projection, and attention/FFN kernels, each a dense
+  `kernel` [in, out] or packed NVFP4 (`nvfp4.PACKED_LEAVES`, an `Nvfp4Linear`; an nvfp4 stack
+  still training has fp32 kernels, quantized here as its forward quantizes them), plus the stack
+  LoRA (`kernel_lora_a/b`) and the progressive adapter (`adapter/lora_a/b`) where present, each
+  adding `(x @ A @ B) · alpha/rank`. Tensors cross through DLPack and share the rack's buffers
+  where no cast is needed: treat them as read-only. Raises ValueError for an unknown name or an
+  int4 (qwix) stack.
   """
   specs = {spec.name: spec for spec in rack.specs}
   if name not in specs:
@@ -267,23 +299,6 @@ def export_stack(rack, name: str, dtype=torch.float32) -> TorchStack:
   if spec.quantized:
     raise ValueError(f"export_stack: {name} has int4 (qwix) kernels; int4/qwix stacks are not "
                      "exportable")
-  tensor = lambda x: to_torch(x).to(dtype)
-
-  def projection(p):
-    if nvfp4.PACKED_LEAVES[0] in p:
-      base = Nvfp4Linear({key: to_torch(p[leaf]) for key, leaf in zip(_KEYS, nvfp4.PACKED_LEAVES)})
-    elif spec.precision == "nvfp4":
-      base = Nvfp4Linear(quantize(to_torch(p["kernel"]).T))
-    else:
-      base = _Dense(tensor(p["kernel"]))
-    adapters = []
-    if "kernel_lora_a" in p:
-      adapters.append(_LoRA(tensor(p["kernel_lora_a"]), tensor(p["kernel_lora_b"]), spec.lora.scale))
-    if "adapter" in p:
-      adapters.append(_LoRA(tensor(p["adapter"]["lora_a"]), tensor(p["adapter"]["lora_b"]),
-                            spec.progressive_lora.scale))
-    return _Projection(base, adapters)
-
   blocks = rack.params["stacks"][name]["blocks"]
-  return TorchStack([_Block(blocks[i], projection, tensor, rack.config.model, is_causal(rack.config))
-                     for i in sorted(blocks)], dtype)
+  return TorchStack([_Block(blocks[i], spec, rack.config.model, causal=is_causal(rack.config),
+                            dtype=dtype) for i in sorted(blocks)], dtype)

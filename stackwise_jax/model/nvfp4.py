@@ -9,10 +9,13 @@ float4_e2m1fn / float8_e4m3fn); values saturate at ±6 and block scales at 448.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 BLOCK = 16
 FP4_MAX = 6.0      # largest E2M1 value
 FP8_MAX = 448.0    # largest E4M3 value
+INV_RANGE = np.float32(1 / (FP4_MAX * FP8_MAX))   # tensor scale = amax × this
+INV_FP4_MAX = np.float32(1 / FP4_MAX)
 # Param names of a packed kernel in a frozen nvfp4 stack (`layers.Linear`): the three parts of
 # `quantize`'s result.
 PACKED_LEAVES = ("kernel_packed", "kernel_scales", "kernel_tensor_scale")
@@ -22,18 +25,24 @@ def quantize(x: jax.Array) -> dict[str, jax.Array]:
   """x: [..., K] (K a multiple of 16) -> {"packed": uint8 [..., K/2], "scales": float8_e4m3fn
   [..., K/16], "tensor_scale": float32 []}.
 
-  The tensor scale maps the tensor's absmax to FP4_MAX × FP8_MAX, so every block scale fits E4M3.
+  The tensor scale maps the tensor's absmax to about FP4_MAX × FP8_MAX, so every block scale fits
+  E4M3 (block scales are clipped at FP8_MAX in case rounding pushes one over).
   """
   if x.shape[-1] % BLOCK:
     raise ValueError(f"nvfp4: the last axis ({x.shape[-1]}) must be a multiple of {BLOCK}")
+  # Divisions are written as multiplications by reciprocals: under jit XLA turns a division by a
+  # constant or a broadcast divisor into exactly that, so only this form gives the same bits
+  # eagerly, jitted and in torch (backends/torch_nvfp4.py does the same operations).
   x = x.astype(jnp.float32)
   blocks = x.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
   amax = jnp.max(jnp.abs(x))
-  tensor_scale = jnp.where(amax > 0, amax / (FP4_MAX * FP8_MAX), 1.0)
+  tensor_scale = jnp.where(amax > 0, amax * INV_RANGE, 1.0)
   block_amax = jnp.max(jnp.abs(blocks), axis=-1)
-  scales = jnp.minimum(block_amax / FP4_MAX / tensor_scale, FP8_MAX).astype(jnp.float8_e4m3fn)
+  scales = jnp.minimum(block_amax * INV_FP4_MAX * (1.0 / tensor_scale), FP8_MAX)
+  scales = scales.astype(jnp.float8_e4m3fn)
   step = scales.astype(jnp.float32)[..., None] * tensor_scale
-  values = jnp.where(step > 0, blocks / jnp.where(step > 0, step, 1.0), 0.0)
+  inverse_step = jnp.where(step > 0, 1.0 / jnp.where(step > 0, step, 1.0), 0.0)
+  values = blocks * inverse_step
   codes = jax.lax.bitcast_convert_type(
       jnp.clip(values, -FP4_MAX, FP4_MAX).astype(jnp.float4_e2m1fn), jnp.uint4).astype(jnp.uint8)
   codes = codes.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)

@@ -1,13 +1,19 @@
 """ProgressiveTrainer (design §3): one stage per new stack, one jitted train step per stage."""
+import contextlib
+import dataclasses
 import functools
+import json
+import signal
 import sys
+import threading
 import time
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from stackwise_jax.config import validate
+from stackwise_jax.checkpoint import RunCheckpoints, read_config, restore_into
+from stackwise_jax.config import ConfigError, validate
 from stackwise_jax.model.lora import is_adapter_path, leaf_bytes, plain_keys
 from stackwise_jax.progressive.builder import TRAINABLE, ProgressiveRackBuilder
 from stackwise_jax.progressive.caching import ActivationCache
@@ -20,12 +26,17 @@ EVAL_SALT = 1 << 20   # time-step draws for evaluation are the same at every sta
 class ProgressiveTrainer:
   """Trains a rack stage by stage. `results` holds one dict per stage (see `_run_stage`)."""
 
-  def __init__(self, config, *, progress: bool = True, log=None):
+  def __init__(self, config, *, progress: bool = True, log=None,
+               checkpoints: RunCheckpoints | None = None):
+    """`checkpoints`: where the run saves (`training.checkpoint_every` steps, the end of every
+    stage, SIGINT/SIGTERM) and, if they hold a checkpoint, where it resumes from (design §9)."""
     self.config = validate(config)
     self.progress = progress
     self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    self.checkpoints = checkpoints
     self.results = {"stages": [], "final_eval_loss": None}
     self._told_streaming = False
+    self._stop_signal = None   # set by SIGINT/SIGTERM: save, then stop
 
   def train_progressively(self, rack_builder: ProgressiveRackBuilder, dataloader,
                           target_stacks: int | None = None) -> dict:
@@ -43,11 +54,10 @@ class ProgressiveTrainer:
                        f"{p.max_stacks}")
     data = dataloader.train_iter()
     eval_batches = dataloader.eval_batches(self.config.training.eval_batches)
-    for new in self._stages(rack_builder, target):
-      stage = len(self.results["stages"]) + 1
-      self.results["stages"].append(self._run_stage(rack_builder, new, stage, target, data,
-                                                     eval_batches))
-      self.results["final_eval_loss"] = self.results["stages"][-1]["eval_loss"]
+    with _saving_on_signals(self, enabled=self.checkpoints is not None):
+      for new, resume in self._stage_plan(rack_builder, target, data):
+        stage = len(self.results["stages"]) + 1
+        self._run_stage(rack_builder, new, stage, target, data, eval_batches, resume)
     return self.results
 
   train_rack = train_progressively   # the upstream's name for the same entry
@@ -62,6 +72,55 @@ class ProgressiveTrainer:
       yield [builder.add_stack() for _ in range(target - len(builder.specs))]
     while len(builder.specs) < target:
       yield [builder.add_stack()]
+
+  def _stage_plan(self, builder, target, data):
+    """Yields (specs a stage trains, where it resumes or None). With a checkpoint, first rebuilds
+    the rack's structure by replaying the stages it finished and restores params, results and
+    the data iterator; a stage cut off mid-way comes first, with its optimizer state."""
+    stages = self._stages(builder, target)
+    if self.checkpoints is not None and self.checkpoints.latest is not None:
+      new, resume = self.restore(builder, stages, data)
+      if resume is not None:
+        yield new, resume
+    for new in stages:
+      yield new, None
+
+  def restore(self, builder, stages=None, data=None):
+    """Replays the stages of the latest checkpoint on `builder` (same config, empty) and loads
+    their params; `data`, if given, is set to the checkpoint's iterator state. Returns
+    (specs of the last stage, the checkpoint if that stage was cut off mid-way, else None)."""
+    ckpt = self.checkpoints.latest
+    meta = ckpt.meta
+    stages = self._stages(builder, len(meta["specs"])) if stages is None else stages
+    for stage in range(1, meta["stage"] + 1):
+      new = next(stages)
+      self._set_labels(builder)
+      if stage < meta["stage"] or ckpt.stage_done:
+        builder.trained.update(s.name for s in new)
+    specs = [_as_json(dataclasses.asdict(s)) for s in builder.specs]
+    if specs != meta["specs"]:
+      raise ConfigError(f"{self.checkpoints.directory}/{ckpt.step}: its rack structure "
+                        f"{meta['specs']} is not the one this config builds ({specs}); resume "
+                        "with the run's config, pass --fresh, or choose another --workdir")
+    builder.update_params(restore_into(builder.params, ckpt.params, "params"))
+    self.results = meta["results"]
+    if data is not None:
+      self.checkpoints.restore_data(data)
+    where = ("the end of the stage" if ckpt.stage_done
+             else f"step {meta['step']}/{meta['steps_per_stack']}")
+    self.log(f"resuming from {self.checkpoints.directory}/{ckpt.step}: stage {meta['stage']}, "
+             f"{where}")
+    return new, None if ckpt.stage_done else ckpt
+
+  def _save(self, builder, stage, step, state, data_state, progress) -> None:
+    """Checkpoints the run at `step` of `stage` (`progress`: the stage's losses so far)."""
+    steps = self.config.training.steps_per_stack
+    opt = {k: v for k, v in state.items() if k != "params"}
+    meta = {"stage": stage, "step": step, "building_mode": builder.building_mode,
+            "specs": [_as_json(dataclasses.asdict(s)) for s in builder.specs],
+            "results": self.results, "progress": progress}
+    self.checkpoints.save((stage - 1) * steps + step, params=state["params"], opt=opt,
+                          data_state=data_state, meta=meta)
 
   def _set_labels(self, builder) -> set[str]:
     """Design §4: trunk frozen (or adapters only); embedding/head by `embedding_training`.
@@ -84,7 +143,9 @@ class ProgressiveTrainer:
       builder.set_embedding_trainable(input_side=False, head_side=builder.building_mode == "append")
     return {s.name for s in builder.specs if builder.is_frozen(s.name)}
 
-  def _run_stage(self, builder, new_specs, stage, target, data, eval_batches) -> dict:
+  def _run_stage(self, builder, new_specs, stage, target, data, eval_batches, resume) -> None:
+    """Trains one stage (from `resume`, a mid-stage checkpoint, if given), appends its result to
+    `self.results` and checkpoints its end."""
     t, p = self.config.training, self.config.training.progressive
     started = time.perf_counter()
     frozen = self._set_labels(builder)
@@ -101,6 +162,7 @@ class ProgressiveTrainer:
     prepare = jax.jit(functools.partial(masking.generate_masks_for_stack, k=k, salt=stage))
 
     cache = None
+    stage_start = data.get_state()   # where a cached stage's data resumes from
     if plan.cached:
       cache = self._build_cache(rack, plan, prepare, data, stage)
       example_at = lambda i: {**cache.get(i)[1], "h": cache.get(i)[0]}
@@ -109,29 +171,43 @@ class ProgressiveTrainer:
 
     tx = make_optimizer(t, labels, t.steps_per_stack)
     state = init_train_state(rack.params, tx, plan)
+    losses, eval_curve, eval_seconds, start = [], [], 0.0, 0
+    if resume is not None:
+      opt = restore_into({k: v for k, v in state.items() if k != "params"}, resume.opt,
+                         "optimizer state")
+      state = {**state, **opt}
+      start = resume.meta["step"]
+      losses = list(resume.meta["progress"]["losses"])
+      eval_curve = resume.meta["progress"]["eval_curve"]
     train_step = make_train_step(rack, plan, tx, labels, dropout_seed=t.seed * 1000 + stage)
     eval_step = make_eval_step(rack)
     eval_examples = [self._eval_example(masking, b) for b in eval_batches]
 
-    losses, eval_curve, eval_seconds = [], [], 0.0
-    bar = tqdm(total=t.steps_per_stack, desc=f"stage {stage}/{target} [{plan.activation_mode}]",
-               disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
-    for i in range(t.steps_per_stack):
+    bar = tqdm(total=t.steps_per_stack, initial=start, disable=not self.progress,
+               desc=f"stage {stage}/{target} [{plan.activation_mode}]", dynamic_ncols=True,
+               file=sys.stderr)
+    for i in range(start, t.steps_per_stack):
       state, loss = train_step(state, example_at(i))
       losses.append(loss)
-      if i == 0:
+      if i == start:
         loss.block_until_ready()
         steady_start = time.perf_counter()   # excludes compilation from tokens/s
       last = i + 1 == t.steps_per_stack
       if last or (t.eval_every and (i + 1) % t.eval_every == 0):
         loss.block_until_ready()   # steps are dispatched asynchronously: they are not eval time
         eval_started = time.perf_counter()
-        eval_curve.append((i + 1, self._evaluate(eval_step, state["params"], eval_examples)))
+        eval_curve.append([i + 1, self._evaluate(eval_step, state["params"], eval_examples)])
         eval_seconds += time.perf_counter() - eval_started
         bar.set_postfix(loss=f"{float(loss):.3f}", eval=f"{eval_curve[-1][1]:.3f}")
       elif (i + 1) % t.log_every == 0:
         bar.set_postfix(loss=f"{float(loss):.3f}")
       bar.update(1)
+      due = t.checkpoint_every and (i + 1) % t.checkpoint_every == 0
+      if self.checkpoints is not None and not last and (due or self._stop_signal):
+        progress = {"losses": [float(x) for x in losses], "eval_curve": eval_curve}
+        self._save(builder, stage, i + 1, state, stage_start if plan.cached else data.get_state(),
+                   progress)
+        self._stop_if_asked(stage, i + 1)
     bar.close()
     jax.block_until_ready(state["params"])
     steady_seconds = time.perf_counter() - steady_start - eval_seconds
@@ -139,7 +215,7 @@ class ProgressiveTrainer:
     builder.trained.update(new)
 
     losses = [float(x) for x in losses]
-    steady_steps = max(t.steps_per_stack - 1, 1)
+    steady_steps = max(t.steps_per_stack - start - 1, 1)
     tokens_per_step = t.batch_size * t.seq_len
     counts = _param_counts(state["params"], labels)
     memory = stack_memory(rack.specs, state["params"], state["opt_state"])
@@ -172,7 +248,18 @@ class ProgressiveTrainer:
     }
     if cache:
       cache.close()
-    return result
+    self.results["stages"].append(result)
+    self.results["final_eval_loss"] = result["eval_loss"]
+    if self.checkpoints is not None:
+      self._save(builder, stage, t.steps_per_stack, state, data.get_state(), progress=None)
+      self._stop_if_asked(stage, t.steps_per_stack)
+
+  def _stop_if_asked(self, stage, step) -> None:
+    if self._stop_signal is not None:
+      raise TrainingInterrupted(f"stopped by {signal.Signals(self._stop_signal).name} at stage "
+                                f"{stage}, step {step}: checkpoint saved in "
+                                f"{self.checkpoints.directory}; run the same command to resume",
+                                self._stop_signal)
 
   def _build_cache(self, rack, plan, prepare, data, stage) -> ActivationCache:
     """Runs the frozen prefix once over the stage's examples (design §8)."""
@@ -201,6 +288,50 @@ class ProgressiveTrainer:
       return None
     totals = np.sum([np.asarray(eval_step(params, ex)[:2]) for ex in eval_examples], axis=0)
     return float(totals[0] / max(totals[1], 1.0))
+
+
+def load_rack(workdir: str):
+  """The rack of the latest readable checkpoint in `workdir`, for eval, sampling or export. Its
+  config and structure come from the checkpoint alone."""
+  config = read_config(workdir)
+  checkpoints = RunCheckpoints(workdir, config, log=lambda _: None)
+  builder = ProgressiveRackBuilder(config)
+  ProgressiveTrainer(config, progress=False, log=lambda _: None,
+                     checkpoints=checkpoints).restore(builder)
+  checkpoints.close()
+  return builder.build_rack()
+
+
+class TrainingInterrupted(Exception):
+  """SIGINT/SIGTERM stopped a run after it saved a checkpoint. args: (message, signal number)."""
+
+
+@contextlib.contextmanager
+def _saving_on_signals(trainer, enabled: bool):
+  """While training with checkpoints, SIGINT/SIGTERM ask the trainer to save and stop after the
+  current step instead of killing it (a second signal acts as usual)."""
+  if not enabled or threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+  def ask_to_stop(signum, frame):
+    trainer._stop_signal = signum
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+  for sig in previous:
+    signal.signal(sig, ask_to_stop)
+  try:
+    yield
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
+def _as_json(x):
+  """A value as it reads back from JSON (tuples become lists)."""
+  return json.loads(json.dumps(x))
 
 
 def _param_counts(params, labels) -> dict:

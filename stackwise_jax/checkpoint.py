@@ -1,0 +1,195 @@
+"""Runs that survive (design §9): orbax checkpoints of a progressive run in `workdir/checkpoints`.
+
+An orbax step is the number of train steps done in the whole run, (stage - 1) * steps_per_stack +
+step in the stage, so the end of stage s is step s * steps_per_stack. Each checkpoint holds:
+  params  the rack's params pytree as stored (int4, nvfp4 and adapter leaves included),
+  opt     {"opt_state", "step"[, "dyn_scale"]} of the stage it was taken in,
+  data    grain's train-iterator state, through grain's own handler (one file per process),
+  meta    JSON: stage, step in the stage, the rack's structure, results so far and the config.
+RNG needs no item: masks come from (example id, time step, seed) and dropout keys from
+(seed, stage, step). Saves are synchronous, and orbax commits a step by renaming its finished
+directory, so a run killed at any moment leaves only whole checkpoints behind.
+"""
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+from etils import epath
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from stackwise_jax.config import ConfigError, from_yaml, to_yaml, validate
+
+# Config fields a resumed run may change: where and how often it reports and saves, and how far
+# it grows. Every other field must match the checkpoint.
+RESUMABLE_CHANGES = ("training.workdir", "training.eval_every", "training.log_every",
+                     "training.checkpoint_every", "training.keep_checkpoints",
+                     "training.progressive.target_stacks", "training.progressive.max_stacks",
+                     "data.num_workers")
+_ITEMS = ("params", "opt", "data", "meta")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  """A checkpoint read back whole: arrays as orbax restores them without a target (dict keys
+  become strings; `restore_into` puts them back into a pytree of the run's own structure)."""
+  step: int
+  meta: dict
+  params: Any
+  opt: Any
+
+  @property
+  def stage_done(self) -> bool:
+    return self.meta["step"] == self.meta["steps_per_stack"]
+
+
+class IteratorState:
+  """What grain's checkpoint handler saves: the `get_state()` of an iterator, taken when it was
+  due (a cached stage resumes its data from the stage's start, where its cache was read). The
+  handler takes a non-iterator's state as JSON bytes; it restores into a real iterator."""
+
+  def __init__(self, state: dict):
+    self._state = state
+
+  def get_state(self) -> bytes:
+    return json.dumps(self._state, indent=4).encode()
+
+
+class RunCheckpoints:
+  """The checkpoints of one run in `workdir/checkpoints`: finds the latest readable one, refuses
+  one from another config, and saves new ones.
+
+  Keeps the latest `training.keep_checkpoints` and the end of every stage. An unreadable
+  checkpoint is moved aside (`<step>.unreadable-<time>`, never deleted) with a warning and the one
+  before it is used. `fresh=True` moves the existing checkpoints aside and starts over.
+  """
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, fresh: bool = False,
+               log=print):
+    self.config, self.log = config, log
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if fresh and os.path.isdir(self.directory) and os.listdir(self.directory):
+      aside = f"{self.directory}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+      os.rename(self.directory, aside)
+      log(f"--fresh: the previous checkpoints are kept in {aside}")
+    self._manager = self._open()
+    self.latest = self._latest_readable()
+    if self.latest is not None:
+      check_compatible(self.latest.meta, config, self.directory)
+
+  def _open(self) -> ocp.CheckpointManager:
+    t = self.config.training
+    keep = policies.AnyPreservationPolicy([policies.LatestN(t.keep_checkpoints),
+                                           policies.EveryNSteps(t.steps_per_stack)])
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True,
+                                           preservation_policy=keep)
+    handlers = {"params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(epath.Path(self.directory), item_names=_ITEMS,
+                                 item_handlers=handlers, options=options)
+
+  def _latest_readable(self) -> Checkpoint | None:
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(), opt=ocp.args.StandardRestore(),
+            meta=ocp.args.JsonRestore()))
+        return Checkpoint(step, restored.meta, restored.params, restored.opt)
+      except Exception as e:   # orbax raises many types for a truncated or garbled step
+        aside = os.path.join(self.directory, f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.rename(os.path.join(self.directory, str(step)), aside)
+        self.log(f"warning: checkpoint {self.directory}/{step} is unreadable "
+                 f"({type(e).__name__}: {str(e)[:200]}); moved to {aside}, using the one before it")
+        self._manager.close()
+        self._manager = self._open()
+    return None
+
+  def restore_data(self, iterator) -> None:
+    """Sets a train iterator to the latest checkpoint's data state (grain's `set_state`)."""
+    self._manager.restore(self.latest.step, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(iterator)))
+
+  def save(self, step: int, *, params, opt, data_state, meta: dict) -> None:
+    """Saves one checkpoint (a step already saved is left as it is)."""
+    if step in self._manager.all_steps():
+      return
+    self._manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), opt=ocp.args.StandardSave(opt),
+        data=grain.checkpoint.CheckpointSave(IteratorState(data_state)),
+        meta=ocp.args.JsonSave({**meta, "config": to_yaml(self.config),
+                                "steps_per_stack": self.config.training.steps_per_stack})))
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def check_compatible(meta: dict, config, directory: str) -> None:
+  """Raises ConfigError naming the first field where `config` differs from the checkpoint's (other
+  than RESUMABLE_CHANGES), or when the checkpoint has more stacks than the config asks for."""
+  stored, wanted = _flat(from_yaml(meta["config"]).to_dict()), _flat(config.to_dict())
+  diff = sorted(k for k in stored.keys() | wanted.keys()
+                if k not in RESUMABLE_CHANGES and stored.get(k) != wanted.get(k))
+  if diff:
+    raise ConfigError(
+        f"{directory} holds a run with another config ({diff[0]}: {stored.get(diff[0])!r} there, "
+        f"{wanted.get(diff[0])!r} now{f'; {len(diff) - 1} more' if len(diff) > 1 else ''}); "
+        "resume with the same config, pass --fresh to start over, or choose another --workdir")
+  stacks = len(meta["specs"])
+  if stacks > config.training.progressive.target_stacks:
+    raise ConfigError(
+        f"training.progressive.target_stacks={config.training.progressive.target_stacks}: "
+        f"{directory} already holds a rack of {stacks} stacks; allowed: >= {stacks} (or --fresh)")
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config of the run in `workdir`, from its latest readable checkpoint."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  manager = ocp.CheckpointManager(epath.Path(directory), item_names=("meta",),
+                                  item_handlers={"meta": ocp.JsonCheckpointHandler()},
+                                  options=ocp.CheckpointManagerOptions(create=False,
+                                                                       read_only=True))
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+      return validate(from_yaml(meta["config"], f"{directory}/{step}"))
+    except Exception:   # unreadable: RunCheckpoints will say so and fall back the same way
+      continue
+  raise ConfigError(f"{workdir}: no readable checkpoint in {directory}")
+
+
+def restore_into(target, restored, what: str):
+  """Returns `target`'s pytree with every leaf taken from `restored` at the same key path (orbax's
+  untargeted restore names list indices and int keys as strings). Raises ValueError naming the
+  first path that is missing or has another shape or dtype."""
+  by_path = {_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+  if len(by_path) != len(leaves):
+    raise ValueError(f"checkpoint {what}: {len(by_path)} arrays there, {len(leaves)} expected")
+  out = []
+  for path, want in leaves:
+    got = by_path.get(_path(path))
+    if got is None or got.shape != want.shape or got.dtype != want.dtype:
+      found = "missing" if got is None else f"{got.dtype}{list(got.shape)}"
+      raise ValueError(f"checkpoint {what} at {_path(path)}: {found}, expected "
+                       f"{want.dtype}{list(want.shape)}")
+    out.append(got)
+  return jax.tree.unflatten(jax.tree.structure(target), out)
+
+
+def _path(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for key, value in d.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+  return out
