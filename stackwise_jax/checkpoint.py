@@ -24,13 +24,14 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from stackwise_jax.config import ConfigError, from_yaml, to_yaml, validate
+from stackwise_jax.model.lora import plain_keys
 
 # Config fields a resumed run may change: where and how often it reports and saves, and how far
 # it grows. Every other field must match the checkpoint.
 RESUMABLE_CHANGES = ("training.workdir", "training.eval_every", "training.log_every",
                      "training.checkpoint_every", "training.keep_checkpoints",
                      "training.progressive.target_stacks", "training.progressive.max_stacks",
-                     "data.num_workers")
+                     "data.num_workers", "mesh.data", "mesh.fsdp")
 _ITEMS = ("params", "opt", "data", "meta")
 
 
@@ -182,7 +183,7 @@ def restore_into(target, restored, what: str):
 
 
 def _path(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  return "/".join(map(str, plain_keys(path)))
 
 
 def _flat(d, prefix=""):

@@ -21,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--config", required=True, help="configs/*.py or an upstream YAML file")
   train.add_argument("--workdir", required=True, help="directory for results.json and the config")
   train.add_argument("--no-progress", action="store_true", help="no progress bars")
+  train.add_argument("--distributed", action="store_true",
+                     help="multi-host: call jax.distributed.initialize() first (or set "
+                          "STACKWISE_DISTRIBUTED=1)")
   train.add_argument("--fresh", action="store_true",
                      help="start over: move the workdir's checkpoints aside instead of resuming")
   return parser
@@ -48,10 +51,15 @@ def _split_overrides(argv):
 def _prepare_train(args, overrides):
   """Everything that can fail on bad input, before any model is built: the config, the workdir's
   checkpoints (another config's are refused) and the data. Returns the run."""
+  import jax
   from stackwise_jax.checkpoint import RunCheckpoints
   from stackwise_jax.data import make_dataloader
+  from stackwise_jax.sharding import make_mesh
   config = load_config(args.config, overrides)
   config.training.workdir = args.workdir
+  if args.distributed or os.environ.get("STACKWISE_DISTRIBUTED") == "1":
+    jax.distributed.initialize()   # coordinator and process ids from the cluster's environment
+  make_mesh(config)   # mesh sizes and batch size against the devices there are
   results_path = os.path.join(args.workdir, "results.json")
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   if os.path.exists(results_path) and not args.fresh and not os.path.isdir(
@@ -64,7 +72,8 @@ def _prepare_train(args, overrides):
       and len(latest.meta["specs"]) == config.training.progressive.target_stacks):
     checkpoints.close()
     return lambda: _show_finished(args.workdir, latest.meta["results"])
-  dataloader = make_dataloader(config)   # bad data paths fail here
+  # Each host reads its own share of every batch; bad data paths fail here.
+  dataloader = make_dataloader(config, jax.process_index(), jax.process_count())
   return lambda: _train(config, dataloader, checkpoints, args)
 
 
@@ -76,6 +85,7 @@ def _show_finished(workdir, results) -> int:
 
 
 def _train(config, dataloader, checkpoints, args) -> int:
+  import jax
   from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
   from stackwise_jax.progressive.trainer import TrainingInterrupted
   from stackwise_jax.report import summary_table, write_json
@@ -83,7 +93,8 @@ def _train(config, dataloader, checkpoints, args) -> int:
     f.write(to_yaml(config))
   print(dataloader.describe(), file=sys.stderr)
   builder = ProgressiveRackBuilder(config)
-  trainer = ProgressiveTrainer(config, progress=not args.no_progress, checkpoints=checkpoints)
+  trainer = ProgressiveTrainer(config, checkpoints=checkpoints,
+                               progress=not args.no_progress and jax.process_index() == 0)
   try:
     results = trainer.train_progressively(builder, dataloader)
   except TrainingInterrupted as e:

@@ -95,6 +95,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.val_fraction = 0.05
   c.data.shuffle_seed = 0
   c.data.num_workers = 0
+
+  # Device mesh (design §11, stackwise_jax/sharding.py): data × fsdp = the devices; -1 = the rest.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                 # batches split, params replicated
+  c.mesh.fsdp = 1                  # batches split, params and optimizer state split too
   return c
 
 
@@ -428,6 +433,8 @@ _CHECKS = [
      "blocks run along the kernels' input axis"),
     ("data.paths", lambda v, c: all(isinstance(p, str) and p for p in v),
      "a list of non-empty file paths or globs"),
+    *[(p, lambda v, c: v == -1 or v > 0, "a positive int, or -1 for the remaining devices")
+      for p in ("mesh.data", "mesh.fsdp")],
     ("data.paths", lambda v, c: c.data.source != "text" or len(v) > 0,
      "at least one file or glob when data.source='text'"),
 ]

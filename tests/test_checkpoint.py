@@ -76,6 +76,7 @@ def test_resume_mid_stage_equals_the_uninterrupted_run(text_corpus, tmp_path, tr
   _assert_same_run(whole, resumed)
 
 
+@pytest.mark.slow
 def test_resume_at_a_stage_end_grows_past_the_old_target(text_corpus, tmp_path):
   # Time as input: a stack's time step does not depend on how many stacks the run grows to.
   config = _config(text_corpus, time_interpretation="input")
@@ -133,6 +134,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(text_corpus
 
 def test_a_workdir_alone_gives_the_final_rack(text_corpus, tmp_path):
   config = _config(text_corpus, target_stacks=2, new_stack_precision="nvfp4")
+  config.training.checkpoint_every = 0   # stage ends only
   _, params = _train(config, tmp_path)
   rack = load_rack(str(tmp_path))
   assert rack.order == ("stack_0", "stack_1") and rack.specs[0].packed

@@ -201,7 +201,10 @@ def make_dataloader(config: ml_collections.ConfigDict, shard_index: int = 0,
     files = corpus.text_files(data.paths)
   else:
     raise ConfigError(f"data.source={data.source!r}: allowed: 'builtin', 'text'")
-  return DataLoader(files, seq_len=training.seq_len, batch_size=training.batch_size,
+  if training.batch_size % shard_count:
+    raise ConfigError(f"training.batch_size={training.batch_size}: allowed: a multiple of the "
+                      f"{shard_count} hosts, which each read an equal share of every batch")
+  return DataLoader(files, seq_len=training.seq_len, batch_size=training.batch_size // shard_count,
                     val_fraction=data.val_fraction, shuffle_seed=data.shuffle_seed,
                     num_workers=data.num_workers, shard_index=shard_index,
                     shard_count=shard_count, source=data.source)

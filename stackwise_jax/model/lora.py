@@ -64,8 +64,8 @@ def stack_lora_setting(progressive_config, index: int) -> LoraSetting:
 
 
 def plain_keys(path) -> tuple:
-  """A jax key path (DictKey, SequenceKey, ...) or a tuple of keys -> a tuple of plain keys."""
-  return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+  """A jax key path (DictKey, SequenceKey, GetAttrKey) or a tuple of keys -> plain keys."""
+  return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
 
 
 def is_adapter_path(path) -> bool:

@@ -91,9 +91,11 @@ def init_train_state(params, tx, plan: StagePlan) -> dict:
   return state
 
 
-def make_train_step(rack: Rack, plan: StagePlan, tx, labels, dropout_seed: int):
+def make_train_step(rack: Rack, plan: StagePlan, tx, labels, dropout_seed: int, shardings=None):
   """(state, example) -> (state, loss). `example` holds inputs/targets/loss_mask/time_step and,
-  for a cached stage, `h`: the prefix output [B, T, d_model]."""
+  for a cached stage, `h`: the prefix output [B, T, d_model]. `shardings`: (the state's
+  NamedShardings, a replicated one) from sharding.py; the state keeps its shardings from step to
+  step, the example's follow it, params are gathered (replicated) for the forward."""
 
   def loss_fn(params, h, example, dropout_key):
     if plan.prefix:   # the embedding only feeds the body through the (gradient-free) prefix
@@ -104,15 +106,21 @@ def make_train_step(rack: Rack, plan: StagePlan, tx, labels, dropout_seed: int):
     return masked_cross_entropy(rack.logits(params, h), example["targets"], example["loss_mask"])
 
   def step(state, example):
-    params = state["params"]
+    params = full = state["params"]
+    if shardings is not None:
+      # FSDP: the forward uses gathered params (the backward of this constraint reduces the
+      # gradients back onto the split); the optimizer updates the split ones. Left to itself,
+      # GSPMD keeps kernels split along d_model and all-reduces partial activations instead,
+      # which moves far more data.
+      full = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, shardings[1]), params)
     if plan.cached:
       h = example["h"]
     elif plan.prefix:
-      h = prefix_activations(rack, plan.prefix, params, example)
+      h = prefix_activations(rack, plan.prefix, full, example)
     else:
       h = None
     dropout_key = jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
-    trainable, frozen = split_by_label(params, labels)
+    trainable, frozen = split_by_label(full, labels)
     grad_fn = lambda trainable: loss_fn(join(trainable, frozen), h, example, dropout_key)
     if plan.loss_scaling:
       dyn_scale, finite, loss, grads = state["dyn_scale"].value_and_grad(grad_fn)(trainable)
@@ -129,7 +137,11 @@ def make_train_step(rack: Rack, plan: StagePlan, tx, labels, dropout_seed: int):
       new_state["dyn_scale"] = dyn_scale
     return new_state, loss
 
-  return jax.jit(step, donate_argnums=0)
+  if shardings is None:
+    return jax.jit(step, donate_argnums=0)
+  state_shardings, loss_sharding = shardings
+  return jax.jit(step, in_shardings=(state_shardings, None),
+                 out_shardings=(state_shardings, loss_sharding), donate_argnums=0)
 
 
 def make_eval_step(rack: Rack):

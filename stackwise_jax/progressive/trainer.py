@@ -17,6 +17,8 @@ from stackwise_jax.config import ConfigError, validate
 from stackwise_jax.model.lora import is_adapter_path, leaf_bytes, plain_keys
 from stackwise_jax.progressive.builder import TRAINABLE, ProgressiveRackBuilder
 from stackwise_jax.progressive.caching import ActivationCache
+from stackwise_jax.sharding import (global_batch, host_share, local_batch, make_mesh, replicated,
+                                    tree_shardings)
 from stackwise_jax.progressive.steps import (init_train_state, make_eval_step, make_optimizer,
                                              make_train_step, plan_stage, prefix_activations)
 
@@ -27,13 +29,17 @@ class ProgressiveTrainer:
   """Trains a rack stage by stage. `results` holds one dict per stage (see `_run_stage`)."""
 
   def __init__(self, config, *, progress: bool = True, log=None,
-               checkpoints: RunCheckpoints | None = None):
+               checkpoints: RunCheckpoints | None = None, devices=None):
     """`checkpoints`: where the run saves (`training.checkpoint_every` steps, the end of every
-    stage, SIGINT/SIGTERM) and, if they hold a checkpoint, where it resumes from (design §9)."""
+    stage, SIGINT/SIGTERM) and, if they hold a checkpoint, where it resumes from (design §9).
+    `devices`: those the mesh spans (default: all; design §11, sharding.py). After each stage,
+    `state` holds its final train state (params, optimizer state) as placed on the mesh."""
     self.config = validate(config)
     self.progress = progress
     self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     self.checkpoints = checkpoints
+    self.mesh = make_mesh(self.config, devices)
+    self.state = None
     self.results = {"stages": [], "final_eval_loss": None}
     self._told_streaming = False
     self._stop_signal = None   # set by SIGINT/SIGTERM: save, then stop
@@ -149,6 +155,7 @@ class ProgressiveTrainer:
     t, p = self.config.training, self.config.training.progressive
     started = time.perf_counter()
     frozen = self._set_labels(builder)
+    builder.update_params(jax.device_put(builder.params, tree_shardings(self.mesh, builder.params)))
     rack, labels = builder.build_rack(), builder.labels()
     new = tuple(s.name for s in new_specs)
     plan = plan_stage(rack, stage, new, frozen, p.cache_activations)
@@ -165,9 +172,9 @@ class ProgressiveTrainer:
     stage_start = data.get_state()   # where a cached stage's data resumes from
     if plan.cached:
       cache = self._build_cache(rack, plan, prepare, data, stage)
-      example_at = lambda i: {**cache.get(i)[1], "h": cache.get(i)[0]}
+      example_at = lambda i: global_batch(self.mesh, {**cache.get(i)[1], "h": cache.get(i)[0]})
     else:
-      example_at = lambda i: prepare(next(data))
+      example_at = lambda i: prepare(global_batch(self.mesh, next(data)))
 
     tx = make_optimizer(t, labels, t.steps_per_stack)
     state = init_train_state(rack.params, tx, plan)
@@ -179,9 +186,13 @@ class ProgressiveTrainer:
       start = resume.meta["step"]
       losses = list(resume.meta["progress"]["losses"])
       eval_curve = resume.meta["progress"]["eval_curve"]
-    train_step = make_train_step(rack, plan, tx, labels, dropout_seed=t.seed * 1000 + stage)
+    shardings = tree_shardings(self.mesh, state)
+    state = jax.device_put(state, shardings)
+    train_step = make_train_step(rack, plan, tx, labels, dropout_seed=t.seed * 1000 + stage,
+                                 shardings=(shardings, replicated(self.mesh)))
     eval_step = make_eval_step(rack)
-    eval_examples = [self._eval_example(masking, b) for b in eval_batches]
+    eval_examples = [self._eval_example(masking, global_batch(self.mesh, host_share(b)))
+                     for b in eval_batches]
 
     bar = tqdm(total=t.steps_per_stack, initial=start, disable=not self.progress,
                desc=f"stage {stage}/{target} [{plan.activation_mode}]", dynamic_ncols=True,
@@ -212,6 +223,7 @@ class ProgressiveTrainer:
     jax.block_until_ready(state["params"])
     steady_seconds = time.perf_counter() - steady_start - eval_seconds
     builder.update_params(state["params"])
+    self.state = state
     builder.trained.update(new)
 
     losses = [float(x) for x in losses]
@@ -265,13 +277,14 @@ class ProgressiveTrainer:
     """Runs the frozen prefix once over the stage's examples (design §8)."""
     t = self.config.training
     prefix = jax.jit(functools.partial(prefix_activations, rack, plan.prefix))
-    shape = (t.batch_size, t.seq_len, self.config.model.d_model)
+    shape = (t.batch_size // jax.process_count(), t.seq_len, self.config.model.d_model)
     spill_dir = f"{t.workdir}/cache" if t.workdir else None
     cache = ActivationCache(t.steps_per_stack, shape, t.progressive.cache_max_bytes, spill_dir)
     for i in tqdm(range(t.steps_per_stack), desc=f"stage {stage}: caching trunk activations",
                   disable=not self.progress, dynamic_ncols=True, file=sys.stderr, leave=False):
-      example = prepare(next(data))
-      cache.put(i, np.asarray(prefix(rack.params, example)), jax.device_get(example))
+      example = prepare(global_batch(self.mesh, next(data)))
+      h = prefix(rack.params, example)
+      cache.put(i, *jax.device_get(local_batch(self.mesh, (h, example))))   # this host's share
     if cache.bytes_on_disk:
       self.log(f"stage {stage}: activation cache {cache.nbytes / 2**20:.1f} MiB, "
                f"{cache.bytes_on_disk / 2**20:.1f} MiB spilled to disk")
