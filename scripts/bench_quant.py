@@ -83,7 +83,7 @@ def main():
   results = ProgressiveTrainer(config, progress=True, log=print).train_progressively(builder, loader)
   trained = builder.params
   masking = builder.masking
-  eval_examples = [ProgressiveTrainer._eval_example(masking, b)
+  eval_examples = [ProgressiveTrainer.eval_example(masking, b)
                    for b in loader.eval_batches(config.training.eval_batches)]
   reference = {s.name: kernels(trained["stacks"][s.name]) for s in builder.specs}
 

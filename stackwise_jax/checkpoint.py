@@ -94,13 +94,20 @@ class RunCheckpoints:
     return ocp.CheckpointManager(epath.Path(self.directory), item_names=_ITEMS,
                                  item_handlers=handlers, options=options)
 
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def read(self, step: int) -> Checkpoint:
+    """One checkpoint, read whole."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(), opt=ocp.args.StandardRestore(),
+        meta=ocp.args.JsonRestore()))
+    return Checkpoint(step, restored.meta, restored.params, restored.opt)
+
   def _latest_readable(self) -> Checkpoint | None:
-    for step in sorted(self._manager.all_steps(), reverse=True):
+    for step in reversed(self.steps()):
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(), opt=ocp.args.StandardRestore(),
-            meta=ocp.args.JsonRestore()))
-        return Checkpoint(step, restored.meta, restored.params, restored.opt)
+        return self.read(step)
       except Exception as e:   # orbax raises many types for a truncated or garbled step
         aside = os.path.join(self.directory, f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
         os.rename(os.path.join(self.directory, str(step)), aside)
@@ -150,6 +157,8 @@ def check_compatible(meta: dict, config, directory: str) -> None:
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config of the run in `workdir`, from its latest readable checkpoint."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise ConfigError(f"{workdir}: no readable checkpoint ({directory} does not exist)")
   manager = ocp.CheckpointManager(epath.Path(directory), item_names=("meta",),
                                   item_handlers={"meta": ocp.JsonCheckpointHandler()},
                                   options=ocp.CheckpointManagerOptions(create=False,

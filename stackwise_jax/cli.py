@@ -1,4 +1,5 @@
-"""Command line: `stackwise-jax train --config configs/tiny.py [--config.a.b=v ...] --workdir DIR`."""
+"""Command line: `stackwise-jax train --config configs/tiny.py [--config.a.b=v ...] --workdir DIR`,
+`stackwise-jax eval --workdir DIR`, `stackwise-jax export --workdir DIR --format safetensors|npz`."""
 import argparse
 import os
 import sys
@@ -26,6 +27,13 @@ def _parser() -> argparse.ArgumentParser:
                           "STACKWISE_DISTRIBUTED=1)")
   train.add_argument("--fresh", action="store_true",
                      help="start over: move the workdir's checkpoints aside instead of resuming")
+  evaluate = commands.add_parser("eval", help="loss, perplexity, accuracy of each stage's rack")
+  evaluate.add_argument("--workdir", required=True, help="a train command's workdir")
+  evaluate.add_argument("--batches", type=int, help="eval batches (default: the run's)")
+  export = commands.add_parser("export", help="write a trained rack's params and a manifest")
+  export.add_argument("--workdir", required=True, help="a train command's workdir")
+  export.add_argument("--format", required=True, choices=("safetensors", "npz"))
+  export.add_argument("--out", help="output directory (default: WORKDIR/export)")
   return parser
 
 
@@ -113,12 +121,56 @@ def _train(config, dataloader, checkpoints, args) -> int:
   return 0
 
 
+def _prepare_eval(args):
+  from stackwise_jax.checkpoint import read_config
+  read_config(args.workdir)   # a workdir without a readable checkpoint fails here
+  if args.batches is not None and args.batches <= 0:
+    raise ConfigError(f"--batches={args.batches}: allowed: a positive number of batches")
+  return lambda: _eval(args)
+
+
+def _eval(args) -> int:
+  from stackwise_jax.evaluate import evaluate_workdir
+  from stackwise_jax.report import eval_table, write_json
+  rows = evaluate_workdir(args.workdir, args.batches)
+  path = os.path.join(args.workdir, "eval.json")
+  write_json(path, {"racks": rows})
+  print(eval_table(rows))
+  print(f"eval: {path}")
+  return 0
+
+
+def _prepare_export(args):
+  """Reads the workdir's latest checkpoint (refusing a missing or unreadable one); returns the
+  export."""
+  from stackwise_jax.checkpoint import RunCheckpoints, read_config
+  config = read_config(args.workdir)
+  checkpoints = RunCheckpoints(args.workdir, config)
+  stages = checkpoints.latest.meta["stage"]
+  checkpoints.close()
+  return lambda: _export(args, stages)
+
+
+def _export(args, stages) -> int:
+  from stackwise_jax.export import export_rack
+  from stackwise_jax.progressive import load_rack
+  out = args.out or os.path.join(args.workdir, "export")
+  path = export_rack(load_rack(args.workdir), stages, out, args.format)
+  print(f"exported: {path} and {os.path.join(out, 'manifest.json')}")
+  return 0
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   try:
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
-    run = _prepare_train(args, overrides)
+    if args.command != "train" and overrides:
+      raise ConfigError(f"{overrides[0]}: {args.command} takes no config overrides (the "
+                        "workdir's config is used)")
+    prepare = {"train": lambda: _prepare_train(args, overrides), "eval": lambda: _prepare_eval(args),
+               "export": lambda: _prepare_export(args)}
+    run = prepare[args.command]()
   except (ValueError, OSError) as e:   # ConfigError is a ValueError
     print(f"stackwise-jax: error: {e}", file=sys.stderr)
     return 2

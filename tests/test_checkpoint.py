@@ -17,6 +17,7 @@ from conftest import REPO, micro_config
 from stackwise_jax import ConfigError, load_rack
 from stackwise_jax.checkpoint import RunCheckpoints
 from stackwise_jax.data import make_dataloader
+from stackwise_jax.export import export_rack, load_export
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
 from test_cli import micro_args
 
@@ -146,6 +147,11 @@ def test_a_workdir_alone_gives_the_final_rack(text_corpus, tmp_path):
   builder.freeze_trunk()
   builder.update_params(params)
   np.testing.assert_array_equal(rack(rack.params, tokens), builder.build_rack()(params, tokens))
+  # ... and so does its npz export (packed NVFP4 leaves: uint8 and float8 kept as bits).
+  export_rack(rack, 2, str(tmp_path / "export"), "npz")
+  exported = load_export(str(tmp_path / "export"))
+  jax.tree.map(np.testing.assert_array_equal, exported.params, params)
+  np.testing.assert_array_equal(exported(exported.params, tokens), rack(rack.params, tokens))
 
 
 # --- The command line, killed and signalled. ---

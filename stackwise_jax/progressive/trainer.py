@@ -97,17 +97,8 @@ class ProgressiveTrainer:
     (specs of the last stage, the checkpoint if that stage was cut off mid-way, else None)."""
     ckpt = self.checkpoints.latest
     meta = ckpt.meta
-    stages = self._stages(builder, len(meta["specs"])) if stages is None else stages
-    for stage in range(1, meta["stage"] + 1):
-      new = next(stages)
-      self._set_labels(builder)
-      if stage < meta["stage"] or ckpt.stage_done:
-        builder.trained.update(s.name for s in new)
-    specs = [_as_json(dataclasses.asdict(s)) for s in builder.specs]
-    if specs != meta["specs"]:
-      raise ConfigError(f"{self.checkpoints.directory}/{ckpt.step}: its rack structure "
-                        f"{meta['specs']} is not the one this config builds ({specs}); resume "
-                        "with the run's config, pass --fresh, or choose another --workdir")
+    source = f"{self.checkpoints.directory}/{ckpt.step}"
+    new = self.replay(builder, meta["specs"], meta["stage"], ckpt.stage_done, source, stages)
     builder.update_params(restore_into(builder.params, ckpt.params, "params"))
     self.results = meta["results"]
     if data is not None:
@@ -118,12 +109,30 @@ class ProgressiveTrainer:
              f"{where}")
     return new, None if ckpt.stage_done else ckpt
 
+  def replay(self, builder, specs, n_stages, last_done=True, source="", stages=None):
+    """Rebuilds a rack's structure on `builder` (same config, empty): re-runs the builder
+    operations of its first `n_stages` stages (add stacks, freeze or quantize the trunk) on fresh
+    params, and checks the stack specs against `specs` (as JSON) from `source`. Returns the specs
+    of the last stage."""
+    stages = self._stages(builder, len(specs)) if stages is None else stages
+    for stage in range(1, n_stages + 1):
+      new = next(stages)
+      self._set_labels(builder)
+      if stage < n_stages or last_done:
+        builder.trained.update(s.name for s in new)
+    built = stack_specs(builder.specs)
+    if built != specs:
+      raise ConfigError(f"{source}: its rack structure {specs} is not the one this config "
+                        f"builds ({built}); use the run's config, pass --fresh, or choose "
+                        "another --workdir")
+    return new
+
   def _save(self, builder, stage, step, state, data_state, progress) -> None:
     """Checkpoints the run at `step` of `stage` (`progress`: the stage's losses so far)."""
     steps = self.config.training.steps_per_stack
     opt = {k: v for k, v in state.items() if k != "params"}
     meta = {"stage": stage, "step": step, "building_mode": builder.building_mode,
-            "specs": [_as_json(dataclasses.asdict(s)) for s in builder.specs],
+            "specs": stack_specs(builder.specs),
             "results": self.results, "progress": progress}
     self.checkpoints.save((stage - 1) * steps + step, params=state["params"], opt=opt,
                           data_state=data_state, meta=meta)
@@ -191,7 +200,7 @@ class ProgressiveTrainer:
     train_step = make_train_step(rack, plan, tx, labels, dropout_seed=t.seed * 1000 + stage,
                                  shardings=(shardings, replicated(self.mesh)))
     eval_step = make_eval_step(rack)
-    eval_examples = [self._eval_example(masking, global_batch(self.mesh, host_share(b)))
+    eval_examples = [self.eval_example(masking, global_batch(self.mesh, host_share(b)))
                      for b in eval_batches]
 
     bar = tqdm(total=t.steps_per_stack, initial=start, disable=not self.progress,
@@ -291,7 +300,7 @@ class ProgressiveTrainer:
     return cache
 
   @staticmethod
-  def _eval_example(masking, batch):
+  def eval_example(masking, batch):
     """Evaluation masks draw their time steps per example, identically at every stage."""
     return masking.example(batch, masking.sample_time_steps(batch["example_id"], EVAL_SALT))
 
@@ -303,15 +312,17 @@ class ProgressiveTrainer:
     return float(totals[0] / max(totals[1], 1.0))
 
 
-def load_rack(workdir: str):
-  """The rack of the latest readable checkpoint in `workdir`, for eval, sampling or export. Its
-  config and structure come from the checkpoint alone."""
+def load_rack(workdir: str, step: int | None = None):
+  """The rack of checkpoint `step` (default: the latest readable one) in `workdir`, for eval,
+  sampling or export. Its config and structure come from the checkpoint alone."""
   config = read_config(workdir)
   checkpoints = RunCheckpoints(workdir, config, log=lambda _: None)
-  builder = ProgressiveRackBuilder(config)
-  ProgressiveTrainer(config, progress=False, log=lambda _: None,
-                     checkpoints=checkpoints).restore(builder)
+  ckpt = checkpoints.latest if step is None else checkpoints.read(step)
   checkpoints.close()
+  builder = ProgressiveRackBuilder(config)
+  ProgressiveTrainer(config, progress=False, log=lambda _: None).replay(
+      builder, ckpt.meta["specs"], ckpt.meta["stage"], source=f"{workdir} step {ckpt.step}")
+  builder.update_params(restore_into(builder.params, ckpt.params, "params"))
   return builder.build_rack()
 
 
@@ -342,9 +353,9 @@ def _saving_on_signals(trainer, enabled: bool):
       signal.signal(sig, handler)
 
 
-def _as_json(x):
-  """A value as it reads back from JSON (tuples become lists)."""
-  return json.loads(json.dumps(x))
+def stack_specs(specs) -> list[dict]:
+  """Stack specs as they read back from JSON (tuples become lists)."""
+  return json.loads(json.dumps([dataclasses.asdict(s) for s in specs]))
 
 
 def _param_counts(params, labels) -> dict:

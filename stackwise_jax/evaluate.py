@@ -1,0 +1,47 @@
+"""Evaluation of a trained run (design §12): loss, perplexity and masked-token accuracy on the
+held-out split, for the rack every stage produced (a prefix of the final rack in append mode, a
+suffix in prepend mode) and for the rack of the latest checkpoint.
+
+The examples are the trainer's own evaluation examples (same batches, same masks and time steps),
+so a stage's loss here is the `eval_loss` its training reported.
+"""
+import math
+
+import numpy as np
+
+from stackwise_jax.checkpoint import RunCheckpoints, read_config
+from stackwise_jax.data import make_dataloader
+from stackwise_jax.progressive import ProgressiveTrainer, TimeStepMasking, load_rack
+from stackwise_jax.progressive.steps import make_eval_step
+
+
+def evaluate(rack, examples) -> dict:
+  """Loss (nats per loss token), perplexity and accuracy (argmax = target) over the loss tokens
+  of `examples` (dicts as `TimeStepMasking.example` makes them)."""
+  step = make_eval_step(rack)
+  loss_sum, tokens, correct = np.sum([np.asarray(step(rack.params, ex)) for ex in examples], 0)
+  loss = float(loss_sum / tokens)
+  return {"loss": loss, "perplexity": math.exp(loss), "accuracy": float(correct / tokens),
+          "tokens": int(tokens)}
+
+
+def evaluate_workdir(workdir: str, n_batches: int | None = None) -> list[dict]:
+  """One row per stage end kept in `workdir`'s checkpoints, plus the latest checkpoint if it was
+  taken mid-stage: {"stage", "step", "stacks" (forward order), loss, perplexity, accuracy, tokens}.
+  """
+  config = read_config(workdir)
+  checkpoints = RunCheckpoints(workdir, config, log=lambda _: None)
+  per_stage = config.training.steps_per_stack
+  steps = [s for s in checkpoints.steps() if s % per_stage == 0]
+  if checkpoints.latest.step not in steps:
+    steps.append(checkpoints.latest.step)
+  checkpoints.close()
+  batches = make_dataloader(config).eval_batches(n_batches or config.training.eval_batches)
+  masking = TimeStepMasking(config)
+  examples = [ProgressiveTrainer.eval_example(masking, b) for b in batches]
+  rows = []
+  for step in steps:
+    rack = load_rack(workdir, step)
+    rows.append({"stage": -(-step // per_stage), "step": step, "stacks": list(rack.order),
+                 **evaluate(rack, examples)})
+  return rows

@@ -1,0 +1,80 @@
+"""Export of a trained rack (design §12): params as safetensors or NumPy `.npz`, with a manifest.
+
+`DIR/params.safetensors` (or `params.npz`) holds one array per params leaf, named by its key path
+(`stacks/stack_0/blocks/0/attn/q/kernel`). Dtypes neither format stores are kept as their bits:
+bfloat16 as uint16, float8_e4m3fn as uint8, int4 (qwix's int4 kernels) as int8 holding the same
+values. `DIR/manifest.json` says how to read them back: the config (YAML), the stack order, each
+stack's spec (precision, int4 / packed NVFP4, adapters), and per array its dtype, shape and the
+dtype it is stored as. `load_export` rebuilds the rack from these two files alone.
+"""
+import json
+import os
+
+from flax import traverse_util
+import jax
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+
+from stackwise_jax.checkpoint import restore_into
+from stackwise_jax.config import from_yaml, to_yaml, validate
+from stackwise_jax.model.lora import plain_keys
+from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
+from stackwise_jax.progressive.trainer import stack_specs
+
+FORMATS = ("safetensors", "npz")
+# dtype -> the plain dtype its values or bits are stored as
+_STORED_AS = {"bfloat16": "uint16", "float8_e4m3fn": "uint8", "int4": "int8"}
+
+
+def export_rack(rack, n_stages: int, directory: str, fmt: str) -> str:
+  """Writes `rack`'s params and manifest into `directory` (created); returns the params file.
+  `n_stages`: how many stages built the rack (the loader replays them)."""
+  if fmt not in FORMATS:
+    raise ValueError(f"--format={fmt!r}: allowed: {', '.join(FORMATS)}")
+  os.makedirs(directory, exist_ok=True)
+  arrays, entries = {}, {}
+  for path, x in jax.tree_util.tree_leaves_with_path(rack.params):
+    key = "/".join(map(str, plain_keys(path)))
+    x = np.asarray(x)
+    stored = _STORED_AS.get(x.dtype.name)
+    entries[key] = {"dtype": x.dtype.name, "shape": list(x.shape), "stored_as": stored or x.dtype.name}
+    arrays[key] = x.astype(stored) if x.dtype.name == "int4" else (x.view(stored) if stored else x)
+  path = os.path.join(directory, f"params.{fmt}")
+  if fmt == "safetensors":
+    safetensors.numpy.save_file(arrays, path)
+  else:
+    np.savez(path, **arrays)
+  manifest = {"format": fmt, "config": to_yaml(rack.config), "stages": n_stages,
+              "stack_order": list(rack.order),
+              "stacks": stack_specs(rack.specs),
+              "params": entries}
+  with open(os.path.join(directory, "manifest.json"), "w") as f:
+    json.dump(manifest, f, indent=1)
+  return path
+
+
+def load_export(directory: str):
+  """The rack `export_rack` wrote into `directory`, from its two files alone."""
+  with open(os.path.join(directory, "manifest.json")) as f:
+    manifest = json.load(f)
+  path = os.path.join(directory, f"params.{manifest['format']}")
+  if manifest["format"] == "safetensors":
+    stored = safetensors.numpy.load_file(path)
+  else:
+    with np.load(path) as npz:
+      stored = dict(npz)
+  flat = {}
+  for key, entry in manifest["params"].items():
+    dtype = np.dtype(getattr(ml_dtypes, entry["dtype"], entry["dtype"]))
+    x = stored[key]
+    flat[tuple(key.split("/"))] = (x.astype(dtype) if entry["dtype"] == "int4"
+                                   else x.view(dtype) if entry["dtype"] in _STORED_AS else x)
+  config = validate(from_yaml(manifest["config"], os.path.join(directory, "manifest.json")))
+  builder = ProgressiveRackBuilder(config)
+  ProgressiveTrainer(config, progress=False, log=lambda _: None).replay(
+      builder, manifest["stacks"], manifest["stages"], source=directory)
+  # As jax arrays: NNX layers given numpy arrays would compute some ops in NumPy, differently.
+  params = jax.device_put(traverse_util.unflatten_dict(flat))
+  builder.update_params(restore_into(builder.params, params, "export"))
+  return builder.build_rack()
