@@ -177,7 +177,7 @@ def restore_into(target, restored, what: str):
   untargeted restore names list indices and int keys as strings). Raises ValueError naming the
   first path that is missing or has another shape or dtype."""
   by_path = {_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+  leaves = jax.tree_util.tree_flatten_with_path(target)[0]
   if len(by_path) != len(leaves):
     raise ValueError(f"checkpoint {what}: {len(by_path)} arrays there, {len(leaves)} expected")
   out = []

@@ -1,7 +1,6 @@
 """Growing the rack: order by building mode, untouched existing stacks, max_stacks, labels."""
 import jax
 import numpy as np
-import optax
 import pytest
 
 from conftest import micro_config

@@ -1,7 +1,6 @@
 """Runs that survive (design §9): resume equals an uninterrupted run, kills and signals lose nothing,
 other configs are refused, unreadable checkpoints fall back, a workdir alone gives the rack."""
 import json
-import os
 import pathlib
 import shutil
 import signal

@@ -10,7 +10,7 @@ from flax import traverse_util
 from conftest import micro_config
 from stackwise_jax import ConfigError, ProgressiveRackBuilder, ProgressiveTrainer, validate
 from stackwise_jax.data import make_dataloader
-from stackwise_jax.progressive import FROZEN, TRAINABLE
+from stackwise_jax.progressive import TRAINABLE
 from test_model import reference_logits
 
 KERNELS = ("q", "k", "v", "o", "gate", "up", "down")
