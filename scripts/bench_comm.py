@@ -9,7 +9,6 @@ collective in the optimized HLO (all-reduce, all-gather, reduce-scatter, all-to-
 collective-permute) by kind. That is the data each collective produces per device; what crosses
 the wire depends on the algorithm (a ring all-reduce sends about 2× its size).
 """
-import argparse
 import os
 import re
 import sys
@@ -18,7 +17,7 @@ if __name__ == "__main__":   # before jax starts: the device count is fixed then
   _count = sys.argv[sys.argv.index("--devices") + 1] if "--devices" in sys.argv else "8"
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={_count}"
 
-from bench_stages import save
+from bench_stages import bench_parser, save
 import jax
 from jax.sharding import NamedSharding
 import numpy as np
@@ -82,11 +81,8 @@ def compiled_steps(config):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="configs/small.py")
+  parser = bench_parser(__doc__, "bench_comm.json")
   parser.add_argument("--devices", type=int, default=8)
-  parser.add_argument("--out", default="bench_comm.json")
-  parser.add_argument("overrides", nargs="*", help="config overrides, e.g. training.batch_size=8")
   args = parser.parse_args()
 
   rows = []

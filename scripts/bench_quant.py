@@ -8,14 +8,13 @@ stores every trained stack in each format the way a frozen trunk is stored (`fre
 ||W - Q(W)|| / ||W|| of the attention/FFN kernels (per stack and over all of them), and the
 held-out eval loss of the whole rack with every stack in that format.
 """
-import argparse
 import sys
 
 from flax import traverse_util
 import jax
 import numpy as np
 
-from bench_stages import save
+from bench_stages import bench_parser, save
 from stackwise_jax.config import load_config
 from stackwise_jax.data import make_dataloader
 from stackwise_jax.model import nvfp4
@@ -65,12 +64,9 @@ def stored_as(config, trained, n_stacks, precision, freeze):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="configs/small.py")
+  parser = bench_parser(__doc__, "bench_quant.json")
   parser.add_argument("--stacks", type=int, default=3)
   parser.add_argument("--steps", type=int, default=100, help="train steps per stage")
-  parser.add_argument("--out", default="bench_quant.json")
-  parser.add_argument("overrides", nargs="*", help="config overrides, e.g. training.batch_size=8")
   args = parser.parse_args()
 
   config = load_config(args.config, [

@@ -22,6 +22,16 @@ from stackwise_jax.data import make_dataloader
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
 
 
+def bench_parser(doc: str, out: str) -> argparse.ArgumentParser:
+  """The arguments every benchmark script takes: --config, --out and config overrides; a script
+  adds its own."""
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--config", default="configs/small.py")
+  parser.add_argument("--out", default=out)
+  parser.add_argument("overrides", nargs="*", help="config overrides, e.g. training.batch_size=8")
+  return parser
+
+
 def run(config_path, stages, steps, cache, overrides):
   """Trains `stages` stages of `steps` steps quietly; returns the results. `cache` None keeps the
   config's cache_activations."""
@@ -34,12 +44,9 @@ def run(config_path, stages, steps, cache, overrides):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="configs/small.py")
+  parser = bench_parser(__doc__, "bench_stages.json")
   parser.add_argument("--stages", type=int, default=6)
   parser.add_argument("--steps", type=int, default=12, help="train steps per stage (timed: steps-1)")
-  parser.add_argument("--out", default="bench_stages.json")
-  parser.add_argument("overrides", nargs="*", help="config overrides, e.g. training.batch_size=8")
   args = parser.parse_args()
 
   modes = {"cached": True, "streamed": False}

@@ -8,10 +8,9 @@ at each requested depth, the stage's steady-state step time and its per-stack me
 Strategies: `frozen` (cached trunk, the default), `frozen-streamed` (recomputed every step) and
 `qlora` (int4 trunk, stack LoRA + progressive adapters training, streamed).
 """
-import argparse
 import sys
 
-from bench_stages import run, save
+from bench_stages import bench_parser, run, save
 
 STRATEGIES = {
     "frozen": ["training.progressive.trunk_strategy=frozen"],
@@ -23,13 +22,10 @@ STRATEGIES = {
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="configs/small.py")
+  parser = bench_parser(__doc__, "bench_trunk.json")
   parser.add_argument("--depths", type=int, nargs="+", default=[2, 4, 6])
   parser.add_argument("--steps", type=int, default=8, help="train steps per stage (timed: steps-1)")
   parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
-  parser.add_argument("--out", default="bench_trunk.json")
-  parser.add_argument("overrides", nargs="*", help="config overrides, e.g. training.batch_size=8")
   args = parser.parse_args()
 
   rows = []

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from stackwise_jax.config import ConfigError, from_yaml, to_yaml, validate
-from stackwise_jax.model.lora import plain_keys
+from stackwise_jax.model.lora import key_path
 
 # Config fields a resumed run may change: where and how often it reports and saves, and how far
 # it grows. Every other field must match the checkpoint.
@@ -40,6 +40,7 @@ class Checkpoint:
   """A checkpoint read back whole: arrays as orbax restores them without a target (dict keys
   become strings; `restore_into` puts them back into a pytree of the run's own structure)."""
   step: int
+  path: str   # its directory, for messages
   meta: dict
   params: Any
   opt: Any
@@ -102,7 +103,8 @@ class RunCheckpoints:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(), opt=ocp.args.StandardRestore(),
         meta=ocp.args.JsonRestore()))
-    return Checkpoint(step, restored.meta, restored.params, restored.opt)
+    return Checkpoint(step, os.path.join(self.directory, str(step)), restored.meta,
+                      restored.params, restored.opt)
 
   def _latest_readable(self) -> Checkpoint | None:
     for step in reversed(self.steps()):
@@ -154,6 +156,13 @@ def check_compatible(meta: dict, config, directory: str) -> None:
         f"{directory} already holds a rack of {stacks} stacks; allowed: >= {stacks} (or --fresh)")
 
 
+def open_run(workdir: str) -> RunCheckpoints:
+  """The checkpoints of a finished or interrupted run, with the config they were written with.
+  Raises ConfigError if `workdir` holds no readable checkpoint."""
+  config = read_config(workdir)
+  return RunCheckpoints(workdir, config, log=lambda _: None)
+
+
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config of the run in `workdir`, from its latest readable checkpoint."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -176,23 +185,19 @@ def restore_into(target, restored, what: str):
   """Returns `target`'s pytree with every leaf taken from `restored` at the same key path (orbax's
   untargeted restore names list indices and int keys as strings). Raises ValueError naming the
   first path that is missing or has another shape or dtype."""
-  by_path = {_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
+  by_path = {key_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
   leaves = jax.tree_util.tree_flatten_with_path(target)[0]
   if len(by_path) != len(leaves):
     raise ValueError(f"checkpoint {what}: {len(by_path)} arrays there, {len(leaves)} expected")
   out = []
   for path, want in leaves:
-    got = by_path.get(_path(path))
+    got = by_path.get(key_path(path))
     if got is None or got.shape != want.shape or got.dtype != want.dtype:
       found = "missing" if got is None else f"{got.dtype}{list(got.shape)}"
-      raise ValueError(f"checkpoint {what} at {_path(path)}: {found}, expected "
+      raise ValueError(f"checkpoint {what} at {key_path(path)}: {found}, expected "
                        f"{want.dtype}{list(want.shape)}")
     out.append(got)
   return jax.tree.unflatten(jax.tree.structure(target), out)
-
-
-def _path(path) -> str:
-  return "/".join(map(str, plain_keys(path)))
 
 
 def _flat(d, prefix=""):

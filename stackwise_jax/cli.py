@@ -122,17 +122,20 @@ def _train(config, dataloader, checkpoints, args) -> int:
 
 
 def _prepare_eval(args):
-  from stackwise_jax.checkpoint import read_config
-  read_config(args.workdir)   # a workdir without a readable checkpoint fails here
+  from stackwise_jax.checkpoint import open_run
   if args.batches is not None and args.batches <= 0:
     raise ConfigError(f"--batches={args.batches}: allowed: a positive number of batches")
-  return lambda: _eval(args)
+  checkpoints = open_run(args.workdir)   # a workdir without a readable checkpoint fails here
+  return lambda: _eval(args, checkpoints)
 
 
-def _eval(args) -> int:
-  from stackwise_jax.evaluate import evaluate_workdir
+def _eval(args, checkpoints) -> int:
+  from stackwise_jax.evaluate import evaluate_run
   from stackwise_jax.report import eval_table, write_json
-  rows = evaluate_workdir(args.workdir, args.batches)
+  try:
+    rows = evaluate_run(checkpoints, args.batches)
+  finally:
+    checkpoints.close()
   path = os.path.join(args.workdir, "eval.json")
   write_json(path, {"racks": rows})
   print(eval_table(rows))
@@ -143,19 +146,17 @@ def _eval(args) -> int:
 def _prepare_export(args):
   """Reads the workdir's latest checkpoint (refusing a missing or unreadable one); returns the
   export."""
-  from stackwise_jax.checkpoint import RunCheckpoints, read_config
-  config = read_config(args.workdir)
-  checkpoints = RunCheckpoints(args.workdir, config)
-  stages = checkpoints.latest.meta["stage"]
+  from stackwise_jax.checkpoint import open_run
+  checkpoints = open_run(args.workdir)
   checkpoints.close()
-  return lambda: _export(args, stages)
+  return lambda: _export(args, checkpoints.config, checkpoints.latest)
 
 
-def _export(args, stages) -> int:
+def _export(args, config, ckpt) -> int:
   from stackwise_jax.export import export_rack
-  from stackwise_jax.progressive import load_rack
+  from stackwise_jax.progressive.trainer import rack_from_checkpoint
   out = args.out or os.path.join(args.workdir, "export")
-  path = export_rack(load_rack(args.workdir), stages, out, args.format)
+  path = export_rack(rack_from_checkpoint(config, ckpt), ckpt.meta["stage"], out, args.format)
   print(f"exported: {path} and {os.path.join(out, 'manifest.json')}")
   return 0
 

@@ -9,9 +9,10 @@ import math
 
 import numpy as np
 
-from stackwise_jax.checkpoint import RunCheckpoints, read_config
+from stackwise_jax.checkpoint import RunCheckpoints
 from stackwise_jax.data import make_dataloader
-from stackwise_jax.progressive import ProgressiveTrainer, TimeStepMasking, load_rack
+from stackwise_jax.progressive import ProgressiveTrainer, TimeStepMasking
+from stackwise_jax.progressive.trainer import rack_from_checkpoint
 from stackwise_jax.progressive.steps import make_eval_step
 
 
@@ -25,23 +26,21 @@ def evaluate(rack, examples) -> dict:
           "tokens": int(tokens)}
 
 
-def evaluate_workdir(workdir: str, n_batches: int | None = None) -> list[dict]:
-  """One row per stage end kept in `workdir`'s checkpoints, plus the latest checkpoint if it was
-  taken mid-stage: {"stage", "step", "stacks" (forward order), loss, perplexity, accuracy, tokens}.
-  """
-  config = read_config(workdir)
-  checkpoints = RunCheckpoints(workdir, config, log=lambda _: None)
-  per_stage = config.training.steps_per_stack
-  steps = [s for s in checkpoints.steps() if s % per_stage == 0]
-  if checkpoints.latest.step not in steps:
-    steps.append(checkpoints.latest.step)
-  checkpoints.close()
+def evaluate_run(checkpoints: RunCheckpoints, n_batches: int | None = None) -> list[dict]:
+  """One row per stage end kept in a run's checkpoints (`checkpoint.open_run`), plus the latest
+  checkpoint if it was taken mid-stage: {"stage", "step", "stacks" (forward order), loss,
+  perplexity, accuracy, tokens}."""
+  config, latest = checkpoints.config, checkpoints.latest
+  steps = [s for s in checkpoints.steps() if s % config.training.steps_per_stack == 0]
+  if latest.step not in steps:
+    steps.append(latest.step)
   batches = make_dataloader(config).eval_batches(n_batches or config.training.eval_batches)
   masking = TimeStepMasking(config)
   examples = [ProgressiveTrainer.eval_example(masking, b) for b in batches]
   rows = []
   for step in steps:
-    rack = load_rack(workdir, step)
-    rows.append({"stage": -(-step // per_stage), "step": step, "stacks": list(rack.order),
+    ckpt = latest if step == latest.step else checkpoints.read(step)
+    rack = rack_from_checkpoint(config, ckpt)
+    rows.append({"stage": ckpt.meta["stage"], "step": step, "stacks": list(rack.order),
                  **evaluate(rack, examples)})
   return rows

@@ -18,7 +18,7 @@ import safetensors.numpy
 
 from stackwise_jax.checkpoint import restore_into
 from stackwise_jax.config import from_yaml, to_yaml, validate
-from stackwise_jax.model.lora import plain_keys
+from stackwise_jax.model.lora import key_path
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
 from stackwise_jax.progressive.trainer import stack_specs
 
@@ -35,7 +35,7 @@ def export_rack(rack, n_stages: int, directory: str, fmt: str) -> str:
   os.makedirs(directory, exist_ok=True)
   arrays, entries = {}, {}
   for path, x in jax.tree_util.tree_leaves_with_path(rack.params):
-    key = "/".join(map(str, plain_keys(path)))
+    key = key_path(path)
     x = np.asarray(x)
     stored = _STORED_AS.get(x.dtype.name)
     entries[key] = {"dtype": x.dtype.name, "shape": list(x.shape), "stored_as": stored or x.dtype.name}

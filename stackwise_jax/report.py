@@ -70,7 +70,7 @@ def write_json(path: str, payload: dict) -> None:
 
 
 def eval_table(rows: list[dict]) -> str:
-  """`evaluate_workdir`'s rows: one line per evaluated rack."""
+  """`evaluate_run`'s rows: one line per evaluated rack."""
   table = [["stage", "step", "stacks", "loss", "perplexity", "accuracy", "tokens"]]
   table += [[str(r["stage"]), str(r["step"]), " ".join(r["stacks"]), f"{r['loss']:.4f}",
              f"{r['perplexity']:.2f}", f"{r['accuracy']:.4f}", f"{r['tokens']:,}"] for r in rows]

@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from stackwise_jax.config import ConfigError
-from stackwise_jax.model.lora import plain_keys
+from stackwise_jax.model.lora import key_path
 
 MESH_AXES = ("data", "fsdp")
 LOGICAL_RULES = {
@@ -84,7 +84,7 @@ def leaf_sharding(mesh: Mesh, path: str, shape: tuple) -> NamedSharding:
 def tree_shardings(mesh: Mesh, tree):
   """A NamedSharding per leaf of a params / optimizer-state / train-state pytree."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: leaf_sharding(mesh, "/".join(map(str, plain_keys(path))), np.shape(x)), tree)
+      lambda path, x: leaf_sharding(mesh, key_path(path), np.shape(x)), tree)
 
 
 def batch_spec() -> PartitionSpec:

@@ -16,7 +16,7 @@ import jax
 from conftest import micro_config
 from stackwise_jax.checkpoint import RunCheckpoints
 from stackwise_jax.data import make_dataloader
-from stackwise_jax.model.lora import plain_keys
+from stackwise_jax.model.lora import key_path
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
 
 TRUNKS = {"frozen": {},
@@ -43,7 +43,7 @@ def train(config, devices=None, workdir=None):
 
 
 def specs(tree):
-  return {"/".join(map(str, plain_keys(path))): str(x.sharding.spec)
+  return {key_path(path): str(x.sharding.spec)
           for path, x in jax.tree_util.tree_leaves_with_path(tree)
           if hasattr(x, "sharding") and x.ndim > 0}
 

@@ -68,6 +68,12 @@ def plain_keys(path) -> tuple:
   return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
 
 
+def key_path(path) -> str:
+  """A jax key path as `stacks/stack_0/blocks/0/attn/q/kernel`: how checkpoints, exports and
+  sharding rules name a leaf."""
+  return "/".join(map(str, plain_keys(path)))
+
+
 def is_adapter_path(path) -> bool:
   """Whether a params leaf (its key path) belongs to a stack or progressive adapter."""
   keys = tuple(map(str, plain_keys(path)))

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from stackwise_jax.checkpoint import RunCheckpoints, read_config, restore_into
+from stackwise_jax.checkpoint import RunCheckpoints, open_run, restore_into
 from stackwise_jax.config import ConfigError, validate
 from stackwise_jax.model.lora import is_adapter_path, leaf_bytes, plain_keys
 from stackwise_jax.progressive.builder import TRAINABLE, ProgressiveRackBuilder
@@ -97,17 +97,22 @@ class ProgressiveTrainer:
     (specs of the last stage, the checkpoint if that stage was cut off mid-way, else None)."""
     ckpt = self.checkpoints.latest
     meta = ckpt.meta
-    source = f"{self.checkpoints.directory}/{ckpt.step}"
-    new = self.replay(builder, meta["specs"], meta["stage"], ckpt.stage_done, source, stages)
-    builder.update_params(restore_into(builder.params, ckpt.params, "params"))
+    new = self.load_checkpoint(builder, ckpt, stages)
     self.results = meta["results"]
     if data is not None:
       self.checkpoints.restore_data(data)
     where = ("the end of the stage" if ckpt.stage_done
              else f"step {meta['step']}/{meta['steps_per_stack']}")
-    self.log(f"resuming from {self.checkpoints.directory}/{ckpt.step}: stage {meta['stage']}, "
-             f"{where}")
+    self.log(f"resuming from {ckpt.path}: stage {meta['stage']}, {where}")
     return new, None if ckpt.stage_done else ckpt
+
+  def load_checkpoint(self, builder, ckpt, stages=None):
+    """Replays `ckpt`'s stages on `builder` (same config, empty) and loads its params. Returns
+    the specs of its last stage."""
+    meta = ckpt.meta
+    new = self.replay(builder, meta["specs"], meta["stage"], ckpt.stage_done, ckpt.path, stages)
+    builder.update_params(restore_into(builder.params, ckpt.params, "params"))
+    return new
 
   def replay(self, builder, specs, n_stages, last_done=True, source="", stages=None):
     """Rebuilds a rack's structure on `builder` (same config, empty): re-runs the builder
@@ -315,14 +320,16 @@ class ProgressiveTrainer:
 def load_rack(workdir: str, step: int | None = None):
   """The rack of checkpoint `step` (default: the latest readable one) in `workdir`, for eval,
   sampling or export. Its config and structure come from the checkpoint alone."""
-  config = read_config(workdir)
-  checkpoints = RunCheckpoints(workdir, config, log=lambda _: None)
+  checkpoints = open_run(workdir)
   ckpt = checkpoints.latest if step is None else checkpoints.read(step)
   checkpoints.close()
+  return rack_from_checkpoint(checkpoints.config, ckpt)
+
+
+def rack_from_checkpoint(config, ckpt):
+  """The rack a checkpoint (`RunCheckpoints.read`) of a run with `config` holds."""
   builder = ProgressiveRackBuilder(config)
-  ProgressiveTrainer(config, progress=False, log=lambda _: None).replay(
-      builder, ckpt.meta["specs"], ckpt.meta["stage"], source=f"{workdir} step {ckpt.step}")
-  builder.update_params(restore_into(builder.params, ckpt.params, "params"))
+  ProgressiveTrainer(config, progress=False, log=lambda _: None).load_checkpoint(builder, ckpt)
   return builder.build_rack()
 
 
