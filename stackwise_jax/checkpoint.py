@@ -19,6 +19,7 @@ from typing import Any
 from etils import epath
 import grain
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -77,7 +78,7 @@ class RunCheckpoints:
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if fresh and os.path.isdir(self.directory) and os.listdir(self.directory):
       aside = f"{self.directory}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-      os.rename(self.directory, aside)
+      _move_aside(self.directory, aside)
       log(f"--fresh: the previous checkpoints are kept in {aside}")
     self._manager = self._open()
     self.latest = self._latest_readable()
@@ -112,7 +113,7 @@ class RunCheckpoints:
         return self.read(step)
       except Exception as e:   # orbax raises many types for a truncated or garbled step
         aside = os.path.join(self.directory, f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.rename(os.path.join(self.directory, str(step)), aside)
+        _move_aside(os.path.join(self.directory, str(step)), aside)
         self.log(f"warning: checkpoint {self.directory}/{step} is unreadable "
                  f"({type(e).__name__}: {str(e)[:200]}); moved to {aside}, using the one before it")
         self._manager.close()
@@ -198,6 +199,18 @@ def restore_into(target, restored, what: str):
                        f"{want.dtype}{list(want.shape)}")
     out.append(got)
   return jax.tree.unflatten(jax.tree.structure(target), out)
+
+
+def _move_aside(path: str, aside: str) -> None:
+  """Renames `path` once however many hosts share the directory. Every host has seen `path` before
+  it moves (they all decide alike), and it has moved before any host goes on."""
+  sync = jax.process_count() > 1
+  if sync:
+    multihost_utils.sync_global_devices(f"found {path}")
+  if jax.process_index() == 0:
+    os.rename(path, aside)
+  if sync:
+    multihost_utils.sync_global_devices(f"moved {path}")
 
 
 def _flat(d, prefix=""):

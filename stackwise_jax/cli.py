@@ -24,7 +24,13 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--no-progress", action="store_true", help="no progress bars")
   train.add_argument("--distributed", action="store_true",
                      help="multi-host: call jax.distributed.initialize() first (or set "
-                          "STACKWISE_DISTRIBUTED=1)")
+                          "STACKWISE_DISTRIBUTED=1); a cluster JAX detects (SLURM, Open MPI, "
+                          "TPU pod) needs nothing more")
+  train.add_argument("--coordinator", metavar="HOST:PORT",
+                     help="with --distributed where JAX detects no cluster: process 0's address "
+                          "(also --num-processes, --process-id)")
+  train.add_argument("--num-processes", type=int)
+  train.add_argument("--process-id", type=int)
   train.add_argument("--fresh", action="store_true",
                      help="start over: move the workdir's checkpoints aside instead of resuming")
   evaluate = commands.add_parser("eval", help="loss, perplexity, accuracy of each stage's rack")
@@ -66,7 +72,7 @@ def _prepare_train(args, overrides):
   config = load_config(args.config, overrides)
   config.training.workdir = args.workdir
   if args.distributed or os.environ.get("STACKWISE_DISTRIBUTED") == "1":
-    jax.distributed.initialize()   # coordinator and process ids from the cluster's environment
+    _initialize_distributed(args)
   make_mesh(config)   # mesh sizes and batch size against the devices there are
   results_path = os.path.join(args.workdir, "results.json")
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
@@ -85,6 +91,18 @@ def _prepare_train(args, overrides):
   return lambda: _train(config, dataloader, checkpoints, args)
 
 
+def _initialize_distributed(args):
+  import jax
+  explicit = (args.coordinator, args.num_processes, args.process_id)
+  if any(x is not None for x in explicit) and None in explicit:
+    raise ConfigError("--coordinator, --num-processes and --process-id: allowed: all three or "
+                      "none (none: JAX reads them from the cluster's environment)")
+  if args.num_processes is not None and not 0 <= args.process_id < args.num_processes:
+    raise ConfigError(f"--process-id={args.process_id}: allowed: 0 to --num-processes - 1 "
+                      f"({args.num_processes - 1})")
+  jax.distributed.initialize(*explicit)
+
+
 def _show_finished(workdir, results) -> int:
   from stackwise_jax.report import summary_table
   print(f"{workdir} already holds this finished run; nothing to train. Its summary:", file=sys.stderr)
@@ -97,12 +115,14 @@ def _train(config, dataloader, checkpoints, args) -> int:
   from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
   from stackwise_jax.progressive.trainer import TrainingInterrupted
   from stackwise_jax.report import summary_table, write_json
-  with open(os.path.join(args.workdir, "config.yaml"), "w") as f:
-    f.write(to_yaml(config))
+  primary = jax.process_index() == 0   # on several hosts one of them writes the shared files
+  if primary:
+    with open(os.path.join(args.workdir, "config.yaml"), "w") as f:
+      f.write(to_yaml(config))
   print(dataloader.describe(), file=sys.stderr)
   builder = ProgressiveRackBuilder(config)
   trainer = ProgressiveTrainer(config, checkpoints=checkpoints,
-                               progress=not args.no_progress and jax.process_index() == 0)
+                               progress=not args.no_progress and primary)
   try:
     results = trainer.train_progressively(builder, dataloader)
   except TrainingInterrupted as e:
@@ -114,10 +134,11 @@ def _train(config, dataloader, checkpoints, args) -> int:
     return 2
   finally:
     checkpoints.close()
-  results_path = os.path.join(args.workdir, "results.json")
-  write_json(results_path, results)
-  print(summary_table(results))
-  print(f"results: {results_path}")
+  if primary:
+    results_path = os.path.join(args.workdir, "results.json")
+    write_json(results_path, results)
+    print(summary_table(results))
+    print(f"results: {results_path}")
   return 0
 
 

@@ -8,7 +8,7 @@ logical name to mesh axes. A dim the mesh axis does not divide, and any leaf no 
 replicated. The train step is jitted with these shardings; XLA inserts the collectives.
 
 On several hosts (after `jax.distributed.initialize()`) each host reads its own share of every
-batch (grain's per-host shard) and `global_batch` assembles the global array from the local ones.
+batch (`DataLoader`'s shard) and `global_batch` assembles the global array from the local ones.
 """
 import re
 
@@ -101,12 +101,6 @@ def global_batch(mesh: Mesh, local):
 def local_batch(mesh: Mesh, global_arrays):
   """Inverse of `global_batch`: this host's share as host-local arrays."""
   return multihost_utils.global_array_to_host_local_array(global_arrays, mesh, batch_spec())
-
-
-def host_share(batch):
-  """This host's contiguous share of a batch every host holds whole (evaluation batches)."""
-  index, count = jax.process_index(), jax.process_count()
-  return jax.tree.map(lambda x: x[index * len(x) // count:(index + 1) * len(x) // count], batch)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -255,18 +255,23 @@ def test_eval_batches_are_fixed_val_records_in_order(loader):
   assert loader.eval_batches(0) == [] and loader.eval_batches(-1) == []
 
 
-def test_shards_partition_the_train_records(pattern):
+def test_host_shares_put_together_are_the_single_host_batches(pattern):
   files = corpus.text_files([pattern])
-  kwargs = dict(seq_len=SEQ_LEN, batch_size=BATCH, val_fraction=0.25)
-  shards = [DataLoader(files, shard_index=s, shard_count=2, **kwargs) for s in range(2)]
-  n = shards[0].num_train_records
-  seen = []
-  for s, dl in enumerate(shards):
-    ids = np.concatenate([b["example_id"] for b in _take(dl.train_iter(), n // 2 // BATCH)])
-    assert np.all(ids % 2 == s)
-    seen.append(set(ids.tolist()))
-  assert not seen[0] & seen[1]
-  assert len(seen[0] | seen[1]) >= 2 * BATCH * (n // 2 // BATCH)
+  kwargs = dict(seq_len=SEQ_LEN, val_fraction=0.25)
+  whole = DataLoader(files, batch_size=2 * BATCH, **kwargs)
+  shards = [DataLoader(files, batch_size=BATCH, shard_index=s, shard_count=2, **kwargs)
+            for s in range(2)]
+  steps = 2 * whole.num_train_records // (2 * BATCH)   # two epochs
+  batches = [_take(dl.train_iter(), steps) for dl in shards]
+  for k, expected in enumerate(_take(whole.train_iter(), steps)):
+    for key in ("tokens", "example_id"):
+      np.testing.assert_array_equal(
+          np.concatenate([batches[0][k][key], batches[1][k][key]]), expected[key])
+  evals = [dl.eval_batches(3) for dl in shards]
+  for k, expected in enumerate(whole.eval_batches(3)):
+    np.testing.assert_array_equal(np.concatenate([evals[0][k]["tokens"], evals[1][k]["tokens"]]),
+                                  expected["tokens"])
+  assert not set(batches[0][0]["example_id"]) & set(batches[1][0]["example_id"])
 
 
 # --- The built-in corpus end to end (reads ~30 MB once). ---

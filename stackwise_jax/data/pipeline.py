@@ -101,8 +101,10 @@ class DataLoader:
       shuffle_seed: seed of the train shuffle (epoch e is shuffled with seed shuffle_seed + e).
       num_workers: 0 reads in this process; > 0 prefetches batches in that many grain worker
         processes (same batches, same order).
-      shard_index, shard_count: this host's share of the train records (record i goes to shard
-        i % shard_count); batch_size is then per shard. Eval batches are not sharded.
+      shard_index, shard_count: this host's share of every batch. A global batch holds
+        batch_size * shard_count records, and this host reads the shard_index-th contiguous
+        batch_size of them (train and eval alike): the global batches, and so the run, are the
+        same on any number of hosts.
       source: the corpus name shown by `describe()`.
 
     Raises:
@@ -120,13 +122,12 @@ class DataLoader:
     self.train_tokens, self.val_tokens = len(train), len(val)
     self._train, self._val = pack(train, seq_len), pack(val, seq_len)
 
-    per_shard = len(range(shard_index, self.num_train_records, shard_count))
-    if per_shard < batch_size:
+    if self.num_train_records < batch_size * shard_count:
       raise ConfigError(
-          f"training.batch_size={batch_size}: the train split has {per_shard} records of "
-          f"training.seq_len={seq_len} tokens{' in this shard' if shard_count > 1 else ''} "
+          f"training.batch_size={batch_size * shard_count}: the train split has "
+          f"{self.num_train_records} records of training.seq_len={seq_len} tokens "
           f"({self.train_tokens} tokens from {len(self.train_files)} files); allowed: at most "
-          f"{per_shard}, or add data (data.paths)")
+          f"{self.num_train_records}, or add data (data.paths)")
     if self.num_val_records == 0:
       raise ConfigError(
           f"data.val_fraction={val_fraction!r}: the val split ({len(self.val_files)} files, "
@@ -144,15 +145,14 @@ class DataLoader:
   def train_iter(self) -> grain.DatasetIterator:
     """Returns an endless, checkpointable iterator of shuffled train batches.
 
-    Pipeline: records → shard → shuffle(shuffle_seed) → repeat() → batch(drop_remainder).
+    Pipeline: records → shuffle(shuffle_seed) → repeat() → batch → this host's share.
     grain reshuffles each epoch (seed + epoch) and every record appears once per epoch; since
     repeat comes before batch, a batch may straddle two epochs. `it.get_state()` /
     `it.set_state(state)` are grain's own: a fresh iterator set to a saved state yields the same
     batches that followed it. Each call starts again at the first batch.
     """
-    ds = grain.MapDataset.source(_Records(self._train))
-    ds = ds[self.shard_index::self.shard_count]   # per-host sharding: the one place it happens
-    ds = ds.shuffle(seed=self.shuffle_seed).repeat().batch(self.batch_size, drop_remainder=True)
+    ds = grain.MapDataset.source(_Records(self._train)).shuffle(seed=self.shuffle_seed).repeat()
+    ds = self._host_share(ds)
     # Records are already in memory: reader threads would only contend for the GIL.
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     if self.num_workers > 0:
@@ -163,13 +163,19 @@ class DataLoader:
   def eval_batches(self, n: int) -> list[dict[str, np.ndarray]]:
     """Returns the first `n` batches of the val split in record order ([] for n <= 0).
 
-    Batch k holds val records k*B .. k*B + B - 1 modulo num_val_records: when n batches need more
-    records than the split has, it cycles from record 0 again (so batches may repeat records).
+    Global batch k holds val records k*B .. k*B + B - 1 modulo num_val_records: when n batches
+    need more records than the split has, it cycles from record 0 again (so batches may repeat
+    records). Each host gets its share of it.
     """
     if n <= 0:
       return []
-    ds = grain.MapDataset.source(_Records(self._val)).repeat().batch(self.batch_size)
+    ds = self._host_share(grain.MapDataset.source(_Records(self._val)).repeat())
     return [ds[k] for k in range(n)]
+
+  def _host_share(self, records: grain.MapDataset) -> grain.MapDataset:
+    """Batches of this host's contiguous share of each global batch: the one place data is
+    split between hosts. Lazy: a host reads only its own records."""
+    return records.batch(self.batch_size, drop_remainder=True)[self.shard_index::self.shard_count]
 
   def describe(self) -> str:
     """A one-line summary: source, files, tokens and records per split."""

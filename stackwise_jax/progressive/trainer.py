@@ -17,7 +17,7 @@ from stackwise_jax.config import ConfigError, validate
 from stackwise_jax.model.lora import is_adapter_path, leaf_bytes, plain_keys
 from stackwise_jax.progressive.builder import TRAINABLE, ProgressiveRackBuilder
 from stackwise_jax.progressive.caching import ActivationCache
-from stackwise_jax.sharding import (global_batch, host_share, local_batch, make_mesh, replicated,
+from stackwise_jax.sharding import (global_batch, local_batch, make_mesh, replicated,
                                     tree_shardings)
 from stackwise_jax.progressive.steps import (init_train_state, make_eval_step, make_optimizer,
                                              make_train_step, plan_stage, prefix_activations)
@@ -205,7 +205,7 @@ class ProgressiveTrainer:
     train_step = make_train_step(rack, plan, tx, labels, dropout_seed=t.seed * 1000 + stage,
                                  shardings=(shardings, replicated(self.mesh)))
     eval_step = make_eval_step(rack)
-    eval_examples = [self.eval_example(masking, global_batch(self.mesh, host_share(b)))
+    eval_examples = [self.eval_example(masking, global_batch(self.mesh, b))
                      for b in eval_batches]
 
     bar = tqdm(total=t.steps_per_stack, initial=start, disable=not self.progress,
@@ -396,5 +396,5 @@ def stack_memory(specs, params, opt_state) -> dict:
 
 
 def _peak_device_memory() -> int | None:
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = jax.local_devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use")
