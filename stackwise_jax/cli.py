@@ -1,5 +1,6 @@
 """Command line: `stackwise-jax train --config configs/tiny.py [--config.a.b=v ...] --workdir DIR`,
-`stackwise-jax eval --workdir DIR`, `stackwise-jax export --workdir DIR --format safetensors|npz`."""
+`stackwise-jax eval --workdir DIR`, `stackwise-jax sample --workdir DIR --prompt TEXT`,
+`stackwise-jax export --workdir DIR --format safetensors|npz`."""
 import argparse
 import os
 import sys
@@ -36,6 +37,22 @@ def _parser() -> argparse.ArgumentParser:
   evaluate = commands.add_parser("eval", help="loss, perplexity, accuracy of each stage's rack")
   evaluate.add_argument("--workdir", required=True, help="a train command's workdir")
   evaluate.add_argument("--batches", type=int, help="eval batches (default: the run's)")
+  sample = commands.add_parser("sample", help="generate or fill masks with a trained rack")
+  sample.add_argument("--workdir", required=True, help="a train command's workdir")
+  sample.add_argument("--prompt", help="text to continue (masked racks: unmask what follows it)")
+  sample.add_argument("--infill", help="masked racks: text with [MASK] (one byte) or [MASK:n] "
+                                       "(n bytes) to fill, e.g. 'The [MASK:3] sat'")
+  sample.add_argument("--max-new-tokens", type=int, default=64, help="bytes after --prompt")
+  sample.add_argument("--steps", type=int, default=8,
+                      help="unmasking steps, t from 1 to 0 (masked racks with time as input)")
+  sample.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  sample.add_argument("--top-k", type=int, default=0, help="draw from the k likeliest (0: all)")
+  sample.add_argument("--seed", type=int, default=0)
+  sample.add_argument("--num-samples", type=int, default=1)
+  sample.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+  plot = commands.add_parser("plot", help="PNG plots of a run (loss, eval by depth, cost)")
+  plot.add_argument("--workdir", required=True, help="a train command's workdir")
+  plot.add_argument("--out", help="output directory (default: WORKDIR/plots)")
   export = commands.add_parser("export", help="write a trained rack's params and a manifest")
   export.add_argument("--workdir", required=True, help="a train command's workdir")
   export.add_argument("--format", required=True, choices=("safetensors", "npz"))
@@ -114,6 +131,8 @@ def _train(config, dataloader, checkpoints, args) -> int:
   import jax
   from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
   from stackwise_jax.progressive.trainer import TrainingInterrupted
+  from stackwise_jax.metrics import TensorBoard
+  from stackwise_jax.plots import plot_run
   from stackwise_jax.report import summary_table, write_json
   primary = jax.process_index() == 0   # on several hosts one of them writes the shared files
   if primary:
@@ -121,7 +140,8 @@ def _train(config, dataloader, checkpoints, args) -> int:
       f.write(to_yaml(config))
   print(dataloader.describe(), file=sys.stderr)
   builder = ProgressiveRackBuilder(config)
-  trainer = ProgressiveTrainer(config, checkpoints=checkpoints,
+  metrics = TensorBoard(os.path.join(args.workdir, "tensorboard")) if primary else None
+  trainer = ProgressiveTrainer(config, checkpoints=checkpoints, metrics=metrics,
                                progress=not args.no_progress and primary)
   try:
     results = trainer.train_progressively(builder, dataloader)
@@ -134,11 +154,15 @@ def _train(config, dataloader, checkpoints, args) -> int:
     return 2
   finally:
     checkpoints.close()
+    if metrics is not None:
+      metrics.close()
   if primary:
     results_path = os.path.join(args.workdir, "results.json")
     write_json(results_path, results)
     print(summary_table(results))
     print(f"results: {results_path}")
+    plots = plot_run(results, os.path.join(args.workdir, "plots"))
+    print(f"plots: {', '.join(plots)}; TensorBoard: tensorboard --logdir {metrics.logdir}")
   return 0
 
 
@@ -161,6 +185,61 @@ def _eval(args, checkpoints) -> int:
   write_json(path, {"racks": rows})
   print(eval_table(rows))
   print(f"eval: {path}")
+  return 0
+
+
+def _prepare_sample(args):
+  """Loads the rack, then checks the options against it before anything is generated."""
+  from stackwise_jax.checkpoint import open_run
+  from stackwise_jax.progressive.trainer import rack_from_checkpoint
+  from stackwise_jax.sample import prompt_batch
+  checkpoints = open_run(args.workdir)
+  try:
+    if args.step is not None and args.step not in checkpoints.steps():
+      raise ConfigError(f"--step={args.step}: allowed: a checkpoint step of {args.workdir} "
+                        f"({', '.join(map(str, checkpoints.steps()))})")
+    ckpt = checkpoints.latest if args.step is None else checkpoints.read(args.step)
+  finally:
+    checkpoints.close()
+  options = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed, steps=args.steps)
+  batch = prompt_batch(checkpoints.config, prompt=args.prompt, infill=args.infill,
+                       max_new_tokens=args.max_new_tokens, num_samples=args.num_samples, **options)
+  rack = rack_from_checkpoint(checkpoints.config, ckpt)
+  return lambda: _sample(rack, batch, args.max_new_tokens, options)
+
+
+def _sample(rack, batch, max_new_tokens, options) -> int:
+  from stackwise_jax.data.tokenizer import decode
+  from stackwise_jax.sample import complete
+  rows = complete(rack, batch, max_new_tokens, **options)
+  for i, row in enumerate(rows):
+    if len(rows) > 1:   # samples may hold newlines of their own
+      print(f"--- sample {i + 1} ---")
+    print(decode(row))
+  return 0
+
+
+def _prepare_plot(args):
+  """The results of a finished run (results.json) or, for one still going or cut off, of its
+  latest checkpoint."""
+  import json
+  path = os.path.join(args.workdir, "results.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      results = json.load(f)
+  else:
+    from stackwise_jax.checkpoint import open_run
+    checkpoints = open_run(args.workdir)   # neither: fails here, naming the workdir
+    checkpoints.close()
+    results = checkpoints.latest.meta["results"]
+  if not results["stages"]:
+    raise ConfigError(f"--workdir {args.workdir}: no stage has finished yet; nothing to plot")
+  return lambda: _plot(results, args.out or os.path.join(args.workdir, "plots"))
+
+
+def _plot(results, out) -> int:
+  from stackwise_jax.plots import plot_run
+  print(f"plots: {', '.join(plot_run(results, out))}")
   return 0
 
 
@@ -190,8 +269,12 @@ def main(argv=None) -> int:
     if args.command != "train" and overrides:
       raise ConfigError(f"{overrides[0]}: {args.command} takes no config overrides (the "
                         "workdir's config is used)")
+    if args.command != "train":   # orbax warns that it opened the checkpoints read-only
+      from absl import logging
+      logging.set_verbosity(logging.ERROR)
     prepare = {"train": lambda: _prepare_train(args, overrides), "eval": lambda: _prepare_eval(args),
-               "export": lambda: _prepare_export(args)}
+               "export": lambda: _prepare_export(args), "sample": lambda: _prepare_sample(args),
+               "plot": lambda: _prepare_plot(args)}
     run = prepare[args.command]()
   except (ValueError, OSError) as e:   # ConfigError is a ValueError
     print(f"stackwise-jax: error: {e}", file=sys.stderr)

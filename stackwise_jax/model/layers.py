@@ -92,19 +92,32 @@ class Attention(nnx.Module):
     self.v = linear(d_model, n_kv_heads * self.head_dim)
     self.o = linear(n_heads * self.head_dim, d_model)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [batch, seq, d_model] -> [batch, seq, d_model]."""
+  def __call__(self, x: jax.Array, cache: dict | None = None, pos=0):
+    """x: [batch, seq, d_model] -> [batch, seq, d_model].
+
+    Decoding (`cache` = {"k", "v"}: [batch, max_len, n_kv_heads, head_dim], see `Rack.init_cache`):
+    x holds positions pos .. pos + seq - 1; their keys and values are written into the cache and
+    each query attends to every cached position up to its own. Returns (output, updated cache).
+    """
     b, t, _ = x.shape
-    positions = jnp.arange(t)
+    positions = pos + jnp.arange(t)
     q = rope(self.q(x).reshape(b, t, self.n_heads, self.head_dim), positions, self.rope_theta)
     k = rope(self.k(x).reshape(b, t, self.n_kv_heads, self.head_dim), positions, self.rope_theta)
     v = self.v(x).reshape(b, t, self.n_kv_heads, self.head_dim)
+    mask = None
+    if cache is not None:
+      cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, pos, 0, 0)),
+               "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, pos, 0, 0))}
+      k, v = cache["k"].astype(k.dtype), cache["v"].astype(v.dtype)
+      mask = (jnp.arange(k.shape[1])[None, :] <= positions[:, None])[None, None]   # [1,1,t,max_len]
     if q.dtype == jnp.float16:
       # fp16 logits overflow easily, and XLA:CPU has no fp16 dot with fp32 accumulation.
       q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
     # GQA: jax.nn.dot_product_attention broadcasts the kv heads over query-head groups.
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal).astype(x.dtype)
-    return self.o(out.reshape(b, t, self.n_heads * self.head_dim))
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                       is_causal=self.causal and cache is None).astype(x.dtype)
+    out = self.o(out.reshape(b, t, self.n_heads * self.head_dim))
+    return out if cache is None else (out, cache)
 
 
 class SwiGLU(nnx.Module):

@@ -110,6 +110,25 @@ class Rack:
   def logits(self, params: Params, h):
     return nnx.merge(self.graphdefs["embed_head"], params["embed_head"]).logits(h)
 
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    """An empty KV cache for `decode`: per stack, per block {"k", "v"} zeros
+    [batch, max_len, n_kv_heads, head_dim] in the stack's compute dtype."""
+    m = self.config.model
+    shape = (batch, max_len, m.n_kv_heads, m.d_model // m.n_heads)
+    return {s.name: [{"k": jnp.zeros(shape, s.compute_dtype), "v": jnp.zeros(shape, s.compute_dtype)}
+                     for _ in range(s.n_blocks)] for s in self.specs}
+
+  def decode(self, params: Params, tokens, cache: dict, pos, time_step=None):
+    """Causal forward of `tokens` [batch, seq] at positions pos .. pos + seq - 1, attending to the
+    cached positions before them -> (logits [batch, seq, vocab] fp32, updated cache). A prompt
+    fills the cache in one call; each further call costs its own positions only."""
+    h, time_emb = self.embed(params, tokens, time_step)
+    cache = dict(cache)
+    for name in self.order:
+      h, cache[name] = nnx.merge(self.graphdefs[name], params["stacks"][name])(
+          h, time_emb, None, cache[name], pos)
+    return self.logits(params, h), cache
+
   def __call__(self, params: Params, tokens, time_step=None, dropout_key=None):
     """Full forward. tokens: [batch, seq] int32 -> logits [batch, seq, vocab] fp32."""
     h, time_emb = self.embed(params, tokens, time_step)

@@ -31,13 +31,17 @@ class Block(nnx.Module):
     self.time_proj = (nnx.Linear(time_dim, m.d_model, use_bias=False, dtype=dtype, rngs=rngs)
                       if time_dim else None)
 
-  def __call__(self, x, time_emb=None, dropout_key=None):
-    """x: [batch, seq, d_model]; time_emb: [batch, time_dim] or None."""
+  def __call__(self, x, time_emb=None, dropout_key=None, cache=None, pos=0):
+    """x: [batch, seq, d_model]; time_emb: [batch, time_dim] or None. With a KV `cache`
+    (decoding, see `Attention`) returns (x, updated cache)."""
     keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
     if self.time_proj is not None:
       x = x + self.time_proj(time_emb)[:, None, :].astype(x.dtype)
-    x = x + dropout(self.attn(self.attn_norm(x)), self.dropout_rate, keys[0])
-    return x + dropout(self.ffn(self.ffn_norm(x)), self.dropout_rate, keys[1])
+    attn = self.attn(self.attn_norm(x), cache, pos)
+    attn, cache = attn if cache is not None else (attn, None)
+    x = x + dropout(attn, self.dropout_rate, keys[0])
+    x = x + dropout(self.ffn(self.ffn_norm(x)), self.dropout_rate, keys[1])
+    return x if cache is None else (x, cache)
 
 
 class Stack(nnx.Module):
@@ -51,10 +55,17 @@ class Stack(nnx.Module):
         Block(model_config, causal=causal, dtype=self.dtype, time_dim=time_dim, rngs=rngs)
         for _ in range(n_blocks)])
 
-  def __call__(self, x, time_emb=None, dropout_key=None):
+  def __call__(self, x, time_emb=None, dropout_key=None, caches=None, pos=0):
+    """With `caches` (one KV cache per block; decoding) returns (x, updated caches)."""
     keys = (jax.random.split(dropout_key, len(self.blocks)) if dropout_key is not None
             else [None] * len(self.blocks))
     x = x.astype(self.dtype)
-    for block, key in zip(self.blocks, keys):
-      x = block(x, time_emb, key)
-    return x.astype(jnp.float32)
+    if caches is None:
+      for block, key in zip(self.blocks, keys):
+        x = block(x, time_emb, key)
+      return x.astype(jnp.float32)
+    updated = []
+    for block, cache in zip(self.blocks, caches):
+      x, cache = block(x, time_emb, None, cache, pos)
+      updated.append(cache)
+    return x.astype(jnp.float32), updated

@@ -29,15 +29,16 @@ class ProgressiveTrainer:
   """Trains a rack stage by stage. `results` holds one dict per stage (see `_run_stage`)."""
 
   def __init__(self, config, *, progress: bool = True, log=None,
-               checkpoints: RunCheckpoints | None = None, devices=None):
+               checkpoints: RunCheckpoints | None = None, devices=None, metrics=None):
     """`checkpoints`: where the run saves (`training.checkpoint_every` steps, the end of every
     stage, SIGINT/SIGTERM) and, if they hold a checkpoint, where it resumes from (design §9).
-    `devices`: those the mesh spans (default: all; design §11, sharding.py). After each stage,
-    `state` holds its final train state (params, optimizer state) as placed on the mesh."""
+    `devices`: those the mesh spans (default: all; design §11, sharding.py). `metrics`: where
+    losses go as they come (`metrics.TensorBoard`). After each stage, `state` holds its final
+    train state (params, optimizer state) as placed on the mesh."""
     self.config = validate(config)
     self.progress = progress
     self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    self.checkpoints = checkpoints
+    self.checkpoints, self.metrics = checkpoints, metrics
     self.mesh = make_mesh(self.config, devices)
     self.state = None
     self.results = {"stages": [], "final_eval_loss": None}
@@ -168,6 +169,7 @@ class ProgressiveTrainer:
     `self.results` and checkpoints its end."""
     t, p = self.config.training, self.config.training.progressive
     started = time.perf_counter()
+    first_step = (stage - 1) * t.steps_per_stack   # the run's step count before this stage
     frozen = self._set_labels(builder)
     builder.update_params(jax.device_put(builder.params, tree_shardings(self.mesh, builder.params)))
     rack, labels = builder.build_rack(), builder.labels()
@@ -224,8 +226,11 @@ class ProgressiveTrainer:
         eval_curve.append([i + 1, self._evaluate(eval_step, state["params"], eval_examples)])
         eval_seconds += time.perf_counter() - eval_started
         bar.set_postfix(loss=f"{float(loss):.3f}", eval=f"{eval_curve[-1][1]:.3f}")
+        self._metric("eval/loss", eval_curve[-1][1], first_step + i + 1)
       elif (i + 1) % t.log_every == 0:
         bar.set_postfix(loss=f"{float(loss):.3f}")
+      if (i + 1) % t.log_every == 0:
+        self._metric("train/loss", float(loss), first_step + i + 1)
       bar.update(1)
       due = t.checkpoint_every and (i + 1) % t.checkpoint_every == 0
       if self.checkpoints is not None and not last and (due or self._stop_signal):
@@ -275,10 +280,16 @@ class ProgressiveTrainer:
     if cache:
       cache.close()
     self.results["stages"].append(result)
+    if self.metrics is not None:
+      self.metrics.stage(result)
     self.results["final_eval_loss"] = result["eval_loss"]
     if self.checkpoints is not None:
       self._save(builder, stage, t.steps_per_stack, state, data.get_state(), progress=None)
       self._stop_if_asked(stage, t.steps_per_stack)
+
+  def _metric(self, tag, value, step) -> None:
+    if self.metrics is not None:
+      self.metrics.scalar(tag, value, step)
 
   def _stop_if_asked(self, stage, step) -> None:
     if self._stop_signal is not None:

@@ -1,0 +1,76 @@
+"""PNG views of a run (design §12) from its results (results.json or a checkpoint's): the loss
+curve with stage boundaries, eval loss against depth, and each stage's memory and speed. Written
+by the train command at the end of a run and by `stackwise-jax plot --workdir DIR`."""
+import os
+
+import matplotlib
+matplotlib.use("Agg")   # files only: no display on a cluster node
+import matplotlib.pyplot as plt   # noqa: E402 (after choosing the backend)
+
+PLOTS = ("loss.png", "eval_by_depth.png", "stage_cost.png")
+
+
+def plot_run(results: dict, out_dir: str) -> list[str]:
+  """Writes PLOTS into `out_dir`; returns their paths."""
+  stages = results["stages"]
+  if not stages:
+    raise ValueError("plot: the run has no finished stage yet")
+  os.makedirs(out_dir, exist_ok=True)
+  paths = [os.path.join(out_dir, name) for name in PLOTS]
+  for draw, path in zip((_loss, _eval_by_depth, _stage_cost), paths):
+    fig = draw(stages)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+  return paths
+
+
+def _first_step(stages, i):
+  return sum(s["steps"] for s in stages[:i])
+
+
+def _loss(stages):
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  colors = plt.get_cmap("tab10")
+  for i, s in enumerate(stages):
+    start, color = _first_step(stages, i), colors(i % 10)
+    ax.plot([start + j + 1 for j in range(len(s["losses"]))], s["losses"], color=color, lw=1,
+            alpha=0.7, label=f"stage {s['stage']} train")
+    if s["eval_curve"]:
+      steps, losses = zip(*s["eval_curve"])
+      ax.plot([start + x for x in steps], losses, "o--", color=color, ms=4,
+              label=f"stage {s['stage']} eval")
+    if i:
+      ax.axvline(start, color="grey", ls=":", lw=1)   # stage boundary
+  ax.set(xlabel="step (whole run)", ylabel="loss (nats / token)", title="loss by stage")
+  ax.legend(fontsize=7, ncol=2)
+  return fig
+
+
+def _eval_by_depth(stages):
+  fig, ax = plt.subplots(figsize=(5, 4))
+  depth = [len(s["stack_order"]) for s in stages]
+  ax.plot(depth, [s["eval_loss"] for s in stages], "o-")
+  ax.set(xlabel="stacks in the rack", ylabel="eval loss (end of stage)", title="eval loss by depth",
+         xticks=depth)
+  return fig
+
+
+def _stage_cost(stages):
+  fig, (mem, speed) = plt.subplots(1, 2, figsize=(9, 3.8))
+  x = [s["stage"] for s in stages]
+  parts = {"weights": "base_bytes", "adapters": "adapter_bytes", "optimizer": "optimizer_bytes"}
+  bottom = [0.0] * len(stages)
+  for label, key in parts.items():
+    mib = [sum(m[key] for m in s["memory"].values()) / 2**20 for s in stages]
+    mem.bar(x, mib, bottom=bottom, label=label)
+    bottom = [b + v for b, v in zip(bottom, mib)]
+  cache = [s["cache_bytes"] / 2**20 for s in stages]
+  mem.bar(x, cache, bottom=bottom, label="activation cache")
+  peak = [s.get("peak_memory_bytes") for s in stages]
+  if all(p is not None for p in peak):   # accelerators report it; CPU does not
+    mem.plot(x, [p / 2**20 for p in peak], "k*-", label="device peak")
+  mem.set(xlabel="stage", ylabel="MiB", title="memory per stage", xticks=x)
+  mem.legend(fontsize=7)
+  speed.bar(x, [s["tokens_per_s"] for s in stages], color="tab:green")
+  speed.set(xlabel="stage", ylabel="tokens / s", title="training speed per stage", xticks=x)
+  return fig
