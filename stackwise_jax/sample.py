@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from stackwise_jax.config import ConfigError
-from stackwise_jax.data.tokenizer import MASK_ID, decode, encode
+from stackwise_jax.data.tokenizer import MASK_ID, encode
 from stackwise_jax.model.rack import Rack, is_causal
 
 _BYTES = 256   # samples are bytes: special ids (pad, mask, bos, eos) are never chosen

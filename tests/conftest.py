@@ -22,10 +22,14 @@ def micro_config(**progressive):
   return c
 
 
-@pytest.fixture
-def text_corpus(tmp_path):
-  """A few small text files; returns the glob pattern."""
+def write_corpus(directory) -> str:
+  """Writes a few small text files into `directory`; returns their glob pattern."""
   words = "the quick brown fox jumps over the lazy dog while stacks grow one at a time".split()
   for i in range(6):
-    (tmp_path / f"doc{i}.txt").write_text(" ".join(words[i:] + words[:i]) * 40)
-  return str(tmp_path / "*.txt")
+    (directory / f"doc{i}.txt").write_text(" ".join(words[i:] + words[:i]) * 40)
+  return str(directory / "*.txt")
+
+
+@pytest.fixture
+def text_corpus(tmp_path):
+  return write_corpus(tmp_path)

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import write_corpus
 from test_cli import micro_args
 
 STEPS = ["--config.training.batch_size=8", "--config.training.checkpoint_every=3",
@@ -53,10 +53,7 @@ def _losses(workdir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("multiprocess")
-  words = "the quick brown fox jumps over the lazy dog while stacks grow one at a time".split()
-  for i in range(6):
-    (tmp / f"doc{i}.txt").write_text(" ".join(words[i:] + words[:i]) * 40)
-  corpus = str(tmp / "*.txt")
+  corpus = write_corpus(tmp)
   _train(corpus, tmp / "one", processes=1, extra=FSDP)
   outs, errs = _train(corpus, tmp / "two", processes=2, extra=FSDP)
   # Cut after step 9 (stage 2, step 3) and resume on two hosts with a data-parallel mesh.

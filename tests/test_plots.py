@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+from conftest import write_corpus
 from stackwise_jax.cli import main
 from stackwise_jax.plots import PLOTS, _eval_by_depth, _loss, _stage_cost
 from test_cli import micro_args
@@ -17,11 +18,8 @@ from test_cli import micro_args
 def run(tmp_path_factory):
   """A 2-stage run of 6 steps each through the train command; losses logged every 2 steps."""
   tmp = tmp_path_factory.mktemp("plots")
-  words = "the quick brown fox jumps over the lazy dog while stacks grow one at a time".split()
-  for i in range(6):
-    (tmp / f"doc{i}.txt").write_text(" ".join(words[i:] + words[:i]) * 40)
   workdir = tmp / "run"
-  assert main([*micro_args(str(tmp / "*.txt"), workdir), "--config.training.log_every=2",
+  assert main([*micro_args(write_corpus(tmp), workdir), "--config.training.log_every=2",
                "--config.training.eval_every=3"]) == 0
   return workdir, json.loads((workdir / "results.json").read_text())
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, micro_config
+from conftest import REPO, micro_config, write_corpus
 from stackwise_jax import ConfigError
 from stackwise_jax.sharding import logical_axes, make_mesh
 
@@ -18,13 +18,10 @@ from stackwise_jax.sharding import logical_axes, make_mesh
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("sharded")
-  words = "the quick brown fox jumps over the lazy dog while stacks grow one at a time".split()
-  for i in range(6):
-    (tmp / f"doc{i}.txt").write_text(" ".join(words[i:] + words[:i]) * 40)
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
          "JAX_PLATFORMS": "cpu"}
   out = tmp / "report.json"
-  subprocess.run([sys.executable, str(REPO / "tests" / "sharded_run.py"), str(tmp / "*.txt"),
+  subprocess.run([sys.executable, str(REPO / "tests" / "sharded_run.py"), write_corpus(tmp),
                   str(out), str(tmp)], env=env, cwd=REPO / "tests", check=True,
                  capture_output=True, timeout=900)
   return json.loads(out.read_text())
