@@ -1,6 +1,10 @@
-"""scripts/bench.py counts a step's FLOPs from the model config; XLA's count must agree."""
+"""scripts/bench.py: its FLOP count agrees with XLA's, its sanity checks stop it, its PyTorch reference
+computes our model, its collective byte count reads HLO."""
 import importlib.util
+import sys
 
+import jax
+import numpy as np
 import pytest
 
 from conftest import REPO, micro_config
@@ -38,3 +42,37 @@ def test_a_wrong_flop_count_stops_the_benchmark(monkeypatch):
   monkeypatch.setattr(bench, "model_flops", lambda *a: tuple(2 * x for x in count(*a)))
   with pytest.raises(SystemExit, match="model FLOPs"):
     bench.build_stage(gqa_config("streamed"), 2)
+
+
+def test_torch_reference_computes_our_logits_and_trains_only_the_new_stack():
+  torch = pytest.importorskip("torch")
+  sys.path.insert(0, str(REPO / "scripts"))
+  import torch_reference
+
+  stage = bench.build_stage(gqa_config("streamed"), 2)
+  params = jax.device_get(stage.rack.params)
+  model = torch_reference.Model(stage.config.model, 2)
+  torch_reference.load_jax_params(model, params)
+  tokens = np.asarray(stage.example["inputs"])
+  with torch.no_grad():
+    got = model(torch.from_numpy(tokens).long()).numpy()
+  np.testing.assert_allclose(got, stage.rack(params, tokens), rtol=1e-4, atol=1e-4)
+  before = [p.detach().clone() for p in model.parameters()]
+  torch_reference.StageTrainer(model, lr=1e-2, weight_decay=0.0, grad_clip=1.0).step(
+      torch.from_numpy(tokens).long())
+  new = {id(p) for p in [*model.stacks[-1].parameters(), *model.final_norm.parameters()]}
+  for p, b in zip(model.parameters(), before):
+    assert torch.equal(p, b) != (id(p) in new)
+
+
+def test_collective_bytes_reads_plain_tuple_and_async_results():
+  hlo = "\n".join([
+      "  %a = f32[16,256]{1,0} all-reduce(f32[16,256]{1,0} %x), replica_groups={}",
+      "  %b = (f32[8]{0}, /*index=1*/bf16[4,4]{1,0}) all-reduce(%y, %z)",
+      "  %c = f32[64]{0} all-gather-start(f32[8]{0} %w)",
+      "  %d = f32[64]{0} all-gather-done(f32[64]{0} %c)",
+      "  %e = f32[1000]{0} add(f32[1000]{0} %p, f32[1000]{0} %q)"])
+  totals = bench.collective_bytes(hlo)
+  assert totals["all-reduce"] == 16 * 256 * 4 + 8 * 4 + 16 * 2
+  assert totals["all-gather"] == 64 * 4          # counted once, at -done
+  assert sum(totals.values()) == totals["all-reduce"] + totals["all-gather"]

@@ -3,6 +3,9 @@ import math
 import pathlib
 import textwrap
 
+from flax import nnx
+import jax
+import jax.numpy as jnp
 import pytest
 
 from stackwise_jax.config import ConfigError
@@ -10,6 +13,7 @@ from stackwise_jax.config import default_config
 from stackwise_jax.config import load_config
 from stackwise_jax.config import to_yaml
 from stackwise_jax.config import validate
+from stackwise_jax.model.stack import Stack
 
 CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
 TINY = str(CONFIGS / "tiny.py")
@@ -60,11 +64,21 @@ def _tiny_with(**changes):
 # --- Shipped configs. ---
 
 
-@pytest.mark.parametrize("name", ["tiny.py", "small.py", "qlora_trunk.py"])
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.py")))
 def test_shipped_configs_load_and_validate(name):
   config = load_config(str(CONFIGS / name))
   assert validate(config) is config
   assert config.training.seq_len <= config.model.max_seq_len
+
+
+def test_gpu_config_has_about_a_billion_parameters():
+  config = load_config(str(CONFIGS / "gpu_1b.py"))
+  m = config.model
+  stack = nnx.eval_shape(lambda: Stack(m, n_blocks=m.n_blocks_per_stack, dtype=jnp.bfloat16,
+                                       causal=True, time_dim=None, rngs=nnx.Rngs(0)))
+  per_stack = sum(x.size for x in jax.tree.leaves(nnx.state(stack, nnx.Param)))
+  total = per_stack * config.training.progressive.target_stacks + m.vocab_size * m.d_model
+  assert 0.9e9 < total < 1.1e9 and m.d_model >= 2048
 
 
 def test_default_config_is_valid():

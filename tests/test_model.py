@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import micro_config
+from stackwise_jax.model.layers import attend, attention_scores, causal_query_chunks
 from stackwise_jax.progressive import ProgressiveRackBuilder
 
 
@@ -90,3 +91,27 @@ def test_low_precision_stack_computes_in_its_dtype_and_tracks_fp32(precision, dt
   hlo = jax.jit(lambda p: rl(p, tokens)).lower(rl.params).as_text()
   assert {jnp.bfloat16: "bf16", jnp.float16: "f16"}[dtype] in hlo
   np.testing.assert_allclose(rl(rl.params, tokens), rf(rf.params, tokens), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("seq", [31, 64, 100, 256])
+def test_chunked_causal_attention_matches_plain_attention_and_its_gradients(seq):
+  """`attend` splits causal queries into chunks on CPU (skipping hidden keys); values and
+  gradients must be those of one full causal attention, GQA included."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, seq, heads, 8))
+             for i, heads in enumerate((4, 2, 2)))
+  expected = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  got = lambda q, k, v: attend(q, k, v, causal=True)
+  np.testing.assert_allclose(got(q, k, v), expected(q, k, v), rtol=1e-5, atol=1e-5)
+  loss = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)
+  for g, e in zip(loss(got), loss(expected)):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_causal_attention_scores_about_half_the_pairs():
+  chunks = causal_query_chunks(256)
+  assert len(chunks) == 8 and chunks[0][0] == 0 and chunks[-1][1] == 256
+  assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))      # every query exactly once
+  causal_pairs = 256 * 257 // 2
+  assert causal_pairs <= attention_scores(256, causal=True) < 0.6 * 256**2
+  assert attention_scores(256, causal=False) == 256**2
+  assert causal_query_chunks(31) == [(0, 31)]

@@ -71,11 +71,49 @@ class Linear(nnx.Linear):
     self.adapter_scale = alpha / rank
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    # One [tokens, in] @ [in, out] matmul: XLA:CPU runs the weight gradient of a [batch, seq, in]
+    # input (two contracting axes) ~1.4x slower (scripts/bench.py mfu, "matmuls of a block").
+    lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
     # nnx.Linear's own path keeps the kernel param visible to qwix's dot_general interception.
     y = super().__call__(x) if self.nvfp4_mode is None else x.astype(self.dtype) @ self._kernel()
     if self.adapter is not None:
       y = y + (self.adapter(x) * self.adapter_scale).astype(y.dtype)
-    return y
+    return y.reshape(*lead, y.shape[-1])
+
+
+def causal_query_chunks(seq: int) -> list[tuple[int, int]]:
+  """How `attend` splits a causal sequence's queries on CPU: [(start, end), ...]; queries
+  start..end-1 score keys 0..end-1 only. One chunk (no split) elsewhere or for short sequences.
+
+  XLA:CPU materializes the [batch, heads, seq, seq] scores in memory; in chunks of ~32 queries
+  they stay in cache and the chunks skip the keys the causal mask would hide (about half of
+  them): the attention of `configs/small.py` runs ~1.4x faster (scripts/bench.py mfu).
+  """
+  n = min(8, seq // 32) if jax.default_backend() == "cpu" else 1
+  bounds = [round(i * seq / n) for i in range(n + 1)] if n > 1 else [0, seq]
+  return list(zip(bounds[:-1], bounds[1:]))
+
+
+def attention_scores(seq: int, causal: bool) -> int:
+  """(query, key) pairs `attend` scores per batch row and head, without a mask (for FLOP counts)."""
+  if not causal:
+    return seq * seq
+  return sum((end - start) * end for start, end in causal_query_chunks(seq))
+
+
+def attend(q, k, v, *, causal: bool, mask=None) -> jax.Array:
+  """Scaled dot-product attention. q: [batch, seq, heads, head_dim]; k, v: [batch, keys,
+  kv_heads, head_dim] (GQA: jax.nn.dot_product_attention shares each kv head among a group of
+  query heads); mask: broadcastable to [batch, heads, seq, keys], or None."""
+  chunks = causal_query_chunks(q.shape[1]) if causal and mask is None else []
+  if len(chunks) <= 1:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+  outs = []
+  for start, end in chunks:
+    visible = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]   # [queries, keys]
+    outs.append(jax.nn.dot_product_attention(q[:, start:end], k[:, :end], v[:, :end],
+                                             mask=visible[None, None]))
+  return jnp.concatenate(outs, axis=1)
 
 
 class Attention(nnx.Module):
@@ -113,9 +151,7 @@ class Attention(nnx.Module):
     if q.dtype == jnp.float16:
       # fp16 logits overflow easily, and XLA:CPU has no fp16 dot with fp32 accumulation.
       q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-    # GQA: jax.nn.dot_product_attention broadcasts the kv heads over query-head groups.
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                       is_causal=self.causal and cache is None).astype(x.dtype)
+    out = attend(q, k, v, causal=self.causal and cache is None, mask=mask).astype(x.dtype)
     out = self.o(out.reshape(b, t, self.n_heads * self.head_dim))
     return out if cache is None else (out, cache)
 

@@ -1,0 +1,128 @@
+"""A plain PyTorch version of our model, for `python scripts/bench.py torch`.
+
+Written the way a PyTorch user would write the upstream design, independently of our JAX code:
+pre-norm blocks (RMSNorm), RoPE on q/k, grouped-query attention through
+`F.scaled_dot_product_attention`, SwiGLU, a tied LM head; a stage trains the new stack eagerly
+with `torch.optim.AdamW` while the frozen trunk runs under `torch.no_grad()` every step.
+`load_jax_params` copies our params in, so the bench can check both compute the same function.
+"""
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+
+  def __init__(self, dim: int, eps: float):
+    super().__init__()
+    self.eps = eps
+    self.weight = nn.Parameter(torch.ones(dim))
+
+  def forward(self, x):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope(x, theta: float):
+  """x: [batch, heads, seq, head_dim]; rotates the two halves of head_dim (GPT-NeoX style)."""
+  half = x.shape[-1] // 2
+  freqs = theta ** (-torch.arange(half, dtype=torch.float32) / half)
+  angles = torch.arange(x.shape[-2], dtype=torch.float32)[:, None] * freqs[None, :]   # [seq, half]
+  sin, cos = angles.sin(), angles.cos()
+  x1, x2 = x[..., :half], x[..., half:]
+  return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Block(nn.Module):
+
+  def __init__(self, m):
+    super().__init__()
+    self.n_heads, self.n_kv_heads, self.theta = m.n_heads, m.n_kv_heads, m.rope_theta
+    self.head_dim = m.d_model // m.n_heads
+    kv = m.n_kv_heads * self.head_dim
+    self.attn_norm, self.ffn_norm = RMSNorm(m.d_model, m.norm_eps), RMSNorm(m.d_model, m.norm_eps)
+    self.q, self.k = nn.Linear(m.d_model, m.d_model, bias=False), nn.Linear(m.d_model, kv, bias=False)
+    self.v, self.o = nn.Linear(m.d_model, kv, bias=False), nn.Linear(m.d_model, m.d_model, bias=False)
+    self.gate = nn.Linear(m.d_model, m.d_ff, bias=False)
+    self.up = nn.Linear(m.d_model, m.d_ff, bias=False)
+    self.down = nn.Linear(m.d_ff, m.d_model, bias=False)
+
+  def forward(self, x):
+    b, t, d = x.shape
+    h = self.attn_norm(x)
+    heads = lambda y, n: y.view(b, t, n, self.head_dim).transpose(1, 2)   # [b, n, t, head_dim]
+    q = rope(heads(self.q(h), self.n_heads), self.theta)
+    k = rope(heads(self.k(h), self.n_kv_heads), self.theta)
+    v = heads(self.v(h), self.n_kv_heads)
+    a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+    h = self.ffn_norm(x)
+    return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class Model(nn.Module):
+  """Embedding -> stacks of blocks -> final norm -> tied head. `model_config` is our
+  `config.model` (only its sizes are read)."""
+
+  def __init__(self, model_config, n_stacks: int):
+    super().__init__()
+    m = model_config
+    self.embed = nn.Embedding(m.vocab_size, m.d_model)
+    self.stacks = nn.ModuleList(
+        nn.Sequential(*[Block(m) for _ in range(m.n_blocks_per_stack)]) for _ in range(n_stacks))
+    self.final_norm = RMSNorm(m.d_model, m.norm_eps)
+
+  def logits(self, h):
+    return self.final_norm(h) @ self.embed.weight.T
+
+  def forward(self, tokens):
+    h = self.embed(tokens)
+    for stack in self.stacks:
+      h = stack(h)
+    return self.logits(h)
+
+
+class StageTrainer:
+  """Trains the last stack (and the final norm) of `model`; the embedding and the other stacks
+  are a frozen trunk recomputed under no_grad every step."""
+
+  def __init__(self, model: Model, lr: float, weight_decay: float, grad_clip: float):
+    self.model, self.grad_clip = model, grad_clip
+    self.trunk, self.new = model.stacks[:-1], model.stacks[-1]
+    for p in model.parameters():
+      p.requires_grad_(False)
+    self.params = [*self.new.parameters(), *model.final_norm.parameters()]
+    for p in self.params:
+      p.requires_grad_(True)
+    self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+
+  def step(self, tokens) -> float:
+    """One CLM step on tokens [batch, seq] (int64); returns the loss."""
+    with torch.no_grad():
+      h = self.model.embed(tokens)
+      for stack in self.trunk:
+        h = stack(h)
+    logits = self.model.logits(self.new(h))
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    self.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+    self.opt.step()
+    return loss.item()
+
+
+def load_jax_params(model: Model, params) -> None:
+  """Copies our rack's params (`{"embed_head": ..., "stacks": {"stack_i": ...}}`, fp32 stacks)
+  into `model`; our kernels are [in, out], torch's weights [out, in]."""
+  tensor = lambda x: torch.from_numpy(np.array(x, dtype=np.float32))
+  with torch.no_grad():
+    model.embed.weight.copy_(tensor(params["embed_head"]["embed"]["embedding"]))
+    model.final_norm.weight.copy_(tensor(params["embed_head"]["final_norm"]["scale"]))
+    for i, stack in enumerate(model.stacks):
+      for j, block in enumerate(stack):
+        p = params["stacks"][f"stack_{i}"]["blocks"][j]
+        block.attn_norm.weight.copy_(tensor(p["attn_norm"]["scale"]))
+        block.ffn_norm.weight.copy_(tensor(p["ffn_norm"]["scale"]))
+        for name, group in (("q", "attn"), ("k", "attn"), ("v", "attn"), ("o", "attn"),
+                            ("gate", "ffn"), ("up", "ffn"), ("down", "ffn")):
+          getattr(block, name).weight.copy_(tensor(p[group][name]["kernel"]).T)
