@@ -93,16 +93,16 @@ def test_low_precision_stack_computes_in_its_dtype_and_tracks_fp32(precision, dt
   np.testing.assert_allclose(rl(rl.params, tokens), rf(rf.params, tokens), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("seq", [31, 64, 100, 256])
+@pytest.mark.parametrize("seq", [31, 64, 100])
 def test_chunked_causal_attention_matches_plain_attention_and_its_gradients(seq):
-  """`attend` splits causal queries into chunks on CPU (skipping hidden keys); values and
-  gradients must be those of one full causal attention, GQA included."""
+  """`attend` splits causal queries into chunks on CPU (skipping hidden keys; 100 = 3 uneven
+  chunks); values and gradients must be those of one full causal attention, GQA included."""
   q, k, v = (jax.random.normal(jax.random.key(i), (2, seq, heads, 8))
              for i, heads in enumerate((4, 2, 2)))
   expected = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True)
   got = lambda q, k, v: attend(q, k, v, causal=True)
-  np.testing.assert_allclose(got(q, k, v), expected(q, k, v), rtol=1e-5, atol=1e-5)
-  loss = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(jax.jit(got)(q, k, v), expected(q, k, v), rtol=1e-5, atol=1e-5)
+  loss = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2)))(q, k, v)
   for g, e in zip(loss(got), loss(expected)):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
 

@@ -15,6 +15,9 @@ import pytest
 from conftest import write_corpus
 from test_cli import micro_args
 
+# ~75 s of a CI worker (two processes compiling twice over): run with `python -m pytest -m slow`.
+pytestmark = pytest.mark.slow
+
 STEPS = ["--config.training.batch_size=8", "--config.training.checkpoint_every=3",
          "--config.training.keep_checkpoints=100"]
 FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=4"]   # params split across both hosts

@@ -85,9 +85,9 @@ def causal_query_chunks(seq: int) -> list[tuple[int, int]]:
   """How `attend` splits a causal sequence's queries on CPU: [(start, end), ...]; queries
   start..end-1 score keys 0..end-1 only. One chunk (no split) elsewhere or for short sequences.
 
-  XLA:CPU materializes the [batch, heads, seq, seq] scores in memory; in chunks of ~32 queries
-  they stay in cache and the chunks skip the keys the causal mask would hide (about half of
-  them): the attention of `configs/small.py` runs ~1.4x faster (scripts/bench.py mfu).
+  XLA:CPU materializes the [batch, heads, seq, seq] scores in memory; in at most 8 chunks of at
+  least 32 queries they stay in cache and the chunks skip the keys the causal mask would hide
+  (about half of them): the attention of `configs/small.py` runs ~1.5x faster (BUILD_NOTES).
   """
   n = min(8, seq // 32) if jax.default_backend() == "cpu" else 1
   bounds = [round(i * seq / n) for i in range(n + 1)] if n > 1 else [0, seq]
