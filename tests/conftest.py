@@ -1,9 +1,19 @@
 """Shared fixtures: small configs that build in milliseconds."""
+import os
 import pathlib
+import tempfile
 
-import pytest
+# The tests, and the CLI subprocesses they start (which inherit this environment), compile the
+# same small steps again and again: XLA's persistent compilation cache serves the repeats (~13%
+# off test_checkpoint.py). Set before jax is imported; a user's own cache settings win.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "stackwise-jax-tests-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-from stackwise_jax.config import default_config
+import pytest  # noqa: E402
+
+from stackwise_jax.config import default_config  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
