@@ -54,12 +54,12 @@ def test_torch_reference_computes_our_logits_and_trains_only_the_new_stack():
   model = torch_reference.Model(stage.config.model, 2)
   torch_reference.load_jax_params(model, params)
   tokens = np.asarray(stage.example["inputs"])
+  torch_tokens = torch.tensor(tokens, dtype=torch.long)   # a copy: jax's buffer is read-only
   with torch.no_grad():
-    got = model(torch.from_numpy(tokens).long()).numpy()
+    got = model(torch_tokens).numpy()
   np.testing.assert_allclose(got, stage.rack(params, tokens), rtol=1e-4, atol=1e-4)
   before = [p.detach().clone() for p in model.parameters()]
-  torch_reference.StageTrainer(model, lr=1e-2, weight_decay=0.0, grad_clip=1.0).step(
-      torch.from_numpy(tokens).long())
+  torch_reference.StageTrainer(model, lr=1e-2, weight_decay=0.0, grad_clip=1.0).step(torch_tokens)
   new = {id(p) for p in [*model.stacks[-1].parameters(), *model.final_norm.parameters()]}
   for p, b in zip(model.parameters(), before):
     assert torch.equal(p, b) != (id(p) in new)
