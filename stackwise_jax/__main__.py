@@ -1,5 +1,3 @@
-import sys
+from stackwise_jax.cli import entry
 
-from stackwise_jax.cli import main
-
-sys.exit(main())
+entry()

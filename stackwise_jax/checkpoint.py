@@ -25,15 +25,20 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from stackwise_jax.config import ConfigError, from_yaml, to_yaml, validate
+from stackwise_jax.files import directory_bytes, require_free_space
 from stackwise_jax.model.lora import key_path
+from stackwise_jax.report import strict_json
 
 # Config fields a resumed run may change: where and how often it reports and saves, and how far
 # it grows. Every other field must match the checkpoint.
+# A run that diverged may resume from its last finite checkpoint with a lower learning rate.
 RESUMABLE_CHANGES = ("training.workdir", "training.eval_every", "training.log_every",
+                     "training.lr", "training.nonfinite", "training.max_skipped_steps",
                      "training.checkpoint_every", "training.keep_checkpoints",
                      "training.progressive.target_stacks", "training.progressive.max_stacks",
                      "data.num_workers", "mesh.data", "mesh.fsdp")
 _ITEMS = ("params", "opt", "data", "meta")
+_META_KEYS = ("stage", "step", "specs", "results", "progress", "config", "steps_per_stack")
 
 
 @dataclasses.dataclass
@@ -45,6 +50,7 @@ class Checkpoint:
   meta: dict
   params: Any
   opt: Any
+  data_state: dict   # this process's train-iterator state (grain's `get_state()`)
 
   @property
   def stage_done(self) -> bool:
@@ -52,15 +58,24 @@ class Checkpoint:
 
 
 class IteratorState:
-  """What grain's checkpoint handler saves: the `get_state()` of an iterator, taken when it was
-  due (a cached stage resumes its data from the stage's start, where its cache was read). The
-  handler takes a non-iterator's state as JSON bytes; it restores into a real iterator."""
+  """What grain's checkpoint handler saves and restores for us: the `get_state()` of an iterator,
+  taken when it was due (a cached stage resumes its data from the stage's start, where its cache
+  was read). The handler passes a non-iterator's state as JSON bytes. Restoring into one checks
+  the state reads back as grain's dict before the run relies on it."""
 
-  def __init__(self, state: dict):
-    self._state = state
+  def __init__(self, state: dict | None = None):
+    self.state = state
 
   def get_state(self) -> bytes:
-    return json.dumps(self._state, indent=4).encode()
+    return json.dumps(self.state, indent=4).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.state = json.loads(state)
+    if not isinstance(self.state, dict):
+      raise ValueError(f"data-iterator state: a JSON object expected, got {type(self.state)}")
+
+  def start_prefetch(self) -> None:   # the handler calls it after set_state
+    pass
 
 
 class RunCheckpoints:
@@ -80,6 +95,7 @@ class RunCheckpoints:
       aside = f"{self.directory}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
       _move_aside(self.directory, aside)
       log(f"--fresh: the previous checkpoints are kept in {aside}")
+    refuse_linked_steps(self.directory)
     self._manager = self._open()
     self.latest = self._latest_readable()
     if self.latest is not None:
@@ -100,12 +116,16 @@ class RunCheckpoints:
     return sorted(self._manager.all_steps())
 
   def read(self, step: int) -> Checkpoint:
-    """One checkpoint, read whole."""
+    """One checkpoint, read whole: every item, so an unreadable one fails here."""
     restored = self._manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(), opt=ocp.args.StandardRestore(),
-        meta=ocp.args.JsonRestore()))
-    return Checkpoint(step, os.path.join(self.directory, str(step)), restored.meta,
-                      restored.params, restored.opt)
+        data=grain.checkpoint.CheckpointRestore(IteratorState()), meta=ocp.args.JsonRestore()))
+    meta = restored.meta
+    missing = [k for k in _META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+      raise ValueError(f"its meta item lacks {', '.join(missing)}")
+    return Checkpoint(step, os.path.join(self.directory, str(step)), meta,
+                      restored.params, restored.opt, restored.data.state)
 
   def _latest_readable(self) -> Checkpoint | None:
     for step in reversed(self.steps()):
@@ -122,18 +142,25 @@ class RunCheckpoints:
 
   def restore_data(self, iterator) -> None:
     """Sets a train iterator to the latest checkpoint's data state (grain's `set_state`)."""
-    self._manager.restore(self.latest.step, args=ocp.args.Composite(
-        data=grain.checkpoint.CheckpointRestore(iterator)))
+    iterator.set_state(self.latest.data_state)
 
   def save(self, step: int, *, params, opt, data_state, meta: dict) -> None:
     """Saves one checkpoint (a step already saved is left as it is)."""
     if step in self._manager.all_steps():
       return
+    # A checkpoint is about as large as the last one (or its arrays); a full disk is refused
+    # before orbax starts writing, so no half-written step and no thread noise is left.
+    steps = self.steps()
+    last = directory_bytes(os.path.join(self.directory, str(steps[-1]))) if steps else 0
+    arrays = sum(x.nbytes for x in jax.tree.leaves((params, opt)))
+    require_free_space(self.directory, int(1.25 * max(last, arrays)) + 2**16,
+                       f"checkpoint {step}")
     self._manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), opt=ocp.args.StandardSave(opt),
         data=grain.checkpoint.CheckpointSave(IteratorState(data_state)),
-        meta=ocp.args.JsonSave({**meta, "config": to_yaml(self.config),
-                                "steps_per_stack": self.config.training.steps_per_stack})))
+        meta=ocp.args.JsonSave(strict_json({
+            **meta, "config": to_yaml(self.config),
+            "steps_per_stack": self.config.training.steps_per_stack}))))
 
   def close(self) -> None:
     self._manager.close()
@@ -169,6 +196,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
     raise ConfigError(f"{workdir}: no readable checkpoint ({directory} does not exist)")
+  refuse_linked_steps(directory)
   manager = ocp.CheckpointManager(epath.Path(directory), item_names=("meta",),
                                   item_handlers={"meta": ocp.JsonCheckpointHandler()},
                                   options=ocp.CheckpointManagerOptions(create=False,
@@ -180,6 +208,18 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     except Exception:   # unreadable: RunCheckpoints will say so and fall back the same way
       continue
   raise ConfigError(f"{workdir}: no readable checkpoint in {directory}")
+
+
+def refuse_linked_steps(directory: str) -> None:
+  """Raises ConfigError if an entry of the checkpoint directory is a symbolic link: orbax would
+  read through it and, when the step ages out, delete what it points to."""
+  if not os.path.isdir(directory):
+    return
+  links = sorted(e.name for e in os.scandir(directory) if e.is_symlink())
+  if links:
+    raise ConfigError(f"{os.path.join(directory, links[0])} is a symbolic link; checkpoint steps "
+                      "must be directories of their own (a link is neither followed nor "
+                      f"deleted): move it out of {directory}")
 
 
 def restore_into(target, restored, what: str):

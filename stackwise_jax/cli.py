@@ -2,10 +2,12 @@
 `stackwise-jax eval --workdir DIR`, `stackwise-jax sample --workdir DIR --prompt TEXT`,
 `stackwise-jax export --workdir DIR --format safetensors|npz`."""
 import argparse
+import contextlib
 import os
 import sys
 
 from stackwise_jax.config import ConfigError, load_config, to_yaml
+from stackwise_jax.files import WorkdirBusy, describe_file_error, file_error
 
 _OVERRIDE_PREFIX = "--config."
 
@@ -79,32 +81,43 @@ def _split_overrides(argv):
   return rest, overrides
 
 
-def _prepare_train(args, overrides):
-  """Everything that can fail on bad input, before any model is built: the config, the workdir's
-  checkpoints (another config's are refused) and the data. Returns the run."""
+def _prepare_train(args, overrides, cleanup):
+  """Everything that can fail on bad input, before any model is built and before the workdir is
+  touched: the config, the data, the workdir's lock and checkpoints (another config's are
+  refused). Returns the run. `cleanup` (an ExitStack) releases the lock when the command ends;
+  the kernel releases it if the process dies."""
   import jax
   from stackwise_jax.checkpoint import RunCheckpoints
   from stackwise_jax.data import make_dataloader
+  from stackwise_jax.files import WorkdirLock
+  from stackwise_jax.progressive import TimeStepMasking
+  from stackwise_jax.progressive.masking import check_objective_data
   from stackwise_jax.sharding import make_mesh
   config = load_config(args.config, overrides)
   config.training.workdir = args.workdir
+  TimeStepMasking(config)   # a custom time mapping must be registered (e.g. by the config file)
   if args.distributed or os.environ.get("STACKWISE_DISTRIBUTED") == "1":
     _initialize_distributed(args)
   make_mesh(config)   # mesh sizes and batch size against the devices there are
+  # Each host reads its own share of every batch; bad data paths fail here.
+  dataloader = make_dataloader(config, jax.process_index(), jax.process_count())
+  check_objective_data(config.training.progressive.training_objective,
+                       dataloader.eval_batches(1)[0])
   results_path = os.path.join(args.workdir, "results.json")
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   if os.path.exists(results_path) and not args.fresh and not os.path.isdir(
       os.path.join(args.workdir, "checkpoints")):
     raise ConfigError(f"--workdir {args.workdir} holds results.json but no checkpoint to resume; "
                       "pass --fresh to start over there, or choose another --workdir")
+  if jax.process_index() == 0:   # one writer per workdir (a flock is local to one machine)
+    os.makedirs(args.workdir, exist_ok=True)
+    cleanup.callback(WorkdirLock(args.workdir).acquire().release)
   checkpoints = RunCheckpoints(args.workdir, config, fresh=args.fresh, log=log)
   latest = checkpoints.latest
   if (latest is not None and latest.stage_done
       and len(latest.meta["specs"]) == config.training.progressive.target_stacks):
     checkpoints.close()
     return lambda: _show_finished(args.workdir, latest.meta["results"])
-  # Each host reads its own share of every batch; bad data paths fail here.
-  dataloader = make_dataloader(config, jax.process_index(), jax.process_count())
   return lambda: _train(config, dataloader, checkpoints, args)
 
 
@@ -129,8 +142,8 @@ def _show_finished(workdir, results) -> int:
 
 def _train(config, dataloader, checkpoints, args) -> int:
   import jax
-  from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
-  from stackwise_jax.progressive.trainer import TrainingInterrupted
+  from stackwise_jax.progressive import (ProgressiveRackBuilder, ProgressiveTrainer,
+                                         TrainingDiverged, TrainingInterrupted)
   from stackwise_jax.metrics import TensorBoard
   from stackwise_jax.plots import plot_run
   from stackwise_jax.report import summary_table, write_json
@@ -149,6 +162,9 @@ def _train(config, dataloader, checkpoints, args) -> int:
     message, signum = e.args
     print(f"stackwise-jax: {message}", file=sys.stderr)
     return 128 + signum
+  except TrainingDiverged as e:
+    print(f"stackwise-jax: error: {e}", file=sys.stderr)
+    return 3
   except ConfigError as e:   # a checkpoint whose rack this config does not build
     print(f"stackwise-jax: error: {e}", file=sys.stderr)
     return 2
@@ -167,18 +183,31 @@ def _train(config, dataloader, checkpoints, args) -> int:
 
 
 def _prepare_eval(args):
+  """The run's checkpoints and held-out data, the number of batches there are, and a writable
+  workdir for eval.json."""
   from stackwise_jax.checkpoint import open_run
+  from stackwise_jax.data import make_dataloader
+  from stackwise_jax.files import check_writable
   if args.batches is not None and args.batches <= 0:
     raise ConfigError(f"--batches={args.batches}: allowed: a positive number of batches")
   checkpoints = open_run(args.workdir)   # a workdir without a readable checkpoint fails here
-  return lambda: _eval(args, checkpoints)
+  check_writable(args.workdir)
+  config = checkpoints.config
+  dataloader = make_dataloader(config)
+  available = max(dataloader.num_val_records // config.training.batch_size, 1)
+  batches = args.batches or config.training.eval_batches
+  if batches > available:
+    print(f"--batches={batches}: the held-out split has {available} batches of "
+          f"{config.training.batch_size}; evaluating those {available}", file=sys.stderr)
+    batches = available
+  return lambda: _eval(args, checkpoints, dataloader, batches)
 
 
-def _eval(args, checkpoints) -> int:
+def _eval(args, checkpoints, dataloader, batches) -> int:
   from stackwise_jax.evaluate import evaluate_run
   from stackwise_jax.report import eval_table, write_json
   try:
-    rows = evaluate_run(checkpoints, args.batches)
+    rows = evaluate_run(checkpoints, batches, dataloader, progress=True)
   finally:
     checkpoints.close()
   path = os.path.join(args.workdir, "eval.json")
@@ -223,10 +252,16 @@ def _prepare_plot(args):
   """The results of a finished run (results.json) or, for one still going or cut off, of its
   latest checkpoint."""
   import json
+  from stackwise_jax.files import check_writable
   path = os.path.join(args.workdir, "results.json")
   if os.path.exists(path):
     with open(path) as f:
-      results = json.load(f)
+      try:
+        results = json.load(f)
+        results["stages"]   # noqa: B018 (a results file has stages)
+      except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a results file of stackwise-jax train ({e}); rerun "
+                          "train, or plot from the checkpoints after moving it away") from None
   else:
     from stackwise_jax.checkpoint import open_run
     checkpoints = open_run(args.workdir)   # neither: fails here, naming the workdir
@@ -234,7 +269,9 @@ def _prepare_plot(args):
     results = checkpoints.latest.meta["results"]
   if not results["stages"]:
     raise ConfigError(f"--workdir {args.workdir}: no stage has finished yet; nothing to plot")
-  return lambda: _plot(results, args.out or os.path.join(args.workdir, "plots"))
+  out = args.out or os.path.join(args.workdir, "plots")
+  check_writable(out)
+  return lambda: _plot(results, out)
 
 
 def _plot(results, out) -> int:
@@ -247,15 +284,17 @@ def _prepare_export(args):
   """Reads the workdir's latest checkpoint (refusing a missing or unreadable one); returns the
   export."""
   from stackwise_jax.checkpoint import open_run
+  from stackwise_jax.files import check_writable
   checkpoints = open_run(args.workdir)
   checkpoints.close()
-  return lambda: _export(args, checkpoints.config, checkpoints.latest)
+  out = args.out or os.path.join(args.workdir, "export")
+  check_writable(out)
+  return lambda: _export(args, checkpoints.config, checkpoints.latest, out)
 
 
-def _export(args, config, ckpt) -> int:
+def _export(args, config, ckpt, out) -> int:
   from stackwise_jax.export import export_rack
   from stackwise_jax.progressive.trainer import rack_from_checkpoint
-  out = args.out or os.path.join(args.workdir, "export")
   path = export_rack(rack_from_checkpoint(config, ckpt), ckpt.meta["stage"], out, args.format)
   print(f"exported: {path} and {os.path.join(out, 'manifest.json')}")
   return 0
@@ -263,24 +302,59 @@ def _export(args, config, ckpt) -> int:
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
-  try:
-    rest, overrides = _split_overrides(argv)
-    args = _parser().parse_args(rest)
-    if args.command != "train" and overrides:
-      raise ConfigError(f"{overrides[0]}: {args.command} takes no config overrides (the "
-                        "workdir's config is used)")
-    if args.command != "train":   # orbax warns that it opened the checkpoints read-only
-      from absl import logging
-      logging.set_verbosity(logging.ERROR)
-    prepare = {"train": lambda: _prepare_train(args, overrides), "eval": lambda: _prepare_eval(args),
-               "export": lambda: _prepare_export(args), "sample": lambda: _prepare_sample(args),
-               "plot": lambda: _prepare_plot(args)}
-    run = prepare[args.command]()
-  except (ValueError, OSError) as e:   # ConfigError is a ValueError
-    print(f"stackwise-jax: error: {e}", file=sys.stderr)
-    return 2
-  return run()
+  with contextlib.ExitStack() as cleanup:   # e.g. the workdir lock of a train command
+    try:
+      rest, overrides = _split_overrides(argv)
+      args = _parser().parse_args(rest)
+      if not args.workdir.strip():
+        raise ConfigError(f"--workdir {args.workdir!r}: allowed: a directory path (an empty one "
+                          "would write into the current directory)")
+      if args.command != "train" and overrides:
+        raise ConfigError(f"{overrides[0]}: {args.command} takes no config overrides (the "
+                          "workdir's config is used)")
+      if args.command != "train":   # orbax warns that it opened the checkpoints read-only
+        from absl import logging
+        logging.set_verbosity(logging.ERROR)
+      prepare = {"train": lambda: _prepare_train(args, overrides, cleanup),
+                 "eval": lambda: _prepare_eval(args), "export": lambda: _prepare_export(args),
+                 "sample": lambda: _prepare_sample(args), "plot": lambda: _prepare_plot(args)}
+      run = prepare[args.command]()
+    except WorkdirBusy as e:
+      print(f"stackwise-jax: error: {e}", file=sys.stderr)
+      return 2
+    except ValueError as e:   # ConfigError is a ValueError
+      if file_error(e) is None:
+        print(f"stackwise-jax: error: {e}", file=sys.stderr)
+        return 2
+      return _report_file_error(e)
+    except Exception as e:
+      return _report_file_error(e)
+    try:
+      return run()
+    except Exception as e:
+      return _report_file_error(e)
+
+
+def _report_file_error(e: Exception) -> int:
+  """A full disk, a read-only or forbidden path: one line and status 1. Anything else is a bug
+  and keeps its traceback."""
+  error = file_error(e)
+  if error is None:
+    raise e
+  print(f"stackwise-jax: error: {describe_file_error(error)}", file=sys.stderr)
+  return 1
+
+
+def entry() -> None:
+  """The console script. After a file error, background writer threads (orbax, TensorBoard) may
+  still be failing: the process ends at once so they cannot print past the one-line message."""
+  code = main()
+  if code == 1:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  entry()

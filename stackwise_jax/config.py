@@ -51,6 +51,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.training.checkpoint_every = 0   # 0 = only at the end of each stage
   c.training.keep_checkpoints = 3   # the latest N are kept, and the end of every stage
   c.training.workdir = ""           # the CLI's --workdir sets it
+  # A step whose loss or gradients are NaN/Inf is never applied. "stop": the run stops there
+  # (exit status 3); "skip": training goes on, until max_skipped_steps in a row were skipped.
+  c.training.nonfinite = "stop"
+  c.training.max_skipped_steps = 10
 
   p = c.training.progressive = ml_collections.ConfigDict()
   p.enabled = True                  # False: one stage training all target_stacks end to end
@@ -338,6 +342,7 @@ def _join(prefix: str, key: Any) -> str:
 # sets with their implementations.
 _CHOICES = {
     "model.attention": ("mha", "gqa"),
+    "training.nonfinite": ("stop", "skip"),
     "training.progressive.building_mode": ("append", "prepend"),
     "training.progressive.trunk_strategy": ("frozen", "qlora"),
     "training.progressive.new_stack_precision": ("full", "bfloat16", "half", "nvfp4", "qlora"),
@@ -361,6 +366,7 @@ _POSITIVE = (
     "training.progressive.num_time_steps", "training.progressive.time_embedding_dim",
     "training.progressive.qlora_rank", "training.progressive.progressive_qlora_rank",
     "training.progressive.quant_block_size", "training.keep_checkpoints",
+    "training.max_skipped_steps",
 )
 
 _NON_NEGATIVE = (
@@ -391,6 +397,9 @@ _CHECKS = [
      "at most training.progressive.max_stacks ({c.training.progressive.max_stacks})"),
     ("training.seq_len", lambda v, c: v <= c.model.max_seq_len,
      "at most model.max_seq_len ({c.model.max_seq_len})"),
+    ("training.seq_len", lambda v, c: v >= 2 or c.training.progressive.training_objective != "clm",
+     "at least 2 when training.progressive.training_objective='clm': the last position has no "
+     "target, so a 1-token sequence has nothing to learn"),
     ("training.lr", lambda v, c: 0 < v < math.inf, "a finite float > 0"),
     ("training.weight_decay", lambda v, c: 0 <= v < math.inf, "a finite float >= 0"),
     ("training.grad_clip", lambda v, c: 0 <= v < math.inf, "a finite float >= 0 (0 = no clipping)"),

@@ -6,8 +6,10 @@ The examples are the trainer's own evaluation examples (same batches, same masks
 so a stage's loss here is the `eval_loss` its training reported.
 """
 import math
+import sys
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from stackwise_jax.checkpoint import RunCheckpoints
 from stackwise_jax.data import make_dataloader
@@ -16,31 +18,42 @@ from stackwise_jax.progressive.trainer import rack_from_checkpoint
 from stackwise_jax.progressive.steps import make_eval_step
 
 
-def evaluate(rack, examples) -> dict:
+def evaluate(rack, examples, bar=None) -> dict:
   """Loss (nats per loss token), perplexity and accuracy (argmax = target) over the loss tokens
-  of `examples` (dicts as `TimeStepMasking.example` makes them)."""
+  of `examples` (dicts as `TimeStepMasking.example` makes them). `bar`: a tqdm bar to advance
+  by one per example."""
   step = make_eval_step(rack)
-  loss_sum, tokens, correct = np.sum([np.asarray(step(rack.params, ex)) for ex in examples], 0)
+  sums = []
+  for ex in examples:
+    sums.append(np.asarray(step(rack.params, ex)))
+    if bar is not None:
+      bar.update(1)
+  loss_sum, tokens, correct = np.sum(sums, 0)
   loss = float(loss_sum / tokens)
   return {"loss": loss, "perplexity": math.exp(loss), "accuracy": float(correct / tokens),
           "tokens": int(tokens)}
 
 
-def evaluate_run(checkpoints: RunCheckpoints, n_batches: int | None = None) -> list[dict]:
+def evaluate_run(checkpoints: RunCheckpoints, n_batches: int | None = None, dataloader=None,
+                 progress: bool = False) -> list[dict]:
   """One row per stage end kept in a run's checkpoints (`checkpoint.open_run`), plus the latest
   checkpoint if it was taken mid-stage: {"stage", "step", "stacks" (forward order), loss,
-  perplexity, accuracy, tokens}."""
+  perplexity, accuracy, tokens}. `dataloader`: the run's (default: made from its config);
+  `progress`: a progress bar over racks x batches."""
   config, latest = checkpoints.config, checkpoints.latest
   steps = [s for s in checkpoints.steps() if s % config.training.steps_per_stack == 0]
   if latest.step not in steps:
     steps.append(latest.step)
-  batches = make_dataloader(config).eval_batches(n_batches or config.training.eval_batches)
+  dataloader = dataloader or make_dataloader(config)
+  batches = dataloader.eval_batches(n_batches or config.training.eval_batches)
   masking = TimeStepMasking(config)
   examples = [ProgressiveTrainer.eval_example(masking, b) for b in batches]
   rows = []
-  for step in steps:
-    ckpt = latest if step == latest.step else checkpoints.read(step)
-    rack = rack_from_checkpoint(config, ckpt)
-    rows.append({"stage": ckpt.meta["stage"], "step": step, "stacks": list(rack.order),
-                 **evaluate(rack, examples)})
+  with tqdm(total=len(steps) * len(examples), desc="eval", disable=not progress,
+            dynamic_ncols=True, file=sys.stderr) as bar:
+    for step in steps:
+      ckpt = latest if step == latest.step else checkpoints.read(step)
+      rack = rack_from_checkpoint(config, ckpt)
+      rows.append({"stage": ckpt.meta["stage"], "step": step, "stacks": list(rack.order),
+                   **evaluate(rack, examples, bar)})
   return rows

@@ -55,9 +55,15 @@ def export_rack(rack, n_stages: int, directory: str, fmt: str) -> str:
 
 
 def load_export(directory: str):
-  """The rack `export_rack` wrote into `directory`, from its two files alone."""
-  with open(os.path.join(directory, "manifest.json")) as f:
-    manifest = json.load(f)
+  """The rack `export_rack` wrote into `directory`, from its two files alone. Raises ValueError
+  naming the manifest and its field when the manifest is not one `export_rack` writes."""
+  manifest_path = os.path.join(directory, "manifest.json")
+  with open(manifest_path) as f:
+    try:
+      manifest = json.load(f)
+    except ValueError as e:
+      raise ValueError(f"{manifest_path}: not valid JSON ({e})") from None
+  _check_manifest(manifest, manifest_path)
   path = os.path.join(directory, f"params.{manifest['format']}")
   if manifest["format"] == "safetensors":
     stored = safetensors.numpy.load_file(path)
@@ -78,3 +84,35 @@ def load_export(directory: str):
   params = jax.device_put(traverse_util.unflatten_dict(flat))
   builder.update_params(restore_into(builder.params, params, "export"))
   return builder.build_rack()
+
+
+_DTYPES = ("float32", "float16", "int32", "uint8", "int8", *_STORED_AS)
+
+
+def _check_manifest(manifest, path: str) -> None:
+  """Every field `load_export` uses, against what `export_rack` writes: the format is one of
+  FORMATS (it names a file) and each array has a known dtype and a plain key path."""
+  def bad(field, allowed):
+    value = manifest.get(field) if isinstance(manifest, dict) else manifest
+    raise ValueError(f"{path}: {field}={value!r}: allowed: {allowed}")
+
+  if not isinstance(manifest, dict):
+    bad("<top level>", "a JSON object as export_rack writes it")
+  for field in ("format", "config", "stages", "stack_order", "stacks", "params"):
+    if field not in manifest:
+      bad(field, "present (the manifest is incomplete)")
+  if manifest["format"] not in FORMATS:
+    bad("format", ", ".join(map(repr, FORMATS)))
+  if not isinstance(manifest["stages"], int) or manifest["stages"] < 1:
+    bad("stages", "a positive int")
+  if not isinstance(manifest["params"], dict):
+    bad("params", "a mapping from key paths to {dtype, shape, stored_as}")
+  for key, entry in manifest["params"].items():
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+      raise ValueError(f"{path}: params key {key!r}: allowed: a key path like "
+                       "stacks/stack_0/blocks/0/attn/q/kernel")
+    if not isinstance(entry, dict) or entry.get("dtype") not in _DTYPES:
+      raise ValueError(f"{path}: params[{key!r}].dtype="
+                       f"{entry.get('dtype') if isinstance(entry, dict) else entry!r}: "
+                       f"allowed: {', '.join(_DTYPES)}")

@@ -1,5 +1,6 @@
 """Turning `results` into what a person reads: the per-stage summary table and results.json."""
 import json
+import math
 import os
 
 # (header, results key, format)
@@ -51,8 +52,11 @@ def memory_table(memory: dict) -> list[str]:
 def summary_table(results: dict) -> str:
   """A plain-text table, one row per stage; the final eval loss; the last stage's memory per
   stack."""
-  rows = [[h for h, _, _ in _COLUMNS]]
-  rows += [[_cell(s, key, fmt) for _, key, fmt in _COLUMNS] for s in results["stages"]]
+  columns = _COLUMNS
+  if any(s.get("skipped_steps") for s in results["stages"]):   # training.nonfinite="skip"
+    columns += (("skipped", "skipped_steps", "{}"),)
+  rows = [[h for h, _, _ in columns]]
+  rows += [[_cell(s, key, fmt) for _, key, fmt in columns] for s in results["stages"]]
   lines = _table(rows)
   final = results.get("final_eval_loss")
   lines.append(f"final eval loss: {final:.4f}" if final is not None else "final eval loss: -")
@@ -61,11 +65,22 @@ def summary_table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def strict_json(value):
+  """`value` with every NaN or Inf float replaced by None: JSON that strict parsers accept."""
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, dict):
+    return {k: strict_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [strict_json(v) for v in value]
+  return value
+
+
 def write_json(path: str, payload: dict) -> None:
-  """Writes atomically, so an interrupted write never leaves a truncated file behind."""
+  """Writes strict JSON atomically, so an interrupted write never leaves a truncated file."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2)
+    json.dump(strict_json(payload), f, indent=2, allow_nan=False)
   os.replace(tmp, path)
 
 

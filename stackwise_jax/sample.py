@@ -13,6 +13,7 @@ one call, then every new token costs one position. Masked racks generate by iter
 Token choice: greedy at temperature 0, else a draw from softmax(logits / temperature) restricted
 to the top_k logits (0: all), with the key fold_in(key(seed), position or step).
 """
+import math
 import re
 
 import jax
@@ -39,8 +40,8 @@ def pick(logits, key, temperature: float, top_k: int):
 
 
 def _check(temperature: float, top_k: int, length: int, config) -> None:
-  if temperature < 0:
-    raise ConfigError(f"--temperature={temperature}: allowed: >= 0 (0 = greedy)")
+  if not (math.isfinite(temperature) and temperature >= 0):
+    raise ConfigError(f"--temperature={temperature}: allowed: a finite number >= 0 (0 = greedy)")
   if not 0 <= top_k <= _BYTES:
     raise ConfigError(f"--top-k={top_k}: allowed: 0 (all) to {_BYTES}")
   if length > config.model.max_seq_len:

@@ -103,7 +103,7 @@ def test_checkpoint_from_another_config_is_refused_naming_the_field(text_corpus,
   before = {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*")}
   for field, value, needle in [("model.d_model", 64, "model.d_model: 32 there, 64 now"),
                                ("model.vocab_size", 300, "model.vocab_size"),
-                               ("training.lr", 0.5, "training.lr")]:
+                               ("training.weight_decay", 0.5, "training.weight_decay")]:
     other = config.copy_and_resolve_references()
     other.update_from_flattened_dict({field: value})
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):

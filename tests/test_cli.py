@@ -52,8 +52,8 @@ def test_finished_workdir_is_never_overwritten(text_corpus, tmp_path, capsys):
   assert main(args) == 0
   before = (tmp_path / "run" / "results.json").read_bytes()
   assert main(args) == 0                                   # same config: shows the summary
-  assert main(args + ["--config.training.lr=0.5"]) == 2     # another config: refused
-  assert "training.lr" in capsys.readouterr().err
+  assert main(args + ["--config.training.weight_decay=0.5"]) == 2   # another config: refused
+  assert "training.weight_decay" in capsys.readouterr().err
   assert (tmp_path / "run" / "results.json").read_bytes() == before
 
 

@@ -83,8 +83,8 @@ def test_cached_step_equals_streamed_step(text_corpus, objective):
   for plan in (cached_plan, streamed_plan):
     state = init_train_state(snapshot(rack.params), tx, plan)
     batch = {**example, "h": h} if plan.cached else example
-    state, loss = make_train_step(rack, plan, tx, labels, dropout_seed=0)(state, batch)
-    results[plan.activation_mode] = (float(loss), state["params"])
+    state, metrics = make_train_step(rack, plan, tx, labels, dropout_seed=0)(state, batch)
+    results[plan.activation_mode] = (float(metrics["loss"]), state["params"])
   assert results["cached"][0] == pytest.approx(results["streamed"][0], rel=1e-5, abs=1e-6)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
                results["cached"][1], results["streamed"][1])
@@ -129,7 +129,7 @@ def test_loss_ignores_positions_outside_the_loss_mask(text_corpus, objective):
   losses = []
   for ex in (example, scrambled):
     state = init_train_state(snapshot(rack.params), tx, plan)
-    losses.append(float(make_train_step(rack, plan, tx, labels, dropout_seed=0)(state, ex)[1]))
+    losses.append(float(make_train_step(rack, plan, tx, labels, dropout_seed=0)(state, ex)[1]["loss"]))
   assert losses[0] == losses[1]
   # and the scrambling did touch targets, while in-mask targets matter:
   assert not np.array_equal(scrambled["targets"], example["targets"])

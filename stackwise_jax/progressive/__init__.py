@@ -1,4 +1,5 @@
 """Progressive training: the builder, the trainer, activation caching, masks and time."""
 from stackwise_jax.progressive.builder import FROZEN, TRAINABLE, ProgressiveRackBuilder
+from stackwise_jax.progressive.guard import TrainingDiverged
 from stackwise_jax.progressive.masking import TimeStepMasking
 from stackwise_jax.progressive.trainer import ProgressiveTrainer, TrainingInterrupted, load_rack

@@ -145,9 +145,7 @@ def make_training_example(batch: dict, time_steps, *, objective: str, seed: int,
     inputs, targets = tokens, jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
     rule = clm_mask(b, t)
   elif objective == "custom":
-    if "targets" not in batch:
-      raise ValueError("training_objective='custom' needs batch['targets'] (int [B, T]) and optionally "
-                       f"batch['loss_mask']; the batch has keys {sorted(batch)}")
+    check_objective_data(objective, batch)
     inputs, targets = tokens, jnp.asarray(batch["targets"], jnp.int32)
     rule = batch.get("loss_mask", jnp.ones((b, t), jnp.float32))
   else:
@@ -155,6 +153,16 @@ def make_training_example(batch: dict, time_steps, *, objective: str, seed: int,
                       + ", ".join(map(repr, OBJECTIVES)))
   return {"inputs": inputs.astype(jnp.int32), "targets": targets,
           "loss_mask": combined_masks(rule, targets != pad_id), "time_step": time_steps}
+
+
+def check_objective_data(objective: str, batch: dict) -> None:
+  """Raises ConfigError when `batch` (one batch of the run's data) lacks what `objective` needs:
+  a custom objective takes its targets from the data."""
+  if objective == "custom" and "targets" not in batch:
+    raise ConfigError("training.progressive.training_objective='custom': needs batches with "
+                      "'targets' (int [B, T]) and optionally 'loss_mask', but the data's batches "
+                      f"have keys {sorted(batch)}; allowed: 'mlm' or 'clm' for this data, or a "
+                      "dataloader that yields targets")
 
 
 class TimeStepMasking:

@@ -46,8 +46,15 @@ def plan_stage(rack: Rack, stage: int, new: tuple[str, ...], frozen: set[str],
                    cached=cache_activations and bool(prefix), loss_scaling=loss_scaling)
 
 
+# optax.apply_if_finite gives up and applies a non-finite update after this many in a row; the
+# trainer stops a run long before (training.nonfinite, training.max_skipped_steps).
+_NEVER_APPLY_NONFINITE = 2**30
+
+
 def make_optimizer(training_config, labels, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with warm-up + cosine for trainable leaves; set_to_zero (no state) for frozen ones."""
+  """AdamW with warm-up + cosine for trainable leaves; set_to_zero (no state) for frozen ones.
+  An update whose gradients are not finite is dropped whole (optax.apply_if_finite), so params
+  never take a NaN or Inf."""
   t = training_config
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=t.lr, warmup_steps=min(t.warmup_steps, max(total_steps - 1, 0)),
@@ -56,7 +63,8 @@ def make_optimizer(training_config, labels, total_steps: int) -> optax.GradientT
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
   adamw = optax.adamw(schedule, weight_decay=t.weight_decay, mask=decay_mask)
   trainable = optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
-  return optax.multi_transform({TRAINABLE: trainable, FROZEN: optax.set_to_zero()}, labels)
+  by_label = optax.multi_transform({TRAINABLE: trainable, FROZEN: optax.set_to_zero()}, labels)
+  return optax.apply_if_finite(by_label, _NEVER_APPLY_NONFINITE)
 
 
 def masked_cross_entropy(logits, targets, loss_mask):
@@ -92,7 +100,9 @@ def init_train_state(params, tx, plan: StagePlan) -> dict:
 
 
 def make_train_step(rack: Rack, plan: StagePlan, tx, labels, dropout_seed: int, shardings=None):
-  """(state, example) -> (state, loss). `example` holds inputs/targets/loss_mask/time_step and,
+  """(state, example) -> (state, {"loss", "finite"}). `finite` is False when the step diverged:
+  its loss or gradients are NaN or Inf (with fp16 loss scaling, only its loss: overflowing
+  gradients are routine there and the scale backs off); such an update is never applied. `example` holds inputs/targets/loss_mask/time_step and,
   for a cached stage, `h`: the prefix output [B, T, d_model]. `shardings`: (the state's
   NamedShardings, a replicated one) from sharding.py; the state keeps its shardings from step to
   step, the example's follow it, params are gathered (replicated) for the forward."""
@@ -123,19 +133,19 @@ def make_train_step(rack: Rack, plan: StagePlan, tx, labels, dropout_seed: int, 
     trainable, frozen = split_by_label(full, labels)
     grad_fn = lambda trainable: loss_fn(join(trainable, frozen), h, example, dropout_key)
     if plan.loss_scaling:
-      dyn_scale, finite, loss, grads = state["dyn_scale"].value_and_grad(grad_fn)(trainable)
+      dyn_scale, _, loss, grads = state["dyn_scale"].value_and_grad(grad_fn)(trainable)
     else:
       loss, grads = jax.value_and_grad(grad_fn)(trainable)
     grads = join(grads, jax.tree.map(jnp.zeros_like, frozen))   # set_to_zero ignores these
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)   # non-finite: dropped
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                  "step": state["step"] + 1}
-    if plan.loss_scaling:   # skip the update where fp16 gradients overflowed
-      keep = lambda new, old: jnp.where(finite, new, old)
-      new_state["params"] = jax.tree.map(keep, new_state["params"], params)
-      new_state["opt_state"] = jax.tree.map(keep, opt_state, state["opt_state"])
+    finite = jnp.isfinite(loss)
+    if plan.loss_scaling:
       new_state["dyn_scale"] = dyn_scale
-    return new_state, loss
+    else:
+      finite &= opt_state.last_finite
+    return new_state, {"loss": loss, "finite": finite}
 
   if shardings is None:
     return jax.jit(step, donate_argnums=0)

@@ -3,6 +3,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import signal
 import sys
 import threading
@@ -17,6 +18,8 @@ from stackwise_jax.config import ConfigError, validate
 from stackwise_jax.model.lora import is_adapter_path, leaf_bytes, plain_keys
 from stackwise_jax.progressive.builder import TRAINABLE, ProgressiveRackBuilder
 from stackwise_jax.progressive.caching import ActivationCache
+from stackwise_jax.progressive.guard import DivergenceGuard
+from stackwise_jax.progressive.masking import check_objective_data
 from stackwise_jax.sharding import (global_batch, local_batch, make_mesh, replicated,
                                     tree_shardings)
 from stackwise_jax.progressive.steps import (init_train_state, make_eval_step, make_optimizer,
@@ -59,8 +62,9 @@ class ProgressiveTrainer:
       raise ValueError(f"target_stacks={target}: must be between the rack's current "
                        f"{len(rack_builder.specs)} stacks and training.progressive.max_stacks="
                        f"{p.max_stacks}")
-    data = dataloader.train_iter()
     eval_batches = dataloader.eval_batches(self.config.training.eval_batches)
+    check_objective_data(p.training_objective, eval_batches[0])
+    data = dataloader.train_iter()
     with _saving_on_signals(self, enabled=self.checkpoints is not None):
       for new, resume in self._stage_plan(rack_builder, target, data):
         stage = len(self.results["stages"]) + 1
@@ -194,14 +198,15 @@ class ProgressiveTrainer:
 
     tx = make_optimizer(t, labels, t.steps_per_stack)
     state = init_train_state(rack.params, tx, plan)
-    losses, eval_curve, eval_seconds, start = [], [], 0.0, 0
+    losses, eval_curve, eval_seconds, start, skipped = [], [], 0.0, 0, 0
     if resume is not None:
       opt = restore_into({k: v for k, v in state.items() if k != "params"}, resume.opt,
                          "optimizer state")
       state = {**state, **opt}
       start = resume.meta["step"]
-      losses = list(resume.meta["progress"]["losses"])
+      losses = [math.nan if x is None else x for x in resume.meta["progress"]["losses"]]
       eval_curve = resume.meta["progress"]["eval_curve"]
+      skipped = resume.meta["progress"]["skipped_steps"]
     shardings = tree_shardings(self.mesh, state)
     state = jax.device_put(state, shardings)
     train_step = make_train_step(rack, plan, tx, labels, dropout_seed=t.seed * 1000 + stage,
@@ -210,35 +215,46 @@ class ProgressiveTrainer:
     eval_examples = [self.eval_example(masking, global_batch(self.mesh, b))
                      for b in eval_batches]
 
+    cache_bytes = (cache.nbytes, cache.bytes_on_disk) if cache else (0, 0)   # before it is closed
+    guard = DivergenceGuard(t.nonfinite, t.max_skipped_steps, stage, losses, skipped)
     bar = tqdm(total=t.steps_per_stack, initial=start, disable=not self.progress,
                desc=f"stage {stage}/{target} [{plan.activation_mode}]", dynamic_ncols=True,
                file=sys.stderr)
-    for i in range(start, t.steps_per_stack):
-      state, loss = train_step(state, example_at(i))
-      losses.append(loss)
-      if i == start:
-        loss.block_until_ready()
-        steady_start = time.perf_counter()   # excludes compilation from tokens/s
-      last = i + 1 == t.steps_per_stack
-      if last or (t.eval_every and (i + 1) % t.eval_every == 0):
-        loss.block_until_ready()   # steps are dispatched asynchronously: they are not eval time
-        eval_started = time.perf_counter()
-        eval_curve.append([i + 1, self._evaluate(eval_step, state["params"], eval_examples)])
-        eval_seconds += time.perf_counter() - eval_started
-        bar.set_postfix(loss=f"{float(loss):.3f}", eval=f"{eval_curve[-1][1]:.3f}")
-        self._metric("eval/loss", eval_curve[-1][1], first_step + i + 1)
-      elif (i + 1) % t.log_every == 0:
-        bar.set_postfix(loss=f"{float(loss):.3f}")
-      if (i + 1) % t.log_every == 0:
-        self._metric("train/loss", float(loss), first_step + i + 1)
-      bar.update(1)
-      due = t.checkpoint_every and (i + 1) % t.checkpoint_every == 0
-      if self.checkpoints is not None and not last and (due or self._stop_signal):
-        progress = {"losses": [float(x) for x in losses], "eval_curve": eval_curve}
-        self._save(builder, stage, i + 1, state, stage_start if plan.cached else data.get_state(),
-                   progress)
-        self._stop_if_asked(stage, i + 1)
-    bar.close()
+    try:
+      for i in range(start, t.steps_per_stack):
+        state, metrics = train_step(state, example_at(i))
+        loss = metrics["loss"]
+        losses.append(loss)
+        guard.after(i + 1, metrics)
+        if i == start:
+          loss.block_until_ready()
+          steady_start = time.perf_counter()   # excludes compilation from tokens/s
+        last = i + 1 == t.steps_per_stack
+        if last or (t.eval_every and (i + 1) % t.eval_every == 0):
+          guard.flush()   # steps are dispatched asynchronously: they are not eval time
+          eval_started = time.perf_counter()
+          eval_curve.append([i + 1, self._evaluate(eval_step, state["params"], eval_examples)])
+          eval_seconds += time.perf_counter() - eval_started
+          bar.set_postfix(loss=f"{float(loss):.3f}", eval=f"{eval_curve[-1][1]:.3f}")
+          self._metric("eval/loss", eval_curve[-1][1], first_step + i + 1)
+        elif (i + 1) % t.log_every == 0:
+          bar.set_postfix(loss=f"{float(loss):.3f}")
+        if (i + 1) % t.log_every == 0:
+          self._metric("train/loss", float(loss), first_step + i + 1)
+        bar.update(1)
+        due = t.checkpoint_every and (i + 1) % t.checkpoint_every == 0
+        if self.checkpoints is not None and not last and (due or self._stop_signal):
+          guard.flush()   # a diverged state is never saved
+          progress = {"losses": [float(x) for x in losses], "eval_curve": eval_curve,
+                      "skipped_steps": guard.skipped}
+          self._save(builder, stage, i + 1, state,
+                     stage_start if plan.cached else data.get_state(), progress)
+          self._stop_if_asked(stage, i + 1)
+      guard.flush()
+    finally:
+      bar.close()
+      if cache:
+        cache.close()
     jax.block_until_ready(state["params"])
     steady_seconds = time.perf_counter() - steady_start - eval_seconds
     builder.update_params(state["params"])
@@ -261,7 +277,7 @@ class ProgressiveTrainer:
         "steps": t.steps_per_stack,
         "tokens": t.steps_per_stack * tokens_per_step,
         "loss_start": losses[0],
-        "loss_end": float(np.mean(losses[-min(10, len(losses)):])),
+        "loss_end": _finite_mean(losses[-min(10, len(losses)):]),
         "eval_loss": eval_curve[-1][1] if eval_curve else None,
         "tokens_per_s": steady_steps * tokens_per_step / max(steady_seconds, 1e-9),
         "step_seconds": steady_seconds / steady_steps,
@@ -270,15 +286,14 @@ class ProgressiveTrainer:
         "frozen_params": counts["frozen"],
         "lora_params": counts["lora"],
         "memory": memory,
-        "cache_bytes": cache.nbytes if cache else 0,
-        "cache_bytes_on_disk": cache.bytes_on_disk if cache else 0,
+        "cache_bytes": cache_bytes[0],
+        "cache_bytes_on_disk": cache_bytes[1],
         "activation_mode": plan.activation_mode,
+        "skipped_steps": guard.skipped,
         "peak_memory_bytes": _peak_device_memory(),
         "losses": losses,
         "eval_curve": eval_curve,
     }
-    if cache:
-      cache.close()
     self.results["stages"].append(result)
     if self.metrics is not None:
       self.metrics.stage(result)
@@ -404,6 +419,11 @@ def stack_memory(specs, params, opt_state) -> dict:
     if "stacks" in keys[:-1] and keys[keys.index("stacks") + 1] in report:
       report[keys[keys.index("stacks") + 1]]["optimizer_bytes"] += leaf_bytes(x)
   return report
+
+
+def _finite_mean(values) -> float | None:
+  finite = [x for x in values if math.isfinite(x)]
+  return float(np.mean(finite)) if finite else None
 
 
 def _peak_device_memory() -> int | None:
