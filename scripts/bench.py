@@ -1,7 +1,7 @@
 """Benchmarks: step time per stage, MFU, memory, progressive vs end-to-end, against PyTorch (issue 8),
 plus the quantization error of the trunk formats and the bytes moved by collectives.
 
-  python scripts/bench.py {depth,mfu,memory,quality,torch,quant,comm} [--quick] [--out FILE.json]
+  python scripts/bench.py {depth,mfu,memory,quality,torch,quant,comm,job} [--quick] [--out FILE.json]
       [--config FILE] [--stages N] [--steps N] [--seeds S ...] [--depths K ...] [config overrides]
 
 Each sub-benchmark writes FILE.json ({"benchmark", "date", "machine", "command", "config",
@@ -13,7 +13,7 @@ with fewer stages, steps and seeds (`settings` in the JSON says which). Benchmar
 never timed tests.
 
 Step times come from the train step the trainer builds (`plan_stage`, `make_train_step`) for
-stage k of a rack grown the trainer's way (`_stages`, `_set_labels`), timed on a real batch: the
+stage k of a rack grown the trainer's way (`progressive.stages.grow`), timed on a real batch: the
 median of `steps` steps after one warm-up (compiling) step. Params are freshly
 initialised; the time of a step does not depend on their values.
 """
@@ -45,15 +45,18 @@ import numpy as np
 
 from stackwise_jax.config import load_config
 from stackwise_jax.data import make_dataloader
+from stackwise_jax.evaluate import evaluate
 from stackwise_jax.model import COMPUTE_DTYPES, nvfp4
 from stackwise_jax.model.layers import attend, attention_scores
 from stackwise_jax.model.lora import is_adapter_path, tree_bytes
 from stackwise_jax.model.rack import is_causal
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
 from stackwise_jax.progressive.builder import TRAINABLE
-from stackwise_jax.progressive.steps import (init_train_state, make_eval_step, make_optimizer,
+from stackwise_jax.progressive.steps import (init_train_state, make_optimizer,
                                              make_train_step, plan_stage, prefix_activations)
-from stackwise_jax.sharding import batch_spec, global_batch, replicated, tree_shardings
+from stackwise_jax.progressive.stages import grow
+from stackwise_jax.report import PHASES
+from stackwise_jax.sharding import batch_spec, global_batch, make_mesh, replicated, tree_shardings
 
 FLOP_TOLERANCE = 0.10   # |model FLOPs - XLA's| / XLA's; XLA also counts norms, softmax, Adam
 NOISY_SPREAD = 0.25     # (slowest - fastest) / median step time above which a row is flagged
@@ -86,7 +89,18 @@ PRESETS = {
     "torch": ("configs/small.py", {"depths": [2, 8], "steps": 6}, {"depths": [4], "steps": 3}),
     "quant": ("configs/small.py", {"stages": 3, "steps": 150}, {"stages": 2, "steps": 20}),
     "comm": ("configs/small.py", {"devices": 8}, {}),
+    # [stacks, steps a stage, epochs] cells
+    "job": ("configs/small.py",
+            {"grid": [[n, s, e] for n in (4, 8) for s in (40, 300) for e in (1, 3)], "warm": True},
+            {"grid": [[4, 40, 1], [4, 40, 3]], "warm": False}),
 }
+
+# The original StackWise's tiny_llama job (its examples/tiny_llama config): 4 stacks of 4 blocks,
+# d_model 256, 8 heads / 4 KV heads, d_ff 1024, batch 8, 128-token sequences; configs/small.py
+# gives the rest. Evaluation and a checkpoint at each stage's end, on both sides.
+JOB_SIZES = ["model.n_blocks_per_stack=4", "model.d_ff=1024", "training.batch_size=8",
+             "training.seq_len=128", "training.eval_every=0", "training.checkpoint_every=0",
+             "training.data_reuse=pool"]
 
 
 # --- Output: JSON, Markdown, sanity. ---------------------------------------------------------------
@@ -235,13 +249,9 @@ class Stage:
 def build_stage(config, k: int) -> Stage:
   """Grows a rack to k stacks the way the trainer does (one stack a stage, or all k in one stage
   with progressive training off) and builds the train step of its last stage."""
-  trainer = ProgressiveTrainer(config, progress=False, log=lambda _: None)
   builder = ProgressiveRackBuilder(config)
-  for stage, new_specs in enumerate(trainer._stages(builder, k), 1):
-    frozen = trainer._set_labels(builder)
-    if len(builder.specs) < k:
-      builder.trained.update(s.name for s in new_specs)
-  t, mesh = config.training, trainer.mesh
+  new_specs, frozen, stage = grow(builder, k, last_done=False)
+  t, mesh = config.training, make_mesh(config)
   rack, labels = builder.build_rack(), builder.labels()
   plan = plan_stage(rack, stage, tuple(s.name for s in new_specs), frozen,
                     t.progressive.cache_activations)
@@ -256,7 +266,7 @@ def build_stage(config, k: int) -> Stage:
     prefix = jax.jit(functools.partial(prefix_activations, rack, plan.prefix))
     h = prefix(state["params"], example)
     example = {**example, "h": jax.device_put(h, NamedSharding(mesh, batch_spec()))}
-  step = make_train_step(rack, plan, tx, labels, dropout_seed=0,
+  step = make_train_step(rack, plan, tx, labels,
                          shardings=(shardings, replicated(mesh)))
   # XLA's count of the step as traced (before optimization: compiling here would compile twice,
   # and an AOT-compiled step refuses the int4 layouts its own outputs have).
@@ -290,8 +300,8 @@ def time_stage(stage: Stage, steps: int) -> tuple[list[float], list[float]]:
 
   def one_step():
     nonlocal state
-    state, loss = stage.step(state, stage.example)
-    jax.block_until_ready((state, loss))
+    state, metrics = stage.step(state, stage.example)
+    jax.block_until_ready((state, metrics))
 
   return time_calls(one_step, steps), cache
 
@@ -673,8 +683,7 @@ def bench_quant(args, s):
     rows.append({"format": name, "relative_rms": everything,
                  "per_stack": ", ".join(f"{relative_rms(reference[st], quantized[st]):.4f}"
                                         for st in reference),
-                 "eval_loss": ProgressiveTrainer._evaluate(make_eval_step(rack), rack.params,
-                                                           eval_examples),
+                 "eval_loss": evaluate(rack, eval_examples)["loss"],
                  "stack_mib": tree_bytes(rack.params["stacks"]) / 2**20})
   if rows[0]["relative_rms"] != 0.0 or any(r["relative_rms"] <= 0 for r in rows[1:]):
     fail(f"relative errors {[r['relative_rms'] for r in rows]}")
@@ -749,9 +758,98 @@ def bench_comm(args, s):
   return columns, rows, summary
 
 
+def run_ours(config_path, overrides, workdir, cache_dir) -> tuple[float, dict]:
+  """The train command as a user runs it, in a fresh process -> (wall seconds, results)."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  env["STACKWISE_COMPILATION_CACHE"] = cache_dir
+  command = [sys.executable, "-m", "stackwise_jax", "train", "--config", config_path, "--workdir",
+             workdir, "--no-progress", *[f"--config.{o}" for o in overrides]]
+  start = time.perf_counter()
+  proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+  wall = time.perf_counter() - start
+  if proc.returncode:
+    fail(f"{shlex.join(command)} exited {proc.returncode}: {proc.stderr[-2000:]}")
+  with open(os.path.join(workdir, "results.json")) as f:
+    return wall, json.load(f)
+
+
+def run_reference(config, stacks, epochs, directory) -> tuple[float, list[dict]]:
+  """scripts/torch_reference.py on the same pool and eval batches as ours, in a fresh process
+  that imports only torch (the token arrays are handed to it ready: its data time is not
+  counted) -> (wall seconds, its per-stage rows)."""
+  loader = make_dataloader(config)
+  train = loader.train_iter()
+  np.save(os.path.join(directory, "pool.npy"),
+          np.stack([next(train)["tokens"] for _ in range(config.training.steps_per_stack)]))
+  np.save(os.path.join(directory, "eval.npy"), np.stack(
+      [b["tokens"] for b in loader.eval_batches(config.training.eval_batches)]))
+  job = {"model": config.model.to_dict(), "training": config.training.to_dict(), "stacks": stacks,
+         "epochs": epochs, "pool": os.path.join(directory, "pool.npy"),
+         "eval": os.path.join(directory, "eval.npy"), "workdir": directory,
+         "out": os.path.join(directory, "reference.json")}
+  with open(os.path.join(directory, "job.json"), "w") as f:
+    json.dump(job, f)
+  command = [sys.executable, os.path.join(REPO, "scripts", "torch_reference.py"),
+             os.path.join(directory, "job.json")]
+  start = time.perf_counter()
+  proc = subprocess.run(command, capture_output=True, text=True)
+  wall = time.perf_counter() - start
+  if proc.returncode:
+    fail(f"{shlex.join(command)} exited {proc.returncode}: {proc.stderr[-2000:]}")
+  with open(job["out"]) as f:
+    return wall, json.load(f)
+
+
+def bench_job(args, s):
+  """The whole job, every phase included, against the original's way of training."""
+  rows = []
+  for stacks, steps, epochs in s["grid"]:
+    overrides = [*JOB_SIZES, *args.overrides, f"training.steps_per_stack={steps}",
+                 f"training.epochs_per_stack={epochs}", f"training.progressive.max_stacks={stacks}",
+                 f"training.progressive.target_stacks={stacks}"]
+    config = load_config(args.config, overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+      cache = os.path.join(tmp, "xla")   # empty: the first run compiles everything
+      ours, results = run_ours(args.config, overrides, os.path.join(tmp, "cold"), cache)
+      warm = (run_ours(args.config, overrides, os.path.join(tmp, "warm"), cache)[0]
+              if s["warm"] else None)
+      theirs, reference = run_reference(config, stacks, epochs, tmp)
+    stages = results["stages"]
+    phases = {p: sum(st["seconds_by_phase"][p] for st in stages) for p in PHASES}
+    rows.append({"cell": f"{stacks}x{steps}x{epochs}", "stacks": stacks, "steps": steps,
+                 "epochs": epochs, "ours_s": ours, "ours_warm_s": warm, "reference_s": theirs,
+                 "speedup": theirs / ours, "speedup_warm": theirs / warm if warm else None,
+                 "outside_stages_s": ours - sum(st["seconds"] for st in stages),
+                 **{f"{p}_s": v for p, v in phases.items()},
+                 "stage1_s": stages[0]["seconds"], "last_stage_s": stages[-1]["seconds"],
+                 "eval_loss": stages[-1]["eval_loss"], "reference_eval_loss": reference[-1]["eval_loss"]})
+    print(f"job {rows[-1]['cell']}: ours {ours:.1f} s, reference {theirs:.1f} s", file=sys.stderr)
+  check_positive(rows, "ours_s", "reference_s", "ours_warm_s")
+  for r in rows:
+    if not (np.isfinite(r["eval_loss"]) and np.isfinite(r["reference_eval_loss"])):
+      fail(f"a non-finite eval loss in {r}")
+  summary = {"job_speedup_min": min(r["speedup"] for r in rows)}
+  by_cell = {r["cell"]: r for r in rows}
+  if "8x300x3" in by_cell:
+    summary["job_speedup_8x300x3"] = by_cell["8x300x3"]["speedup"]
+  deepest = max((r for r in rows if r["epochs"] == 3), key=lambda r: (r["stacks"], r["steps"]),
+                default=None)
+  if deepest is not None:   # the last stage's wall time over the first's, everything included
+    summary["depth_growth"] = deepest["last_stage_s"] / deepest["stage1_s"]
+    summary["depth_growth_cell"] = deepest["cell"]
+  columns = [("cell (stacks x steps x epochs)", "cell", "{}"), ("ours s", "ours_s", "{:.1f}"),
+             ("ours, warm cache s", "ours_warm_s", "{:.1f}"), ("reference s", "reference_s", "{:.1f}"),
+             ("speedup", "speedup", "{:.2f}"), ("speedup warm", "speedup_warm", "{:.2f}"),
+             *[(f"{p} s", f"{p}_s", "{:.1f}") for p in PHASES],
+             ("outside stages s", "outside_stages_s", "{:.1f}"), ("stage 1 s", "stage1_s", "{:.1f}"),
+             ("last stage s", "last_stage_s", "{:.1f}"), ("eval loss", "eval_loss", "{:.3f}"),
+             ("reference eval loss", "reference_eval_loss", "{:.3f}")]
+  return columns, rows, summary
+
+
 BENCHMARKS = {"depth": bench_depth, "mfu": bench_mfu, "memory": bench_memory,
               "quality": bench_quality, "torch": bench_torch, "quant": bench_quant,
-              "comm": bench_comm}
+              "comm": bench_comm, "job": bench_job}
 WORKERS = {"memory": lambda p: memory_worker(p["config"], p["overrides"], p["stages"], p["steps"]),
            "comm": lambda p: comm_worker(p["config"], p["overrides"], p["devices"])}
 
@@ -773,13 +871,24 @@ def main():
   for name in ("seeds", "depths"):
     parser.add_argument(f"--{name}", type=int, nargs="+")
   parser.add_argument("--modes", nargs="+", choices=list(MODES))
+  parser.add_argument("--cells", nargs="+", metavar="NxSxE",
+                      help="job: only these cells, e.g. 4x40x1 8x300x3 (stacks x steps x epochs)")
   parser.add_argument("overrides", nargs="*", help="config overrides, e.g. training.batch_size=8")
   args = parser.parse_args()
 
   default_config, full, quick = PRESETS[args.benchmark]
   settings = {**full, **(quick if args.quick else {}), "quick": args.quick}
-  for name in ("stages", "steps", "devices", "seeds", "depths", "modes"):
-    value = getattr(args, name)
+  if args.cells is not None:
+    if args.benchmark != "job":
+      parser.error(f"--cells applies to job only, not {args.benchmark}")
+    try:
+      args.grid = [[int(x) for x in cell.split("x")] for cell in args.cells]
+    except ValueError:
+      parser.error(f"--cells {' '.join(args.cells)}: allowed: cells like 4x40x1")
+    if any(len(cell) != 3 or min(cell) < 1 for cell in args.grid):
+      parser.error(f"--cells {' '.join(args.cells)}: allowed: three positive ints per cell")
+  for name in ("stages", "steps", "devices", "seeds", "depths", "modes", "grid"):
+    value = getattr(args, name, None)
     if value is not None:
       if name not in full:
         parser.error(f"--{name} does not apply to {args.benchmark}; it takes {', '.join(full)}")

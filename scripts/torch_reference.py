@@ -5,7 +5,15 @@ pre-norm blocks (RMSNorm), RoPE on q/k, grouped-query attention through
 `F.scaled_dot_product_attention`, SwiGLU, a tied LM head; a stage trains the new stack eagerly
 with `torch.optim.AdamW` while the frozen trunk runs under `torch.no_grad()` every step.
 `load_jax_params` copies our params in, so the bench can check both compute the same function.
+Run as a script, it trains a whole progressive job as the original does (`run_job`), for
+`python scripts/bench.py job`; it imports nothing of ours, so its process pays only for torch.
 """
+import argparse
+import json
+import os
+import time
+import types
+
 import numpy as np
 import torch
 from torch import nn
@@ -26,8 +34,9 @@ class RMSNorm(nn.Module):
 def rope(x, theta: float):
   """x: [batch, heads, seq, head_dim]; rotates the two halves of head_dim (GPT-NeoX style)."""
   half = x.shape[-1] // 2
-  freqs = theta ** (-torch.arange(half, dtype=torch.float32) / half)
-  angles = torch.arange(x.shape[-2], dtype=torch.float32)[:, None] * freqs[None, :]   # [seq, half]
+  freqs = theta ** (-torch.arange(half, dtype=torch.float32, device=x.device) / half)
+  angles = (torch.arange(x.shape[-2], dtype=torch.float32, device=x.device)[:, None]
+            * freqs[None, :])   # [seq, half]
   sin, cos = angles.sin(), angles.cos()
   x1, x2 = x[..., :half], x[..., half:]
   return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -102,13 +111,17 @@ class StageTrainer:
       h = self.model.embed(tokens)
       for stack in self.trunk:
         h = stack(h)
-    logits = self.model.logits(self.new(h))
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    loss = clm_loss(self.model.logits(self.new(h)), tokens)
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
     self.opt.step()
     return loss.item()
+
+
+def clm_loss(logits, tokens):
+  """Mean cross entropy of each position's prediction of the next token."""
+  return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
 def load_jax_params(model: Model, params) -> None:
@@ -126,3 +139,52 @@ def load_jax_params(model: Model, params) -> None:
         for name, group in (("q", "attn"), ("k", "attn"), ("v", "attn"), ("o", "attn"),
                             ("gate", "ffn"), ("up", "ffn"), ("down", "ffn")):
           getattr(block, name).weight.copy_(tensor(p[group][name]["kernel"]).T)
+
+
+# --- The whole job, the way the original StackWise trains (`python scripts/bench.py job`). ---
+
+
+def run_job(model_config, training: dict, pool: np.ndarray, eval_tokens: np.ndarray, n_stacks: int,
+            epochs: int, workdir: str) -> list[dict]:
+  """Grows `n_stacks` stacks; stage k trains stack k (and the final norm) for `epochs` epochs over
+  `pool` (int [steps, batch, seq]), each epoch in a new order from (seed, stage, epoch), with the
+  trunk recomputed under no_grad every step, then evaluates `eval_tokens` and saves the model
+  (torch.save), as the original does at a stage's end. Runs on CUDA where torch has it. Returns
+  per stage its loss and seconds."""
+  torch.manual_seed(training["seed"])
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = Model(model_config, n_stacks).to(device)
+  tensor = lambda x: torch.from_numpy(x.astype(np.int64)).to(device)
+  stacks = list(model.stacks)
+  rows = []
+  for stage in range(1, n_stacks + 1):
+    start = time.perf_counter()
+    model.stacks = nn.ModuleList(stacks[:stage])
+    trainer = StageTrainer(model, training["lr"], training["weight_decay"], training["grad_clip"])
+    for epoch in range(epochs):
+      for j in np.random.default_rng([training["seed"], stage, epoch]).permutation(len(pool)):
+        loss = trainer.step(tensor(pool[j]))
+    with torch.no_grad():
+      batches = [tensor(b) for b in eval_tokens]
+      eval_loss = np.mean([clm_loss(model(b), b).item() for b in batches])
+    torch.save(model.state_dict(), os.path.join(workdir, f"stage_{stage}.pt"))
+    rows.append({"stage": stage, "loss": loss, "eval_loss": float(eval_loss),
+                 "seconds": time.perf_counter() - start})
+  return rows
+
+
+def main(argv=None) -> None:
+  """python scripts/torch_reference.py JOB.json: runs `run_job` with the sizes, settings and
+  token files JOB.json names, and writes its rows into JOB.json's "out" path."""
+  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser.add_argument("job")
+  job = json.load(open(parser.parse_args(argv).job))
+  m = types.SimpleNamespace(**job["model"])
+  rows = run_job(m, job["training"], np.load(job["pool"]), np.load(job["eval"]), job["stacks"],
+                 job["epochs"], job["workdir"])
+  with open(job["out"], "w") as f:
+    json.dump(rows, f)
+
+
+if __name__ == "__main__":
+  main()

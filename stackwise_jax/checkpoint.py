@@ -24,7 +24,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from stackwise_jax.config import ConfigError, from_yaml, to_yaml, validate
+from stackwise_jax.config import ConfigError, from_yaml, stage_steps, to_yaml, validate
 from stackwise_jax.files import directory_bytes, require_free_space
 from stackwise_jax.model.lora import key_path
 from stackwise_jax.report import strict_json
@@ -36,7 +36,8 @@ RESUMABLE_CHANGES = ("training.workdir", "training.eval_every", "training.log_ev
                      "training.lr", "training.nonfinite", "training.max_skipped_steps",
                      "training.checkpoint_every", "training.keep_checkpoints",
                      "training.progressive.target_stacks", "training.progressive.max_stacks",
-                     "data.num_workers", "mesh.data", "mesh.fsdp")
+                     "training.compilation_cache_dir", "data.num_workers", "mesh.data",
+                     "mesh.fsdp")
 _ITEMS = ("params", "opt", "data", "meta")
 _META_KEYS = ("stage", "step", "specs", "results", "progress", "config", "steps_per_stack")
 
@@ -104,7 +105,7 @@ class RunCheckpoints:
   def _open(self) -> ocp.CheckpointManager:
     t = self.config.training
     keep = policies.AnyPreservationPolicy([policies.LatestN(t.keep_checkpoints),
-                                           policies.EveryNSteps(t.steps_per_stack)])
+                                           policies.EveryNSteps(stage_steps(self.config))])
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True,
                                            preservation_policy=keep)
     handlers = {"params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
@@ -160,7 +161,7 @@ class RunCheckpoints:
         data=grain.checkpoint.CheckpointSave(IteratorState(data_state)),
         meta=ocp.args.JsonSave(strict_json({
             **meta, "config": to_yaml(self.config),
-            "steps_per_stack": self.config.training.steps_per_stack}))))
+            "steps_per_stack": stage_steps(self.config)}))))
 
   def close(self) -> None:
     self._manager.close()

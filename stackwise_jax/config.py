@@ -55,6 +55,13 @@ def default_config() -> ml_collections.ConfigDict:
   # (exit status 3); "skip": training goes on, until max_skipped_steps in a row were skipped.
   c.training.nonfinite = "stop"
   c.training.max_skipped_steps = 10
+  # "fresh": every stage draws new batches. "pool" (the original StackWise's way): every stage
+  # trains epochs_per_stack epochs over the same steps_per_stack batches, and a frozen trunk's
+  # cached activations are extended by one stack a stage instead of recomputed.
+  c.training.data_reuse = "fresh"
+  c.training.epochs_per_stack = 1
+  # XLA's persistent compilation cache ("" or "off": none); $STACKWISE_COMPILATION_CACHE wins.
+  c.training.compilation_cache_dir = "~/.cache/stackwise-jax/xla"
 
   p = c.training.progressive = ml_collections.ConfigDict()
   p.enabled = True                  # False: one stage training all target_stacks end to end
@@ -343,6 +350,7 @@ def _join(prefix: str, key: Any) -> str:
 _CHOICES = {
     "model.attention": ("mha", "gqa"),
     "training.nonfinite": ("stop", "skip"),
+    "training.data_reuse": ("fresh", "pool"),
     "training.progressive.building_mode": ("append", "prepend"),
     "training.progressive.trunk_strategy": ("frozen", "qlora"),
     "training.progressive.new_stack_precision": ("full", "bfloat16", "half", "nvfp4", "qlora"),
@@ -366,7 +374,7 @@ _POSITIVE = (
     "training.progressive.num_time_steps", "training.progressive.time_embedding_dim",
     "training.progressive.qlora_rank", "training.progressive.progressive_qlora_rank",
     "training.progressive.quant_block_size", "training.keep_checkpoints",
-    "training.max_skipped_steps",
+    "training.max_skipped_steps", "training.epochs_per_stack",
 )
 
 _NON_NEGATIVE = (
@@ -400,6 +408,9 @@ _CHECKS = [
     ("training.seq_len", lambda v, c: v >= 2 or c.training.progressive.training_objective != "clm",
      "at least 2 when training.progressive.training_objective='clm': the last position has no "
      "target, so a 1-token sequence has nothing to learn"),
+    ("training.epochs_per_stack", lambda v, c: v == 1 or c.training.data_reuse == "pool",
+     "1 when training.data_reuse='fresh' (fresh batches are never repeated); use 'pool' to "
+     "train several epochs over one pool"),
     ("training.lr", lambda v, c: 0 < v < math.inf, "a finite float > 0"),
     ("training.weight_decay", lambda v, c: 0 <= v < math.inf, "a finite float >= 0"),
     ("training.grad_clip", lambda v, c: 0 <= v < math.inf, "a finite float >= 0 (0 = no clipping)"),
@@ -467,6 +478,11 @@ def _uses_int4(c) -> bool:
   # A qlora trunk of nvfp4 stacks keeps its kernels in NVFP4.
   return ((p.trunk_strategy == "qlora" and p.new_stack_precision != "nvfp4")
           or p.new_stack_precision == "qlora")
+
+
+def stage_steps(config) -> int:
+  """Train steps of one stage: steps_per_stack, times epochs_per_stack over a pool."""
+  return config.training.steps_per_stack * config.training.epochs_per_stack
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -12,6 +12,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stackwise_jax.checkpoint import RunCheckpoints
+from stackwise_jax.config import stage_steps
 from stackwise_jax.data import make_dataloader
 from stackwise_jax.progressive import ProgressiveTrainer, TimeStepMasking
 from stackwise_jax.progressive.trainer import rack_from_checkpoint
@@ -41,7 +42,7 @@ def evaluate_run(checkpoints: RunCheckpoints, n_batches: int | None = None, data
   perplexity, accuracy, tokens}. `dataloader`: the run's (default: made from its config);
   `progress`: a progress bar over racks x batches."""
   config, latest = checkpoints.config, checkpoints.latest
-  steps = [s for s in checkpoints.steps() if s % config.training.steps_per_stack == 0]
+  steps = [s for s in checkpoints.steps() if s % stage_steps(config) == 0]
   if latest.step not in steps:
     steps.append(latest.step)
   dataloader = dataloader or make_dataloader(config)

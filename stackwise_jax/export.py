@@ -19,8 +19,8 @@ import safetensors.numpy
 from stackwise_jax.checkpoint import restore_into
 from stackwise_jax.config import from_yaml, to_yaml, validate
 from stackwise_jax.model.lora import key_path
-from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
-from stackwise_jax.progressive.trainer import stack_specs
+from stackwise_jax.progressive import ProgressiveRackBuilder
+from stackwise_jax.progressive.stages import replay, stack_specs
 
 FORMATS = ("safetensors", "npz")
 # dtype -> the plain dtype its values or bits are stored as
@@ -78,8 +78,7 @@ def load_export(directory: str):
                                    else x.view(dtype) if entry["dtype"] in _STORED_AS else x)
   config = validate(from_yaml(manifest["config"], os.path.join(directory, "manifest.json")))
   builder = ProgressiveRackBuilder(config)
-  ProgressiveTrainer(config, progress=False, log=lambda _: None).replay(
-      builder, manifest["stacks"], manifest["stages"], source=directory)
+  replay(builder, manifest["stacks"], manifest["stages"], source=directory)
   # As jax arrays: NNX layers given numpy arrays would compute some ops in NumPy, differently.
   params = jax.device_put(traverse_util.unflatten_dict(flat))
   builder.update_params(restore_into(builder.params, params, "export"))

@@ -5,7 +5,22 @@ the run's global step ((stage - 1) * steps_per_stack + step); `stage/*` (eval lo
 time, trainable params, memory) once per stage, against the stage number, so the last plot is
 eval loss against depth.
 """
-from tensorboardX import SummaryWriter
+import sys
+
+
+def _summary_writer():
+  """tensorboardX's SummaryWriter. tensorboardX imports torch (2-3 s of every run's start-up)
+  only to recognise torch tensors; we log floats, so where torch is not loaded yet it is hidden
+  from that import."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None   # `import torch` raises ImportError while this is set
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
 
 
 class TensorBoard:
@@ -13,7 +28,7 @@ class TensorBoard:
 
   def __init__(self, logdir: str):
     self.logdir = logdir
-    self._writer = SummaryWriter(logdir)
+    self._writer = _summary_writer()(logdir)
 
   def scalar(self, tag: str, value: float, step: int) -> None:
     self._writer.add_scalar(tag, value, step)

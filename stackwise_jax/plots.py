@@ -7,6 +7,8 @@ import matplotlib
 matplotlib.use("Agg")   # files only: no display on a cluster node
 import matplotlib.pyplot as plt   # noqa: E402 (after choosing the backend)
 
+from stackwise_jax.report import PHASES  # noqa: E402
+
 PLOTS = ("loss.png", "eval_by_depth.png", "stage_cost.png")
 
 
@@ -71,6 +73,13 @@ def _stage_cost(stages):
     mem.plot(x, [p / 2**20 for p in peak], "k*-", label="device peak")
   mem.set(xlabel="stage", ylabel="MiB", title="memory per stage", xticks=x)
   mem.legend(fontsize=7)
-  speed.bar(x, [s["tokens_per_s"] for s in stages], color="tab:green")
-  speed.set(xlabel="stage", ylabel="tokens / s", title="training speed per stage", xticks=x)
+  # Every second of a stage, by phase: a flat train bar under growing compile or cache bars
+  # would otherwise hide where the time went.
+  bottom = [0.0] * len(stages)
+  for phase in PHASES:
+    seconds = [s.get("seconds_by_phase", {}).get(phase, 0.0) for s in stages]
+    speed.bar(x, seconds, bottom=bottom, label=phase)
+    bottom = [b + v for b, v in zip(bottom, seconds)]
+  speed.set(xlabel="stage", ylabel="seconds", title="wall time per stage, by phase", xticks=x)
+  speed.legend(fontsize=7)
   return fig

@@ -3,6 +3,11 @@ import json
 import math
 import os
 
+# Where a stage's seconds go (results' `seconds_by_phase`): building its step (set-up, tracing,
+# XLA compile, the first step), preparing examples and trunk activations, the other train steps,
+# evaluation, checkpoints.
+PHASES = ("compile", "cache", "train", "eval", "checkpoint")
+
 # (header, results key, format)
 _COLUMNS = (
     ("stage", "stage", "{}"),
@@ -16,6 +21,11 @@ _COLUMNS = (
     ("eval loss", "eval_loss", "{:.3f}"),
     ("tokens/s", "tokens_per_s", "{:,.0f}"),
     ("seconds", "seconds", "{:.1f}"),
+    ("compile", "compile", "{:.1f}"),   # the parts of `seconds` (seconds_by_phase)
+    ("cache", "cache", "{:.1f}"),
+    ("train", "train", "{:.1f}"),
+    ("eval", "eval", "{:.1f}"),
+    ("ckpt", "checkpoint", "{:.1f}"),
     ("trainable", "trainable_params", "{:,}"),
     ("frozen", "frozen_params", "{:,}"),
     ("lora", "lora_params", "{:,}"),
@@ -25,7 +35,7 @@ _COLUMNS = (
 
 
 def _cell(stage, key, fmt):
-  value = stage.get(key)
+  value = stage.get(key, stage.get("seconds_by_phase", {}).get(key))
   if value is None:
     return "-"
   if key == "cache_bytes":

@@ -131,7 +131,7 @@ def test_a_diverged_step_is_not_applied_and_is_reported(text_corpus):
   rack, labels = builder.build_rack(), builder.labels()
   plan = plan_stage(rack, 1, ("stack_0",), set(), False)
   tx = make_optimizer(config.training, labels, 8)
-  step = make_train_step(rack, plan, tx, labels, dropout_seed=0)
+  step = make_train_step(rack, plan, tx, labels)
   batch = next(make_dataloader(config).train_iter())
   good = builder.masking.generate_masks_for_stack(batch, 0, salt=1)
   bad = dict(good, inputs=good["inputs"].at[0, 0].set(BAD_TOKEN))
@@ -482,5 +482,5 @@ def test_sigkill_while_a_checkpoint_is_written_resumes_to_the_same_losses(text_c
   assert _finite_latest(cut) == 4   # steps 2 and 4 committed; 6 was cut mid-commit
   resumed = _run_cli(args(cut))
   assert resumed.returncode == 0, resumed.stderr
-  assert f"checkpoints/4:" in resumed.stderr
+  assert "checkpoints/4:" in resumed.stderr
   assert _losses(cut) == _losses(whole)

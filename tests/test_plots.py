@@ -11,6 +11,7 @@ from tensorboardX.proto import event_pb2
 from conftest import write_corpus
 from stackwise_jax.cli import main
 from stackwise_jax.plots import PLOTS, _eval_by_depth, _loss, _stage_cost
+from stackwise_jax.report import PHASES
 from test_cli import micro_args
 
 
@@ -87,8 +88,10 @@ def test_plots_draw_the_results(run):
   (depth,) = _eval_by_depth(stages).axes[0].get_lines()
   assert list(depth.get_xdata()) == [1, 2]
   np.testing.assert_allclose(depth.get_ydata(), [s["eval_loss"] for s in stages])
-  memory, speed = _stage_cost(stages).axes
-  np.testing.assert_allclose([bar.get_height() for bar in speed.patches],
-                             [s["tokens_per_s"] for s in stages])
+  memory, wall = _stage_cost(stages).axes
+  # Stacked by phase, stage by stage: the bars of a stage add up to its seconds.
+  heights = np.array([bar.get_height() for bar in wall.patches]).reshape(len(PHASES), len(stages))
+  np.testing.assert_allclose(heights, [[s["seconds_by_phase"][p] for s in stages] for p in PHASES])
+  np.testing.assert_allclose(heights.sum(0), [s["seconds"] for s in stages], rtol=0.05)
   weights = [sum(m["base_bytes"] for m in s["memory"].values()) / 2**20 for s in stages]
   np.testing.assert_allclose([bar.get_height() for bar in memory.patches[:2]], weights)

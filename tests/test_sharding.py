@@ -40,9 +40,11 @@ def test_two_by_four_mesh_gives_the_single_device_losses(sharded, trunk, rtol):
 @pytest.mark.parametrize("trunk", ["frozen", "qlora"])
 def test_params_and_optimizer_state_are_split_over_fsdp(sharded, trunk):
   params, opt = sharded[trunk]["param_specs"], sharded[trunk]["opt_specs"]
-  kernel = "stacks/stack_1/blocks/0/attn/q/kernel"
+  # The last stage's state: a cached step holds only its view (the new stack as `new_0`).
+  new = "new_0" if trunk == "frozen" else "stack_1"
+  kernel = f"stacks/{new}/blocks/0/attn/q/kernel"
   assert params[kernel] == "P('fsdp', None)"
-  assert params["stacks/stack_1/blocks/0/ffn/down/kernel"] == "P(None, 'fsdp')"
+  assert params[f"stacks/{new}/blocks/0/ffn/down/kernel"] == "P(None, 'fsdp')"
   assert params["embed_head/embed/embedding"] == "P(None, 'fsdp')"
   # Adam's mu and nu of the kernel, split like the kernel.
   moments = [spec for path, spec in opt.items() if path.endswith(kernel)]

@@ -9,6 +9,7 @@ import pytest
 from conftest import micro_config
 from stackwise_jax.data import make_dataloader
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
+from stackwise_jax.progressive.stages import set_labels
 from stackwise_jax.progressive.steps import (init_train_state, make_optimizer, make_train_step,
                                              plan_stage, prefix_activations)
 
@@ -55,7 +56,7 @@ def stage_two_setup(config):
   loader = make_dataloader(config)
   trainer.train_progressively(builder, loader, target_stacks=1)
   builder.add_stack()
-  frozen = trainer._set_labels(builder)
+  frozen = set_labels(builder)
   rack, labels = builder.build_rack(), builder.labels()
   prepare = jax.jit(functools.partial(builder.masking.generate_masks_for_stack, k=1, salt=2))
   example = prepare(next(loader.train_iter()))
@@ -83,7 +84,7 @@ def test_cached_step_equals_streamed_step(text_corpus, objective):
   for plan in (cached_plan, streamed_plan):
     state = init_train_state(snapshot(rack.params), tx, plan)
     batch = {**example, "h": h} if plan.cached else example
-    state, metrics = make_train_step(rack, plan, tx, labels, dropout_seed=0)(state, batch)
+    state, metrics = make_train_step(rack, plan, tx, labels)(state, batch)
     results[plan.activation_mode] = (float(metrics["loss"]), state["params"])
   assert results["cached"][0] == pytest.approx(results["streamed"][0], rel=1e-5, abs=1e-6)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6),
@@ -92,11 +93,11 @@ def test_cached_step_equals_streamed_step(text_corpus, objective):
 
 def test_trainer_cache_entries_equal_recomputed_activations(text_corpus, monkeypatch):
   """The cache the trainer builds holds exactly the prefix outputs of the stage's examples."""
-  from stackwise_jax.progressive import trainer as trainer_module
+  from stackwise_jax.progressive import caching
   config = text_config(text_corpus)
   caches = []
-  original_close = trainer_module.ActivationCache.close
-  monkeypatch.setattr(trainer_module.ActivationCache, "close", lambda self: caches.append(self))
+  original_close = caching.ActivationCache.close
+  monkeypatch.setattr(caching.ActivationCache, "close", lambda self: caches.append(self))
   builder, trainer = ProgressiveRackBuilder(config), ProgressiveTrainer(config, progress=False)
   loader = make_dataloader(config)
   trainer.train_progressively(builder, loader, target_stacks=1)
@@ -129,7 +130,7 @@ def test_loss_ignores_positions_outside_the_loss_mask(text_corpus, objective):
   losses = []
   for ex in (example, scrambled):
     state = init_train_state(snapshot(rack.params), tx, plan)
-    losses.append(float(make_train_step(rack, plan, tx, labels, dropout_seed=0)(state, ex)[1]["loss"]))
+    losses.append(float(make_train_step(rack, plan, tx, labels)(state, ex)[1]["loss"]))
   assert losses[0] == losses[1]
   # and the scrambling did touch targets, while in-mask targets matter:
   assert not np.array_equal(scrambled["targets"], example["targets"])

@@ -93,6 +93,10 @@ class Rack:
   def order(self) -> tuple[str, ...]:
     return tuple(s.name for s in self.specs)
 
+  def structure(self) -> tuple:
+    """Hashable: equal for racks whose pure functions compute the same thing."""
+    return tuple(sorted(self.graphdefs.items(), key=lambda item: item[0]))
+
   def embed(self, params: Params, tokens, time_step=None):
     return nnx.merge(self.graphdefs["embed_head"], params["embed_head"]).embed_tokens(tokens, time_step)
 

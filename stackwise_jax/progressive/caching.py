@@ -1,12 +1,66 @@
-"""Activation cache (design §8): the frozen prefix's outputs for every step of a stage.
+"""Activation cache (design §8): the frozen prefix's outputs for every example of a stage.
 
-Entries are [batch, seq, d_model] fp32 arrays. The first ones live in host memory up to
-`max_bytes`; the rest go to one memory-mapped file that is deleted when the cache is closed.
+Entries are [batch, seq, d_model] arrays in the compute dtype of the prefix's last stack (a bf16
+trunk's cache is bf16: rounded to the precision the trunk computes in, at half the bytes). The
+first ones live in host memory up to `max_bytes`; the rest go to one memory-mapped file that is
+deleted when the cache is closed. `PrefixRunner` computes them one stack at a time, rounding to
+each stack's cache dtype as storing would, so a cache built from scratch and one extended stage by
+stage (cache(k+1) = stack k (cache(k))) agree bit for bit.
 """
+import functools
 import os
 import tempfile
 
+from flax import nnx
+import jax
 import numpy as np
+
+
+@functools.lru_cache(maxsize=None)
+def _embed_fn(graphdef):
+  return jax.jit(lambda params, inputs, time_step:
+                 nnx.merge(graphdef, params).embed_tokens(inputs, time_step)[0])
+
+
+@functools.lru_cache(maxsize=None)
+def _time_fn(graphdef):
+  return jax.jit(lambda params, time_step: nnx.merge(graphdef, params).time_embedding(time_step))
+
+
+@functools.lru_cache(maxsize=None)
+def _stack_fn(graphdef):
+  return jax.jit(lambda params, h, time_emb: nnx.merge(graphdef, params)(h, time_emb))
+
+
+class PrefixRunner:
+  """The frozen prefix of a rack, run one stack at a time with one compiled function per stack
+  shape. Examples are dicts as `TimeStepMasking.example` makes them; h: [B, T, d_model]."""
+
+  def __init__(self, rack):
+    self.rack = rack
+
+  def build(self, params, names, example):
+    """Embedding, then the stacks `names` in order, each output rounded to its cache dtype as
+    a stored and extended cache would be (fp32 stacks: no rounding)."""
+    h = _embed_fn(self.rack.graphdefs["embed_head"])(params["embed_head"], example["inputs"],
+                                                     example["time_step"])
+    for i, name in enumerate(names):
+      h = self.extend(params, name, h, example)
+      if i + 1 < len(names):
+        h = h.astype(cache_dtype(self.rack, names[:i + 1]))
+    return h
+
+  def extend(self, params, name, h, example):
+    """One more stack on top of activations `h` of `example`."""
+    time_emb = _time_fn(self.rack.graphdefs["embed_head"])(params["embed_head"],
+                                                            example["time_step"])
+    return _stack_fn(self.rack.graphdefs[name])(params["stacks"][name], h, time_emb)
+
+
+def cache_dtype(rack, names) -> np.dtype:
+  """The compute dtype of the prefix's last stack: its output holds exactly such values."""
+  last = next(s for s in rack.specs if s.name == names[-1])
+  return np.dtype(last.compute_dtype)
 
 
 class ActivationCache:

@@ -51,6 +51,39 @@ def plan_stage(rack: Rack, stage: int, new: tuple[str, ...], frozen: set[str],
 _NEVER_APPLY_NONFINITE = 2**30
 
 
+@dataclasses.dataclass(frozen=True)
+class StepView:
+  """What a cached stage's step sees: the embedding/head and the stacks after the frozen prefix,
+  under positional keys (`new_0`, ...) instead of their names. Stages whose new stacks have the
+  same shape then hand the step pytrees of one structure, and share one compiled step; the
+  frozen trunk is never an argument. `names`: view key -> the rack's stack name."""
+  names: dict
+
+  @classmethod
+  def of(cls, plan: StagePlan) -> "StepView":
+    return cls({f"new_{i}": name for i, name in enumerate(plan.body)})
+
+  def take(self, tree):
+    """The view of a params-shaped tree (params or labels)."""
+    return {"embed_head": tree["embed_head"],
+            "stacks": {key: tree["stacks"][name] for key, name in self.names.items()}}
+
+  def put(self, params, view_params):
+    """`params` with the view's leaves replaced by `view_params`."""
+    stacks = dict(params["stacks"])
+    stacks.update({name: view_params["stacks"][key] for key, name in self.names.items()})
+    return {"embed_head": view_params["embed_head"], "stacks": stacks}
+
+  def rack(self, rack: Rack) -> Rack:
+    graphdefs = {"embed_head": rack.graphdefs["embed_head"],
+                 **{key: rack.graphdefs[name] for key, name in self.names.items()}}
+    return Rack(rack.config, (), graphdefs, self.take(rack.params))
+
+  def plan(self, plan: StagePlan) -> StagePlan:
+    keys = tuple(self.names)
+    return dataclasses.replace(plan, stage=0, new=keys, prefix=(), body=keys)
+
+
 def make_optimizer(training_config, labels, total_steps: int) -> optax.GradientTransformation:
   """AdamW with warm-up + cosine for trainable leaves; set_to_zero (no state) for frozen ones.
   An update whose gradients are not finite is dropped whole (optax.apply_if_finite), so params
@@ -92,14 +125,17 @@ def join(trainable, frozen):
                       is_leaf=lambda x: x is None)
 
 
-def init_train_state(params, tx, plan: StagePlan) -> dict:
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+def init_train_state(params, tx, plan: StagePlan, dropout_seed: int = 0) -> dict:
+  """{"params", "opt_state", "step", "dropout_seed"[, "dyn_scale"]}: dropout keys are
+  fold_in(key(dropout_seed), step), so the seed is data and stages can share one step."""
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+           "dropout_seed": jnp.asarray(dropout_seed, jnp.int32)}
   if plan.loss_scaling:
     state["dyn_scale"] = DynamicScale()
   return state
 
 
-def make_train_step(rack: Rack, plan: StagePlan, tx, labels, dropout_seed: int, shardings=None):
+def make_train_step(rack: Rack, plan: StagePlan, tx, labels, shardings=None):
   """(state, example) -> (state, {"loss", "finite"}). `finite` is False when the step diverged:
   its loss or gradients are NaN or Inf (with fp16 loss scaling, only its loss: overflowing
   gradients are routine there and the scale backs off); such an update is never applied. `example` holds inputs/targets/loss_mask/time_step and,
@@ -108,10 +144,10 @@ def make_train_step(rack: Rack, plan: StagePlan, tx, labels, dropout_seed: int, 
   step, the example's follow it, params are gathered (replicated) for the forward."""
 
   def loss_fn(params, h, example, dropout_key):
-    if plan.prefix:   # the embedding only feeds the body through the (gradient-free) prefix
-      time_emb = rack.time_embedding(params, example["time_step"])
-    else:
+    if h is None:
       h, time_emb = rack.embed(params, example["inputs"], example["time_step"])
+    else:   # the embedding only feeds the body through the (gradient-free) prefix
+      time_emb = rack.time_embedding(params, example["time_step"])
     h = rack.apply_stacks(params, plan.body, h, time_emb, dropout_key)
     return masked_cross_entropy(rack.logits(params, h), example["targets"], example["loss_mask"])
 
@@ -129,7 +165,7 @@ def make_train_step(rack: Rack, plan: StagePlan, tx, labels, dropout_seed: int, 
       h = prefix_activations(rack, plan.prefix, full, example)
     else:
       h = None
-    dropout_key = jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
+    dropout_key = jax.random.fold_in(jax.random.key(state["dropout_seed"]), state["step"])
     trainable, frozen = split_by_label(full, labels)
     grad_fn = lambda trainable: loss_fn(join(trainable, frozen), h, example, dropout_key)
     if plan.loss_scaling:
@@ -138,8 +174,8 @@ def make_train_step(rack: Rack, plan: StagePlan, tx, labels, dropout_seed: int, 
       loss, grads = jax.value_and_grad(grad_fn)(trainable)
     grads = join(grads, jax.tree.map(jnp.zeros_like, frozen))   # set_to_zero ignores these
     updates, opt_state = tx.update(grads, state["opt_state"], params)   # non-finite: dropped
-    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                 "step": state["step"] + 1}
+    new_state = {**state, "params": optax.apply_updates(params, updates),
+                 "opt_state": opt_state, "step": state["step"] + 1}
     finite = jnp.isfinite(loss)
     if plan.loss_scaling:
       new_state["dyn_scale"] = dyn_scale
@@ -147,6 +183,7 @@ def make_train_step(rack: Rack, plan: StagePlan, tx, labels, dropout_seed: int, 
       finite &= opt_state.last_finite
     return new_state, {"loss": loss, "finite": finite}
 
+  step.__name__ = "train_step"   # as jax names it in compile logs
   if shardings is None:
     return jax.jit(step, donate_argnums=0)
   state_shardings, loss_sharding = shardings
@@ -154,11 +191,17 @@ def make_train_step(rack: Rack, plan: StagePlan, tx, labels, dropout_seed: int, 
                  out_shardings=(state_shardings, loss_sharding), donate_argnums=0)
 
 
-def make_eval_step(rack: Rack):
-  """(params, example) -> (sum of token losses, number of loss tokens, correct predictions)."""
+def make_eval_step(rack: Rack, plan: StagePlan | None = None):
+  """(params, example) -> (sum of token losses, number of loss tokens, correct predictions).
+  With a cached `plan` the example's `h` (the prefix output) goes through `plan.body`."""
 
   def step(params, example):
-    logits = rack(params, example["inputs"], example["time_step"])
+    if plan is not None and plan.cached:
+      h = rack.apply_stacks(params, plan.body, example["h"],
+                            rack.time_embedding(params, example["time_step"]))
+      logits = rack.logits(params, h)
+    else:
+      logits = rack(params, example["inputs"], example["time_step"])
     mask = example["loss_mask"]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, example["targets"])
     correct = (jnp.argmax(logits, -1) == example["targets"]) * mask

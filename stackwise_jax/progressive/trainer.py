@@ -1,8 +1,14 @@
-"""ProgressiveTrainer (design §3): one stage per new stack, one jitted train step per stage."""
+"""ProgressiveTrainer (design §3): one stage per new stack.
+
+A stage is set up as a value (`Stage`: rack, labels, plan, optimizer, state, compiled steps), then
+trained by one loop, then summarised. A cached stage's step sees only what trains (the new stack
+and the embedding/head) and the cached trunk activations, never the trunk: stages whose new stack
+has the same shape share one compiled step. Where the time goes is recorded per stage
+(`seconds_by_phase`).
+"""
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import signal
 import sys
@@ -13,23 +19,64 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from stackwise_jax import xla_cache
 from stackwise_jax.checkpoint import RunCheckpoints, open_run, restore_into
-from stackwise_jax.config import ConfigError, validate
+from stackwise_jax.config import stage_steps, validate
 from stackwise_jax.model.lora import is_adapter_path, leaf_bytes, plain_keys
-from stackwise_jax.progressive.builder import TRAINABLE, ProgressiveRackBuilder
-from stackwise_jax.progressive.caching import ActivationCache
+from stackwise_jax.progressive import caching
+from stackwise_jax.progressive.builder import HEAD_SIDE, FROZEN, TRAINABLE, ProgressiveRackBuilder
+from stackwise_jax.progressive.feed import Prefetcher
 from stackwise_jax.progressive.guard import DivergenceGuard
 from stackwise_jax.progressive.masking import check_objective_data
-from stackwise_jax.sharding import (global_batch, local_batch, make_mesh, replicated,
-                                    tree_shardings)
-from stackwise_jax.progressive.steps import (init_train_state, make_eval_step, make_optimizer,
-                                             make_train_step, plan_stage, prefix_activations)
+from stackwise_jax.progressive.stages import replay, set_labels, stack_specs, stage_specs
+from stackwise_jax.report import PHASES
+from stackwise_jax.progressive.steps import (StepView, init_train_state, make_eval_step,
+                                             make_optimizer, make_train_step, plan_stage)
+from stackwise_jax.sharding import global_batch, local_batch, make_mesh, replicated, tree_shardings
 
 EVAL_SALT = 1 << 20   # time-step draws for evaluation are the same at every stage
+POOL_SALT = 0         # pool mode: an example's masks are the same at every stage and epoch
+
+
+@dataclasses.dataclass
+class Stage:
+  """One stage, set up: what it trains, how, and from which examples."""
+  number: int                  # 1-based
+  new_specs: list              # the stacks it trains
+  rack: object                 # the whole rack (params as at the stage's start)
+  labels: dict                 # of the whole rack
+  plan: object                 # StagePlan
+  view: StepView | None        # what a cached step sees; None: the whole rack
+  state: dict                  # the step's train state (params of the view, optimizer state, ...)
+  train_step: object
+  eval_step: object
+  steps: int                   # train steps in the stage
+  example_at: object           # step index -> the step's example, on the device
+  prefetch: bool               # examples come by index (cache or pool): made ahead on a thread
+
+  def full_params(self, builder_params):
+    """The whole rack's params with the stage's current state in them."""
+    return self.state["params"] if self.view is None else self.view.put(builder_params,
+                                                                      self.state["params"])
+
+
+class PhaseClock:
+  """Seconds per phase of a stage (PHASES); `with clock("eval"): ...` adds to one."""
+
+  def __init__(self):
+    self.seconds = dict.fromkeys(PHASES, 0.0)
+
+  @contextlib.contextmanager
+  def __call__(self, phase: str):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.seconds[phase] += time.perf_counter() - start
 
 
 class ProgressiveTrainer:
-  """Trains a rack stage by stage. `results` holds one dict per stage (see `_run_stage`)."""
+  """Trains a rack stage by stage. `results` holds one dict per stage (see `_result`)."""
 
   def __init__(self, config, *, progress: bool = True, log=None,
                checkpoints: RunCheckpoints | None = None, devices=None, metrics=None):
@@ -37,16 +84,21 @@ class ProgressiveTrainer:
     stage, SIGINT/SIGTERM) and, if they hold a checkpoint, where it resumes from (design §9).
     `devices`: those the mesh spans (default: all; design §11, sharding.py). `metrics`: where
     losses go as they come (`metrics.TensorBoard`). After each stage, `state` holds its final
-    train state (params, optimizer state) as placed on the mesh."""
+    train state (params of what the step saw, optimizer state) as placed on the mesh."""
     self.config = validate(config)
     self.progress = progress
     self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     self.checkpoints, self.metrics = checkpoints, metrics
+    xla_cache.enable(self.config)
     self.mesh = make_mesh(self.config, devices)
     self.state = None
     self.results = {"stages": [], "final_eval_loss": None}
-    self._told_streaming = False
-    self._stop_signal = None   # set by SIGINT/SIGTERM: save, then stop
+    self._told = set()          # reasons already logged once
+    self._stop_signal = None    # set by SIGINT/SIGTERM: save, then stop
+    self._compiled = {}         # step functions by what they compute, shared by equal stages
+    self._pool = None           # data_reuse="pool": the batches every stage trains on
+    self._train_cache = None    # (prefix stack names, ActivationCache) kept for the next stage
+    self._eval_cache = None     # (prefix stack names, [h per eval batch])
 
   def train_progressively(self, rack_builder: ProgressiveRackBuilder, dataloader,
                           target_stacks: int | None = None) -> dict:
@@ -64,31 +116,31 @@ class ProgressiveTrainer:
                        f"{p.max_stacks}")
     eval_batches = dataloader.eval_batches(self.config.training.eval_batches)
     check_objective_data(p.training_objective, eval_batches[0])
+    # The same held-out examples (masks and time steps included) at every stage.
+    eval_examples = [self.eval_example(rack_builder.masking, global_batch(self.mesh, b))
+                     for b in eval_batches]
     data = dataloader.train_iter()
-    with _saving_on_signals(self, enabled=self.checkpoints is not None):
-      for new, resume in self._stage_plan(rack_builder, target, data):
-        stage = len(self.results["stages"]) + 1
-        self._run_stage(rack_builder, new, stage, target, data, eval_batches, resume)
+    if self.config.training.data_reuse == "pool":   # drawn from the start, resumed or not
+      pool_iter = dataloader.train_iter()
+      self._pool = [next(pool_iter) for _ in range(self.config.training.steps_per_stack)]
+    try:
+      with _saving_on_signals(self, enabled=self.checkpoints is not None):
+        for new, resume in self._stage_plan(rack_builder, target, data):
+          stage = len(self.results["stages"]) + 1
+          self._run_stage(rack_builder, new, stage, target, data, eval_examples, resume)
+    finally:
+      self._drop_caches()
     return self.results
 
   train_rack = train_progressively   # the upstream's name for the same entry
 
-  def _stages(self, builder, target):
-    """Yields the specs each stage trains: untrained stacks first, then one new stack a stage
-    (or, with progressive training off, all remaining stacks in one stage)."""
-    untrained = [s for s in builder.specs if s.name not in builder.trained]
-    if untrained:
-      yield untrained
-    if not self.config.training.progressive.enabled and len(builder.specs) < target:
-      yield [builder.add_stack() for _ in range(target - len(builder.specs))]
-    while len(builder.specs) < target:
-      yield [builder.add_stack()]
+  # --- structure and resuming ------------------------------------------------------------------
 
   def _stage_plan(self, builder, target, data):
     """Yields (specs a stage trains, where it resumes or None). With a checkpoint, first rebuilds
     the rack's structure by replaying the stages it finished and restores params, results and
     the data iterator; a stage cut off mid-way comes first, with its optimizer state."""
-    stages = self._stages(builder, target)
+    stages = stage_specs(builder, target)
     if self.checkpoints is not None and self.checkpoints.latest is not None:
       new, resume = self.restore(builder, stages, data)
       if resume is not None:
@@ -115,126 +167,78 @@ class ProgressiveTrainer:
     """Replays `ckpt`'s stages on `builder` (same config, empty) and loads its params. Returns
     the specs of its last stage."""
     meta = ckpt.meta
-    new = self.replay(builder, meta["specs"], meta["stage"], ckpt.stage_done, ckpt.path, stages)
+    new = replay(builder, meta["specs"], meta["stage"], ckpt.stage_done, ckpt.path, stages)
     builder.update_params(restore_into(builder.params, ckpt.params, "params"))
     return new
 
-  def replay(self, builder, specs, n_stages, last_done=True, source="", stages=None):
-    """Rebuilds a rack's structure on `builder` (same config, empty): re-runs the builder
-    operations of its first `n_stages` stages (add stacks, freeze or quantize the trunk) on fresh
-    params, and checks the stack specs against `specs` (as JSON) from `source`. Returns the specs
-    of the last stage."""
-    stages = self._stages(builder, len(specs)) if stages is None else stages
-    for stage in range(1, n_stages + 1):
-      new = next(stages)
-      self._set_labels(builder)
-      if stage < n_stages or last_done:
-        builder.trained.update(s.name for s in new)
-    built = stack_specs(builder.specs)
-    if built != specs:
-      raise ConfigError(f"{source}: its rack structure {specs} is not the one this config "
-                        f"builds ({built}); use the run's config, pass --fresh, or choose "
-                        "another --workdir")
-    return new
-
-  def _save(self, builder, stage, step, state, data_state, progress) -> None:
+  def _save(self, builder, stage: Stage, step, data_state, progress) -> None:
     """Checkpoints the run at `step` of `stage` (`progress`: the stage's losses so far)."""
-    steps = self.config.training.steps_per_stack
-    opt = {k: v for k, v in state.items() if k != "params"}
-    meta = {"stage": stage, "step": step, "building_mode": builder.building_mode,
-            "specs": stack_specs(builder.specs),
-            "results": self.results, "progress": progress}
-    self.checkpoints.save((stage - 1) * steps + step, params=state["params"], opt=opt,
+    opt = {k: v for k, v in stage.state.items() if k != "params"}
+    meta = {"stage": stage.number, "step": step, "building_mode": builder.building_mode,
+            "specs": stack_specs(builder.specs), "results": self.results, "progress": progress}
+    self.checkpoints.save((stage.number - 1) * stage.steps + step,
+                          params=stage.full_params(builder.params), opt=opt,
                           data_state=data_state, meta=meta)
 
-  def _set_labels(self, builder) -> set[str]:
-    """Design §4: trunk frozen (or adapters only); embedding/head by `embedding_training`.
+  # --- one stage -------------------------------------------------------------------------------
 
-    "auto": once a trunk exists, the input side (token/time embedding) is frozen, since it feeds
-    the frozen trunk (training it would change the trunk's input and stale the cache); the head
-    side (final norm, untied head) trains in append mode and is frozen in prepend mode.
-    """
-    p = self.config.training.progressive
-    has_trunk = bool(builder.trained)
-    if has_trunk:
-      freeze = builder.freeze_trunk if p.trunk_strategy == "frozen" else builder.freeze_all_but_qlora
-      freeze()
-    mode = p.embedding_training
-    if not has_trunk or mode == "trainable":
-      builder.set_embedding_trainable(input_side=True, head_side=True)
-    elif mode == "frozen":
-      builder.set_embedding_trainable(input_side=False, head_side=False)
-    else:
-      builder.set_embedding_trainable(input_side=False, head_side=builder.building_mode == "append")
-    return {s.name for s in builder.specs if builder.is_frozen(s.name)}
-
-  def _run_stage(self, builder, new_specs, stage, target, data, eval_batches, resume) -> None:
-    """Trains one stage (from `resume`, a mid-stage checkpoint, if given), appends its result to
-    `self.results` and checkpoints its end."""
-    t, p = self.config.training, self.config.training.progressive
+  def _run_stage(self, builder, new_specs, number, target, data, eval_examples, resume) -> None:
+    """Sets up, trains and summarises one stage (from `resume`, a mid-stage checkpoint, if
+    given); appends its result to `self.results` and checkpoints its end."""
+    t = self.config.training
+    clock = PhaseClock()
     started = time.perf_counter()
-    first_step = (stage - 1) * t.steps_per_stack   # the run's step count before this stage
-    frozen = self._set_labels(builder)
-    builder.update_params(jax.device_put(builder.params, tree_shardings(self.mesh, builder.params)))
-    rack, labels = builder.build_rack(), builder.labels()
-    new = tuple(s.name for s in new_specs)
-    plan = plan_stage(rack, stage, new, frozen, p.cache_activations)
-    if p.cache_activations and not plan.cached and builder.trained and not self._told_streaming:
-      self._told_streaming = True
-      why = ("prepend mode: the trunk follows the new stack" if builder.building_mode == "prepend"
-             else "the trunk's adapters train, so cached trunk outputs would go stale")
-      self.log(f"cache_activations=True, but trunk activations are streamed ({why})")
-    k = new_specs[-1].index
-    masking = builder.masking
-    prepare = jax.jit(functools.partial(masking.generate_masks_for_stack, k=k, salt=stage))
+    with clock("compile"):   # set-up is counted with compilation: both are paid once a stage
+      frozen = set_labels(builder)
+      builder.update_params(jax.device_put(builder.params,
+                                           tree_shardings(self.mesh, builder.params)))
+      rack, labels = builder.build_rack(), builder.labels()
+      plan = plan_stage(rack, number, tuple(s.name for s in new_specs), frozen,
+                        t.progressive.cache_activations)
+      self._say_why_not_cached(builder, plan)
+    with clock("cache"):
+      stage_start = data.get_state()   # where a fresh cached stage's data resumes from
+      example_at, prefetch, eval_examples = self._examples(builder, rack, labels, plan, number,
+                                                           data, eval_examples)
+    with clock("compile"):
+      stage = self._setup(builder, new_specs, number, rack, labels, plan, example_at, prefetch,
+                          resume)
+      if eval_examples:   # compiled here, so eval time is evaluation only
+        stage.eval_step(stage.state["params"], eval_examples[0])[0].block_until_ready()
 
-    cache = None
-    stage_start = data.get_state()   # where a cached stage's data resumes from
-    if plan.cached:
-      cache = self._build_cache(rack, plan, prepare, data, stage)
-      example_at = lambda i: global_batch(self.mesh, {**cache.get(i)[1], "h": cache.get(i)[0]})
-    else:
-      example_at = lambda i: prepare(global_batch(self.mesh, next(data)))
-
-    tx = make_optimizer(t, labels, t.steps_per_stack)
-    state = init_train_state(rack.params, tx, plan)
-    losses, eval_curve, eval_seconds, start, skipped = [], [], 0.0, 0, 0
+    losses, eval_curve, start, skipped = [], [], 0, 0
     if resume is not None:
-      opt = restore_into({k: v for k, v in state.items() if k != "params"}, resume.opt,
-                         "optimizer state")
-      state = {**state, **opt}
       start = resume.meta["step"]
-      losses = [math.nan if x is None else x for x in resume.meta["progress"]["losses"]]
-      eval_curve = resume.meta["progress"]["eval_curve"]
-      skipped = resume.meta["progress"]["skipped_steps"]
-    shardings = tree_shardings(self.mesh, state)
-    state = jax.device_put(state, shardings)
-    train_step = make_train_step(rack, plan, tx, labels, dropout_seed=t.seed * 1000 + stage,
-                                 shardings=(shardings, replicated(self.mesh)))
-    eval_step = make_eval_step(rack)
-    eval_examples = [self.eval_example(masking, global_batch(self.mesh, b))
-                     for b in eval_batches]
-
-    cache_bytes = (cache.nbytes, cache.bytes_on_disk) if cache else (0, 0)   # before it is closed
-    guard = DivergenceGuard(t.nonfinite, t.max_skipped_steps, stage, losses, skipped)
-    bar = tqdm(total=t.steps_per_stack, initial=start, disable=not self.progress,
-               desc=f"stage {stage}/{target} [{plan.activation_mode}]", dynamic_ncols=True,
+      progress = resume.meta["progress"]
+      losses = [math.nan if x is None else x for x in progress["losses"]]
+      eval_curve, skipped = progress["eval_curve"], progress["skipped_steps"]
+    guard = DivergenceGuard(t.nonfinite, t.max_skipped_steps, number, losses, skipped)
+    first_step = sum(s["steps"] for s in self.results["stages"])   # the run's steps before
+    bar = tqdm(total=stage.steps, initial=start, disable=not self.progress,
+               desc=f"stage {number}/{target} [{plan.activation_mode}]", dynamic_ncols=True,
                file=sys.stderr)
-    try:
-      for i in range(start, t.steps_per_stack):
-        state, metrics = train_step(state, example_at(i))
+    indices = range(start, stage.steps)
+    loop_start, first_done = time.perf_counter(), None
+    with bar, (Prefetcher(stage.example_at, indices) if stage.prefetch
+               else contextlib.nullcontext(map(stage.example_at, indices))) as examples:
+      for i, example in zip(indices, examples):
+        if first_done is None:   # the first step compiles (or loads) the step: compile time
+          stage.state, metrics = stage.train_step(stage.state, example)
+          metrics["loss"].block_until_ready()
+          first_done = time.perf_counter()
+          clock.seconds["compile"] += first_done - loop_start
+          in_loop = dict(clock.seconds)
+        else:
+          stage.state, metrics = stage.train_step(stage.state, example)
         loss = metrics["loss"]
         losses.append(loss)
         guard.after(i + 1, metrics)
-        if i == start:
-          loss.block_until_ready()
-          steady_start = time.perf_counter()   # excludes compilation from tokens/s
-        last = i + 1 == t.steps_per_stack
+        last = i + 1 == stage.steps
         if last or (t.eval_every and (i + 1) % t.eval_every == 0):
-          guard.flush()   # steps are dispatched asynchronously: they are not eval time
-          eval_started = time.perf_counter()
-          eval_curve.append([i + 1, self._evaluate(eval_step, state["params"], eval_examples)])
-          eval_seconds += time.perf_counter() - eval_started
+          guard.flush()   # waits for the steps queued so far: they are train time, not eval
+          with clock("eval"):
+            eval_curve.append([i + 1, _evaluate(stage.eval_step, stage.state["params"],
+                                                eval_examples)])
           bar.set_postfix(loss=f"{float(loss):.3f}", eval=f"{eval_curve[-1][1]:.3f}")
           self._metric("eval/loss", eval_curve[-1][1], first_step + i + 1)
         elif (i + 1) % t.log_every == 0:
@@ -245,62 +249,205 @@ class ProgressiveTrainer:
         due = t.checkpoint_every and (i + 1) % t.checkpoint_every == 0
         if self.checkpoints is not None and not last and (due or self._stop_signal):
           guard.flush()   # a diverged state is never saved
-          progress = {"losses": [float(x) for x in losses], "eval_curve": eval_curve,
-                      "skipped_steps": guard.skipped}
-          self._save(builder, stage, i + 1, state,
-                     stage_start if plan.cached else data.get_state(), progress)
-          self._stop_if_asked(stage, i + 1)
+          with clock("checkpoint"):
+            fresh_cached = plan.cached and t.data_reuse == "fresh"
+            self._save(builder, stage, i + 1, stage_start if fresh_cached else data.get_state(),
+                       {"losses": [float(x) for x in losses], "eval_curve": eval_curve,
+                        "skipped_steps": guard.skipped})
+          self._stop_if_asked(number, i + 1)
       guard.flush()
-    finally:
-      bar.close()
-      if cache:
-        cache.close()
-    jax.block_until_ready(state["params"])
-    steady_seconds = time.perf_counter() - steady_start - eval_seconds
-    builder.update_params(state["params"])
-    self.state = state
-    builder.trained.update(new)
+      jax.block_until_ready(stage.state["params"])
+    if first_done is not None:   # the loop after its first step, less its evals and checkpoints
+      elsewhere = sum(clock.seconds[p] - in_loop[p] for p in ("eval", "checkpoint"))
+      clock.seconds["train"] += time.perf_counter() - first_done - elsewhere
+    steady = max(stage.steps - start - 1, 1)
+    step_seconds = clock.seconds["train"] / steady
+    with clock("train"):   # the stage's bookkeeping
+      builder.update_params(stage.full_params(builder.params))
+      self.state = stage.state
+      builder.trained.update(s.name for s in new_specs)
+      result = self._result(builder, stage, losses, eval_curve, guard.skipped, start)
+    result["step_seconds"] = step_seconds
+    result["tokens_per_s"] = t.batch_size * t.seq_len / max(step_seconds, 1e-9)
+    self.results["stages"].append(result)
+    self.results["final_eval_loss"] = result["eval_loss"]
+    for saved in (False, True):   # the checkpoint's copy lacks only its own save time
+      result["seconds"] = time.perf_counter() - started
+      result["seconds_by_phase"] = dict(clock.seconds)
+      if self.checkpoints is not None and not saved:
+        with clock("checkpoint"):
+          self._save(builder, stage, stage.steps, data.get_state(), progress=None)
+    if self.metrics is not None:
+      self.metrics.stage(result)
+    if self.checkpoints is not None:
+      self._stop_if_asked(number, stage.steps)
 
+  def _setup(self, builder, new_specs, number, rack, labels, plan, example_at, prefetch,
+             resume) -> Stage:
+    """The stage's optimizer, train state and compiled steps (shared with earlier stages whose
+    step computes the same thing)."""
+    t = self.config.training
+    steps = stage_steps(self.config)
+    view = StepView.of(plan) if plan.cached else None
+    step_rack, step_plan = (view.rack(rack), view.plan(plan)) if view else (rack, plan)
+    step_labels = view.take(labels) if view else labels
+    tx = make_optimizer(t, step_labels, steps)
+    state = init_train_state(step_rack.params, tx, step_plan, dropout_seed=t.seed * 1000 + number)
+    if resume is not None:
+      opt = restore_into({k: v for k, v in state.items() if k != "params"}, resume.opt,
+                         "optimizer state")
+      state = {**state, **opt}
+    shardings = tree_shardings(self.mesh, state)
+    state = jax.device_put(state, shardings)
+    key = (step_rack.structure(), step_plan, jax.tree.structure(step_labels),
+           tuple(jax.tree.leaves(step_labels)), tuple(jax.tree.leaves(shardings)))
+    if key not in self._compiled:
+      self._compiled[key] = (
+          make_train_step(step_rack, step_plan, tx, step_labels,
+                          shardings=(shardings, replicated(self.mesh))),
+          make_eval_step(step_rack, step_plan))
+    train_step, eval_step = self._compiled[key]
+    return Stage(number, new_specs, rack, labels, plan, view, state, train_step, eval_step, steps,
+                 example_at, prefetch)
+
+  def _examples(self, builder, rack, labels, plan, number, data, eval_examples):
+    """-> (step index -> example on the device, whether that is by index, eval examples).
+
+    A cached stage reads its trunk activations from a cache, extended from the previous stage's
+    where the trunk's input did not change (design §8), else built; eval examples likewise."""
+    t, p = self.config.training, self.config.training.progressive
+    masking = builder.masking
+    k = next(s.index for s in builder.specs if s.name == plan.new[-1])
+    pool = t.data_reuse == "pool"
+    salt = POOL_SALT if pool else number
+    prepare = jax.jit(functools.partial(masking.generate_masks_for_stack, k=k, salt=salt))
+    order = pool_order(t, number) if pool else None
+    if not plan.cached:
+      self._drop_caches()
+      if pool:
+        return (lambda i: prepare(global_batch(self.mesh, self._pool[order[i]])), True,
+                eval_examples)
+      return lambda i: prepare(global_batch(self.mesh, next(data))), False, eval_examples
+    inputs_fixed = pool and (p.training_objective != "mlm" or p.time_interpretation == "input")
+    embedding_frozen = _input_side_frozen(labels)
+    batches = (lambda: self._pool) if pool else (
+        lambda: [next(data) for _ in range(t.steps_per_stack)])
+    train = self._cached("train", rack, plan,
+                         lambda: [prepare(global_batch(self.mesh, b)) for b in batches()],
+                         extend=inputs_fixed and embedding_frozen)
+    if embedding_frozen:   # eval examples never change: their cache extends in every mode
+      evals = self._cached("eval", rack, plan, lambda: eval_examples, extend=True)
+      eval_examples = [{**ex, "h": h} for ex, h in zip(eval_examples, evals)]
+    else:
+      self._eval_cache = None
+    entry = lambda j: global_batch(self.mesh, {**train.get(j)[1], "h": train.get(j)[0]})
+    return ((lambda i: entry(order[i])) if pool else entry), True, eval_examples
+
+  def _cached(self, kind, rack, plan, make_examples, extend):
+    """The prefix activations of `kind` ("train": an ActivationCache of this host's shares;
+    "eval": a list of global arrays) for `plan.prefix`: with `extend`, the kept ones extended by
+    the stack added to the prefix since; else built from `make_examples()` (prepared, global)."""
+    t = self.config.training
+    kept = self._train_cache if kind == "train" else self._eval_cache
+    runner = caching.PrefixRunner(rack)
+    if extend and kept is not None and kept[0] in (plan.prefix, plan.prefix[:-1]):
+      names, store = kept
+      if names != plan.prefix:
+        self._tell("extend", "pool mode: the trunk's input is the same at every stage, so its "
+                   "cached activations are extended by one stack a stage, not recomputed")
+        if kind == "train":
+          for j in range(len(store)):
+            h, ex = store.get(j)
+            g = global_batch(self.mesh, {**ex, "h": h})
+            store.put(j, *jax.device_get(local_batch(self.mesh, (runner.extend(
+                rack.params, plan.prefix[-1], g["h"], g), ex))))
+        else:
+          store = [runner.extend(rack.params, plan.prefix[-1], h, ex)
+                   for h, ex in zip(store, make_examples())]
+    elif kind == "train":
+      examples = make_examples()
+      if kept is not None:
+        kept[1].close()
+      if t.data_reuse == "pool":
+        self._tell("rebuild", self._why_rebuilt())
+      shape = (t.batch_size // jax.process_count(), t.seq_len, self.config.model.d_model)
+      store = caching.ActivationCache(len(examples), shape, t.progressive.cache_max_bytes,
+                                      f"{t.workdir}/cache" if t.workdir else None,
+                                      dtype=caching.cache_dtype(rack, plan.prefix))
+      for j, ex in enumerate(tqdm(examples, desc=f"stage {plan.stage}: caching trunk activations",
+                                  disable=not self.progress, dynamic_ncols=True, file=sys.stderr,
+                                  leave=False)):
+        store.put(j, *jax.device_get(local_batch(self.mesh, (runner.build(
+            rack.params, plan.prefix, ex), ex))))
+      if store.bytes_on_disk:
+        self.log(f"stage {plan.stage}: activation cache {store.nbytes / 2**20:.1f} MiB, "
+                 f"{store.bytes_on_disk / 2**20:.1f} MiB spilled to disk")
+    else:
+      store = [runner.build(rack.params, plan.prefix, ex) for ex in make_examples()]
+    if kind == "train":
+      self._train_cache = (plan.prefix, store)
+      return store
+    self._eval_cache = (plan.prefix, store)
+    return store
+
+  def _why_rebuilt(self) -> str:
+    p = self.config.training.progressive
+    if p.training_objective == "mlm" and p.time_interpretation == "depth":
+      return ("pool mode: the trunk's cached activations are rebuilt every stage, since with time "
+              "as depth each stage masks its examples at its own time step")
+    return ("pool mode: the trunk's cached activations are rebuilt this stage (the embedding "
+            "trains, or the run resumed)")
+
+  def _drop_caches(self) -> None:
+    if self._train_cache is not None:
+      self._train_cache[1].close()
+    self._train_cache = self._eval_cache = None
+
+  def _say_why_not_cached(self, builder, plan) -> None:
+    if self.config.training.progressive.cache_activations and not plan.cached and builder.trained:
+      why = ("prepend mode: the trunk follows the new stack" if builder.building_mode == "prepend"
+             else "the trunk's adapters train, so cached trunk outputs would go stale")
+      self._tell("streamed", f"cache_activations=True, but trunk activations are streamed ({why})")
+
+  def _tell(self, reason: str, message: str) -> None:
+    if reason not in self._told:
+      self._told.add(reason)
+      self.log(message)
+
+  def _result(self, builder, stage: Stage, losses, eval_curve, skipped, start) -> dict:
+    t = self.config.training
+    k = stage.new_specs[-1].index
     losses = [float(x) for x in losses]
-    steady_steps = max(t.steps_per_stack - start - 1, 1)
-    tokens_per_step = t.batch_size * t.seq_len
-    counts = _param_counts(state["params"], labels)
-    memory = stack_memory(rack.specs, state["params"], state["opt_state"])
-    result = {
-        "stage": stage,
+    params = builder.params
+    opt_names = stage.view.names if stage.view else {}
+    counts = _param_counts(params, stage.labels)
+    return {
+        "stage": stage.number,
         "stack_index": k,
-        "new_stacks": list(new),
-        "stack_order": list(rack.order),
+        "new_stacks": [s.name for s in stage.new_specs],
+        "stack_order": list(stage.rack.order),
         "building_mode": builder.building_mode,
-        "time_step": new_specs[-1].time_step,
-        "mask_ratio": masking.mask_ratio_for_stack(k),
-        "steps": t.steps_per_stack,
-        "tokens": t.steps_per_stack * tokens_per_step,
+        "time_step": stage.new_specs[-1].time_step,
+        "mask_ratio": builder.masking.mask_ratio_for_stack(k),
+        "steps": stage.steps,
+        "epochs": t.epochs_per_stack,
+        "tokens": stage.steps * t.batch_size * t.seq_len,
         "loss_start": losses[0],
         "loss_end": _finite_mean(losses[-min(10, len(losses)):]),
         "eval_loss": eval_curve[-1][1] if eval_curve else None,
-        "tokens_per_s": steady_steps * tokens_per_step / max(steady_seconds, 1e-9),
-        "step_seconds": steady_seconds / steady_steps,
-        "seconds": time.perf_counter() - started,
         "trainable_params": counts["trainable"],
         "frozen_params": counts["frozen"],
         "lora_params": counts["lora"],
-        "memory": memory,
-        "cache_bytes": cache_bytes[0],
-        "cache_bytes_on_disk": cache_bytes[1],
-        "activation_mode": plan.activation_mode,
-        "skipped_steps": guard.skipped,
+        "memory": stack_memory(stage.rack.specs, params, stage.state["opt_state"], opt_names),
+        "cache_bytes": self._train_cache[1].nbytes if stage.plan.cached else 0,
+        "cache_bytes_on_disk": self._train_cache[1].bytes_on_disk if stage.plan.cached else 0,
+        "activation_mode": stage.plan.activation_mode,
+        "data_reuse": t.data_reuse,
+        "skipped_steps": skipped,
         "peak_memory_bytes": _peak_device_memory(),
         "losses": losses,
         "eval_curve": eval_curve,
     }
-    self.results["stages"].append(result)
-    if self.metrics is not None:
-      self.metrics.stage(result)
-    self.results["final_eval_loss"] = result["eval_loss"]
-    if self.checkpoints is not None:
-      self._save(builder, stage, t.steps_per_stack, state, data.get_state(), progress=None)
-      self._stop_if_asked(stage, t.steps_per_stack)
 
   def _metric(self, tag, value, step) -> None:
     if self.metrics is not None:
@@ -313,34 +460,32 @@ class ProgressiveTrainer:
                                 f"{self.checkpoints.directory}; run the same command to resume",
                                 self._stop_signal)
 
-  def _build_cache(self, rack, plan, prepare, data, stage) -> ActivationCache:
-    """Runs the frozen prefix once over the stage's examples (design §8)."""
-    t = self.config.training
-    prefix = jax.jit(functools.partial(prefix_activations, rack, plan.prefix))
-    shape = (t.batch_size // jax.process_count(), t.seq_len, self.config.model.d_model)
-    spill_dir = f"{t.workdir}/cache" if t.workdir else None
-    cache = ActivationCache(t.steps_per_stack, shape, t.progressive.cache_max_bytes, spill_dir)
-    for i in tqdm(range(t.steps_per_stack), desc=f"stage {stage}: caching trunk activations",
-                  disable=not self.progress, dynamic_ncols=True, file=sys.stderr, leave=False):
-      example = prepare(global_batch(self.mesh, next(data)))
-      h = prefix(rack.params, example)
-      cache.put(i, *jax.device_get(local_batch(self.mesh, (h, example))))   # this host's share
-    if cache.bytes_on_disk:
-      self.log(f"stage {stage}: activation cache {cache.nbytes / 2**20:.1f} MiB, "
-               f"{cache.bytes_on_disk / 2**20:.1f} MiB spilled to disk")
-    return cache
-
   @staticmethod
   def eval_example(masking, batch):
     """Evaluation masks draw their time steps per example, identically at every stage."""
     return masking.example(batch, masking.sample_time_steps(batch["example_id"], EVAL_SALT))
 
-  @staticmethod
-  def _evaluate(eval_step, params, eval_examples) -> float | None:
-    if not eval_examples:
-      return None
-    totals = np.sum([np.asarray(eval_step(params, ex)[:2]) for ex in eval_examples], axis=0)
-    return float(totals[0] / max(totals[1], 1.0))
+
+def pool_order(training, stage: int) -> np.ndarray:
+  """Pool mode: the pool indices of a stage's steps, epoch after epoch, each epoch a permutation
+  drawn from (seed, stage, epoch)."""
+  n = training.steps_per_stack
+  return np.concatenate([np.random.default_rng([training.seed, stage, epoch]).permutation(n)
+                         for epoch in range(training.epochs_per_stack)])
+
+
+def _input_side_frozen(labels) -> bool:
+  """Whether the token/time embedding is frozen: then the trunk's input is fixed."""
+  eh = labels["embed_head"]
+  return all(label == FROZEN for key, sub in eh.items() if key not in HEAD_SIDE
+             for label in jax.tree.leaves(sub))
+
+
+def _evaluate(eval_step, params, eval_examples) -> float | None:
+  if not eval_examples:
+    return None
+  totals = np.sum([np.asarray(eval_step(params, ex)[:2]) for ex in eval_examples], axis=0)
+  return float(totals[0] / max(totals[1], 1.0))
 
 
 def load_rack(workdir: str, step: int | None = None):
@@ -355,7 +500,8 @@ def load_rack(workdir: str, step: int | None = None):
 def rack_from_checkpoint(config, ckpt):
   """The rack a checkpoint (`RunCheckpoints.read`) of a run with `config` holds."""
   builder = ProgressiveRackBuilder(config)
-  ProgressiveTrainer(config, progress=False, log=lambda _: None).load_checkpoint(builder, ckpt)
+  replay(builder, ckpt.meta["specs"], ckpt.meta["stage"], ckpt.stage_done, ckpt.path)
+  builder.update_params(restore_into(builder.params, ckpt.params, "params"))
   return builder.build_rack()
 
 
@@ -386,11 +532,6 @@ def _saving_on_signals(trainer, enabled: bool):
       signal.signal(sig, handler)
 
 
-def stack_specs(specs) -> list[dict]:
-  """Stack specs as they read back from JSON (tuples become lists)."""
-  return json.loads(json.dumps([dataclasses.asdict(s) for s in specs]))
-
-
 def _param_counts(params, labels) -> dict:
   """Trainable and frozen params (they add up to all params); `lora`: those in adapters."""
   counts = {"trainable": 0, "frozen": 0, "lora": 0}
@@ -401,13 +542,15 @@ def _param_counts(params, labels) -> dict:
   return counts
 
 
-def stack_memory(specs, params, opt_state) -> dict:
+def stack_memory(specs, params, opt_state, names: dict | None = None) -> dict:
   """Per stack: bytes of base weights (int4 as packed half bytes, nvfp4 as stored packed),
   adapters and optimizer state.
 
   Optimizer state is attributed by path: every state leaf under `stacks/<name>` (Adam's mu and nu
-  of that stack's trainable leaves; frozen leaves have none).
+  of that stack's trainable leaves; frozen leaves have none). `names` maps the stack keys of a
+  cached step's optimizer state (StepView) to the rack's stack names.
   """
+  names = names or {}
   report = {s.name: {"precision": s.precision, "quantized": s.quantized, "packed": s.packed,
                      "base_bytes": 0,
                      "adapter_bytes": 0, "optimizer_bytes": 0} for s in specs}
@@ -416,8 +559,11 @@ def stack_memory(specs, params, opt_state) -> dict:
     report[keys[0]]["adapter_bytes" if is_adapter_path(keys) else "base_bytes"] += leaf_bytes(x)
   for path, x in jax.tree_util.tree_leaves_with_path(opt_state):
     keys = plain_keys(path)
-    if "stacks" in keys[:-1] and keys[keys.index("stacks") + 1] in report:
-      report[keys[keys.index("stacks") + 1]]["optimizer_bytes"] += leaf_bytes(x)
+    if "stacks" in keys[:-1]:
+      name = keys[keys.index("stacks") + 1]
+      name = names.get(name, name)
+      if name in report:
+        report[name]["optimizer_bytes"] += leaf_bytes(x)
   return report
 
 

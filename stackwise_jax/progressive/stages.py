@@ -1,0 +1,85 @@
+"""Stage-structure policy: which stacks each stage adds and trains, how the trunk is frozen or
+quantized before it, and how a run's structure is replayed from a checkpoint or an export.
+
+These are the trainer's rules as plain functions, so benchmarks and tests grow a rack exactly as a
+run does without building a trainer.
+"""
+import dataclasses
+import json
+
+from stackwise_jax.config import ConfigError
+
+
+def stage_specs(builder, target: int):
+  """Yields the specs each stage trains: untrained stacks first, then one new stack a stage (or,
+  with progressive training off, all remaining stacks in one stage)."""
+  untrained = [s for s in builder.specs if s.name not in builder.trained]
+  if untrained:
+    yield untrained
+  if not builder.config.training.progressive.enabled and len(builder.specs) < target:
+    yield [builder.add_stack() for _ in range(target - len(builder.specs))]
+  while len(builder.specs) < target:
+    yield [builder.add_stack()]
+
+
+def set_labels(builder) -> set[str]:
+  """Design §4: trunk frozen (or adapters only); embedding/head by `embedding_training`. Returns
+  the names of the frozen stacks.
+
+  "auto": once a trunk exists, the input side (token/time embedding) is frozen, since it feeds
+  the frozen trunk (training it would change the trunk's input and stale the cache); the head
+  side (final norm, untied head) trains in append mode and is frozen in prepend mode.
+  """
+  p = builder.config.training.progressive
+  has_trunk = bool(builder.trained)
+  if has_trunk:
+    freeze = builder.freeze_trunk if p.trunk_strategy == "frozen" else builder.freeze_all_but_qlora
+    freeze()
+  mode = p.embedding_training
+  if not has_trunk or mode == "trainable":
+    builder.set_embedding_trainable(input_side=True, head_side=True)
+  elif mode == "frozen":
+    builder.set_embedding_trainable(input_side=False, head_side=False)
+  else:
+    builder.set_embedding_trainable(input_side=False, head_side=builder.building_mode == "append")
+  return {s.name for s in builder.specs if builder.is_frozen(s.name)}
+
+
+def grow(builder, target: int, n_stages: int | None = None, last_done: bool = True,
+         stages=None):
+  """Runs the builder operations of a run's stages on `builder`: adds the stacks, freezes or
+  quantizes the trunk, sets labels; the first `n_stages` stages (default: all up to `target`
+  stacks). The last stage's stacks count as trained only if `last_done`. `stages`: a
+  `stage_specs` generator to draw from (the trainer's, to go on from there). Returns (specs of
+  the last stage, names of the stacks frozen in it, its 1-based number)."""
+  stages = stage_specs(builder, target) if stages is None else stages
+  new, frozen, stage = None, set(), 0
+  for upcoming in stages:
+    if new is not None:
+      builder.trained.update(s.name for s in new)
+    new, stage = upcoming, stage + 1
+    frozen = set_labels(builder)
+    if stage == n_stages:
+      break
+  if new is not None and last_done:
+    builder.trained.update(s.name for s in new)
+  return new, frozen, stage
+
+
+def replay(builder, specs: list[dict], n_stages: int, last_done: bool = True, source: str = "",
+           stages=None):
+  """`grow` a run's first `n_stages` stages on `builder` (same config, empty), then checks the
+  stack specs against `specs` (as JSON) from `source` (a checkpoint or an export). Returns the
+  specs of the last stage."""
+  new, _, _ = grow(builder, len(specs), n_stages, last_done, stages)
+  built = stack_specs(builder.specs)
+  if built != specs:
+    raise ConfigError(f"{source}: its rack structure {specs} is not the one this config "
+                      f"builds ({built}); use the run's config, pass --fresh, or choose "
+                      "another --workdir")
+  return new
+
+
+def stack_specs(specs) -> list[dict]:
+  """Stack specs as they read back from JSON (tuples become lists)."""
+  return json.loads(json.dumps([dataclasses.asdict(s) for s in specs]))
