@@ -223,21 +223,26 @@ def refuse_linked_steps(directory: str) -> None:
                       f"deleted): move it out of {directory}")
 
 
+_OTHER_VERSION = ("; a checkpoint written by another version of stackwise-jax? pass --fresh to "
+                  "start over, or choose another --workdir")
+
+
 def restore_into(target, restored, what: str):
   """Returns `target`'s pytree with every leaf taken from `restored` at the same key path (orbax's
-  untargeted restore names list indices and int keys as strings). Raises ValueError naming the
+  untargeted restore names list indices and int keys as strings). Raises ConfigError naming the
   first path that is missing or has another shape or dtype."""
   by_path = {key_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
   leaves = jax.tree_util.tree_flatten_with_path(target)[0]
   if len(by_path) != len(leaves):
-    raise ValueError(f"checkpoint {what}: {len(by_path)} arrays there, {len(leaves)} expected")
+    raise ConfigError(f"checkpoint {what}: {len(by_path)} arrays there, {len(leaves)} expected"
+                      f"{_OTHER_VERSION}")
   out = []
   for path, want in leaves:
     got = by_path.get(key_path(path))
     if got is None or got.shape != want.shape or got.dtype != want.dtype:
       found = "missing" if got is None else f"{got.dtype}{list(got.shape)}"
-      raise ValueError(f"checkpoint {what} at {key_path(path)}: {found}, expected "
-                       f"{want.dtype}{list(want.shape)}")
+      raise ConfigError(f"checkpoint {what} at {key_path(path)}: {found}, expected "
+                        f"{want.dtype}{list(want.shape)}{_OTHER_VERSION}")
     out.append(got)
   return jax.tree.unflatten(jax.tree.structure(target), out)
 

@@ -484,3 +484,16 @@ def test_sigkill_while_a_checkpoint_is_written_resumes_to_the_same_losses(text_c
   assert resumed.returncode == 0, resumed.stderr
   assert "checkpoints/4:" in resumed.stderr
   assert _losses(cut) == _losses(whole)
+
+
+def test_a_checkpoint_of_another_structure_is_refused_naming_the_leaf():
+  """E.g. one written by an older version with another optimizer state: exit 2, not a crash."""
+  from stackwise_jax.checkpoint import restore_into
+  from stackwise_jax.config import ConfigError
+  target = {"a": {"b": np.zeros(2, np.float32)}}
+  with pytest.raises(ConfigError, match=r"optimizer state at a/b: float32\[3\], expected "
+                                        r"float32\[2\].*--fresh"):
+    restore_into(target, {"a": {"b": np.zeros(3, np.float32)}}, "optimizer state")
+  with pytest.raises(ConfigError, match=r"optimizer state: 2 arrays there, 1 expected"):
+    restore_into(target, {"a": {"b": np.zeros(2, np.float32), "c": np.zeros(1)}},
+                 "optimizer state")

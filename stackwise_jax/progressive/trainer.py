@@ -206,6 +206,38 @@ class ProgressiveTrainer:
       if eval_examples:   # compiled here, so eval time is evaluation only
         stage.eval_step(stage.state["params"], eval_examples[0])[0].block_until_ready()
 
+    losses, eval_curve, guard, start = self._train_loop(builder, stage, target, data,
+                                                        eval_examples, resume, stage_start, clock)
+    steady = max(stage.steps - start - 1, 1)
+    step_seconds = clock.seconds["train"] / steady
+    with clock("train"):   # the stage's bookkeeping
+      builder.update_params(stage.full_params(builder.params))
+      self.state = stage.state
+      builder.trained.update(s.name for s in new_specs)
+      result = self._result(builder, stage, losses, eval_curve, guard.skipped, start)
+    result["step_seconds"] = step_seconds
+    result["tokens_per_s"] = t.batch_size * t.seq_len / max(step_seconds, 1e-9)
+    self.results["stages"].append(result)
+    self.results["final_eval_loss"] = result["eval_loss"]
+    def stamp():
+      result["seconds"] = time.perf_counter() - started
+      result["seconds_by_phase"] = dict(clock.seconds)
+
+    stamp()
+    if self.checkpoints is not None:   # its copy of the results lacks only this save's time
+      with clock("checkpoint"):
+        self._save(builder, stage, stage.steps, data.get_state(), progress=None)
+      stamp()
+    if self.metrics is not None:
+      self.metrics.stage(result)
+    if self.checkpoints is not None:
+      self._stop_if_asked(number, stage.steps)
+
+  def _train_loop(self, builder, stage: Stage, target, data, eval_examples, resume, stage_start,
+                  clock: PhaseClock):
+    """The stage's steps, evals and mid-stage checkpoints (from `resume`'s step, if given).
+    Returns (losses, eval curve, the DivergenceGuard, the step it started from)."""
+    t, number, plan = self.config.training, stage.number, stage.plan
     losses, eval_curve, start, skipped = [], [], 0, 0
     if resume is not None:
       start = resume.meta["step"]
@@ -260,27 +292,7 @@ class ProgressiveTrainer:
     if first_done is not None:   # the loop after its first step, less its evals and checkpoints
       elsewhere = sum(clock.seconds[p] - in_loop[p] for p in ("eval", "checkpoint"))
       clock.seconds["train"] += time.perf_counter() - first_done - elsewhere
-    steady = max(stage.steps - start - 1, 1)
-    step_seconds = clock.seconds["train"] / steady
-    with clock("train"):   # the stage's bookkeeping
-      builder.update_params(stage.full_params(builder.params))
-      self.state = stage.state
-      builder.trained.update(s.name for s in new_specs)
-      result = self._result(builder, stage, losses, eval_curve, guard.skipped, start)
-    result["step_seconds"] = step_seconds
-    result["tokens_per_s"] = t.batch_size * t.seq_len / max(step_seconds, 1e-9)
-    self.results["stages"].append(result)
-    self.results["final_eval_loss"] = result["eval_loss"]
-    for saved in (False, True):   # the checkpoint's copy lacks only its own save time
-      result["seconds"] = time.perf_counter() - started
-      result["seconds_by_phase"] = dict(clock.seconds)
-      if self.checkpoints is not None and not saved:
-        with clock("checkpoint"):
-          self._save(builder, stage, stage.steps, data.get_state(), progress=None)
-    if self.metrics is not None:
-      self.metrics.stage(result)
-    if self.checkpoints is not None:
-      self._stop_if_asked(number, stage.steps)
+    return losses, eval_curve, guard, start
 
   def _setup(self, builder, new_specs, number, rack, labels, plan, example_at, prefetch,
              resume) -> Stage:
