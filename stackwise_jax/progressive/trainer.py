@@ -362,19 +362,20 @@ class ProgressiveTrainer:
     t = self.config.training
     kept = self._train_cache if kind == "train" else self._eval_cache
     runner = caching.PrefixRunner(rack)
+    dtype = caching.cache_dtype(rack, plan.prefix)
     if extend and kept is not None and kept[0] in (plan.prefix, plan.prefix[:-1]):
       names, store = kept
       if names != plan.prefix:
-        self._tell("extend", "pool mode: the trunk's input is the same at every stage, so its "
-                   "cached activations are extended by one stack a stage, not recomputed")
         if kind == "train":
+          self._tell("extend", "pool mode: the trunk's input is the same at every stage, so its "
+                     "cached activations are extended by one stack a stage, not recomputed")
           for j in range(len(store)):
             h, ex = store.get(j)
             g = global_batch(self.mesh, {**ex, "h": h})
             store.put(j, *jax.device_get(local_batch(self.mesh, (runner.extend(
                 rack.params, plan.prefix[-1], g["h"], g), ex))))
-        else:
-          store = [runner.extend(rack.params, plan.prefix[-1], h, ex)
+        else:   # rounded as the train cache stores them, so a rebuild gives the same bits
+          store = [runner.extend(rack.params, plan.prefix[-1], h, ex).astype(dtype)
                    for h, ex in zip(store, make_examples())]
     elif kind == "train":
       examples = make_examples()
@@ -385,7 +386,7 @@ class ProgressiveTrainer:
       shape = (t.batch_size // jax.process_count(), t.seq_len, self.config.model.d_model)
       store = caching.ActivationCache(len(examples), shape, t.progressive.cache_max_bytes,
                                       f"{t.workdir}/cache" if t.workdir else None,
-                                      dtype=caching.cache_dtype(rack, plan.prefix))
+                                      dtype=dtype)
       for j, ex in enumerate(tqdm(examples, desc=f"stage {plan.stage}: caching trunk activations",
                                   disable=not self.progress, dynamic_ncols=True, file=sys.stderr,
                                   leave=False)):
@@ -395,7 +396,7 @@ class ProgressiveTrainer:
         self.log(f"stage {plan.stage}: activation cache {store.nbytes / 2**20:.1f} MiB, "
                  f"{store.bytes_on_disk / 2**20:.1f} MiB spilled to disk")
     else:
-      store = [runner.build(rack.params, plan.prefix, ex) for ex in make_examples()]
+      store = [runner.build(rack.params, plan.prefix, ex).astype(dtype) for ex in make_examples()]
     if kind == "train":
       self._train_cache = (plan.prefix, store)
       return store
