@@ -138,8 +138,9 @@ def init_train_state(params, tx, plan: StagePlan, dropout_seed: int = 0) -> dict
 def make_train_step(rack: Rack, plan: StagePlan, tx, labels, shardings=None):
   """(state, example) -> (state, {"loss", "finite"}). `finite` is False when the step diverged:
   its loss or gradients are NaN or Inf (with fp16 loss scaling, only its loss: overflowing
-  gradients are routine there and the scale backs off); such an update is never applied. `example` holds inputs/targets/loss_mask/time_step and,
-  for a cached stage, `h`: the prefix output [B, T, d_model]. `shardings`: (the state's
+  gradients are routine there and the scale backs off); such an update is never applied.
+  `example` holds inputs/targets/loss_mask/time_step and, for a cached stage, `h`: the prefix
+  output [B, T, d_model]. `shardings`: (the state's
   NamedShardings, a replicated one) from sharding.py; the state keeps its shardings from step to
   step, the example's follow it, params are gathered (replicated) for the forward."""
 

@@ -344,62 +344,70 @@ class ProgressiveTrainer:
     embedding_frozen = _input_side_frozen(labels)
     batches = (lambda: self._pool) if pool else (
         lambda: [next(data) for _ in range(t.steps_per_stack)])
-    train = self._cached("train", rack, plan,
-                         lambda: [prepare(global_batch(self.mesh, b)) for b in batches()],
-                         extend=inputs_fixed and embedding_frozen)
-    if embedding_frozen:   # eval examples never change: their cache extends in every mode
-      evals = self._cached("eval", rack, plan, lambda: eval_examples, extend=True)
+    train = self._train_activations(
+        rack, plan, lambda: [prepare(global_batch(self.mesh, b)) for b in batches()],
+        extend=inputs_fixed and embedding_frozen)
+    if embedding_frozen:   # eval examples never change: their activations extend in every mode
+      evals = self._eval_activations(rack, plan, eval_examples)
       eval_examples = [{**ex, "h": h} for ex, h in zip(eval_examples, evals)]
     else:
       self._eval_cache = None
     entry = lambda j: global_batch(self.mesh, {**train.get(j)[1], "h": train.get(j)[0]})
     return ((lambda i: entry(order[i])) if pool else entry), True, eval_examples
 
-  def _cached(self, kind, rack, plan, make_examples, extend):
-    """The prefix activations of `kind` ("train": an ActivationCache of this host's shares;
-    "eval": a list of global arrays) for `plan.prefix`: with `extend`, the kept ones extended by
-    the stack added to the prefix since; else built from `make_examples()` (prepared, global)."""
+  @staticmethod
+  def _extends(kept, plan) -> bool:
+    """Whether activations `kept` (prefix names, store) serve `plan`'s prefix as they are or
+    with the one stack the prefix gained since."""
+    return kept is not None and kept[0] in (plan.prefix, plan.prefix[:-1])
+
+  def _train_activations(self, rack, plan, make_examples, extend) -> caching.ActivationCache:
+    """This host's share of the prefix activations of the stage's examples: with `extend`, the
+    previous stage's cache extended by the stack added to the prefix since; else built from
+    `make_examples()` (prepared, global)."""
     t = self.config.training
-    kept = self._train_cache if kind == "train" else self._eval_cache
-    runner = caching.PrefixRunner(rack)
-    dtype = caching.cache_dtype(rack, plan.prefix)
-    if extend and kept is not None and kept[0] in (plan.prefix, plan.prefix[:-1]):
-      names, store = kept
+    runner, dtype = caching.PrefixRunner(rack), caching.cache_dtype(rack, plan.prefix)
+    put = lambda store, j, h, ex: store.put(j, *jax.device_get(local_batch(self.mesh, (h, ex))))
+    if extend and self._extends(self._train_cache, plan):
+      names, store = self._train_cache
       if names != plan.prefix:
-        if kind == "train":
-          self._tell("extend", "pool mode: the trunk's input is the same at every stage, so its "
-                     "cached activations are extended by one stack a stage, not recomputed")
-          for j in range(len(store)):
-            h, ex = store.get(j)
-            g = global_batch(self.mesh, {**ex, "h": h})
-            store.put(j, *jax.device_get(local_batch(self.mesh, (runner.extend(
-                rack.params, plan.prefix[-1], g["h"], g), ex))))
-        else:   # rounded as the train cache stores them, so a rebuild gives the same bits
-          store = [runner.extend(rack.params, plan.prefix[-1], h, ex).astype(dtype)
-                   for h, ex in zip(store, make_examples())]
-    elif kind == "train":
+        self._tell("extend", "pool mode: the trunk's input is the same at every stage, so its "
+                   "cached activations are extended by one stack a stage, not recomputed")
+        for j in range(len(store)):
+          h, ex = store.get(j)
+          g = global_batch(self.mesh, {**ex, "h": h})
+          put(store, j, runner.extend(rack.params, plan.prefix[-1], g["h"], g), ex)
+    else:
       examples = make_examples()
-      if kept is not None:
-        kept[1].close()
+      if self._train_cache is not None:
+        self._train_cache[1].close()
       if t.data_reuse == "pool":
         self._tell("rebuild", self._why_rebuilt())
       shape = (t.batch_size // jax.process_count(), t.seq_len, self.config.model.d_model)
       store = caching.ActivationCache(len(examples), shape, t.progressive.cache_max_bytes,
-                                      f"{t.workdir}/cache" if t.workdir else None,
-                                      dtype=dtype)
+                                      f"{t.workdir}/cache" if t.workdir else None, dtype=dtype)
       for j, ex in enumerate(tqdm(examples, desc=f"stage {plan.stage}: caching trunk activations",
                                   disable=not self.progress, dynamic_ncols=True, file=sys.stderr,
                                   leave=False)):
-        store.put(j, *jax.device_get(local_batch(self.mesh, (runner.build(
-            rack.params, plan.prefix, ex), ex))))
+        put(store, j, runner.build(rack.params, plan.prefix, ex), ex)
       if store.bytes_on_disk:
         self.log(f"stage {plan.stage}: activation cache {store.nbytes / 2**20:.1f} MiB, "
                  f"{store.bytes_on_disk / 2**20:.1f} MiB spilled to disk")
+    self._train_cache = (plan.prefix, store)
+    return store
+
+  def _eval_activations(self, rack, plan, examples) -> list:
+    """The prefix activations of the eval examples (global arrays): the previous stage's
+    extended by one stack, else built; rounded as the train cache stores them, so both ways
+    give the same bits."""
+    runner, dtype = caching.PrefixRunner(rack), caching.cache_dtype(rack, plan.prefix)
+    if self._extends(self._eval_cache, plan):
+      names, store = self._eval_cache
+      if names != plan.prefix:
+        store = [runner.extend(rack.params, plan.prefix[-1], h, ex).astype(dtype)
+                 for h, ex in zip(store, examples)]
     else:
-      store = [runner.build(rack.params, plan.prefix, ex).astype(dtype) for ex in make_examples()]
-    if kind == "train":
-      self._train_cache = (plan.prefix, store)
-      return store
+      store = [runner.build(rack.params, plan.prefix, ex).astype(dtype) for ex in examples]
     self._eval_cache = (plan.prefix, store)
     return store
 
