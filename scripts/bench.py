@@ -48,7 +48,8 @@ from stackwise_jax.data import make_dataloader
 from stackwise_jax.evaluate import evaluate
 from stackwise_jax.model import COMPUTE_DTYPES, nvfp4
 from stackwise_jax.model.layers import attend, attention_scores
-from stackwise_jax.model.lora import is_adapter_path, tree_bytes
+from stackwise_jax.model.lora import is_adapter_path
+from stackwise_jax.trees import tree_bytes
 from stackwise_jax.model.rack import is_causal
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
 from stackwise_jax.progressive.builder import TRAINABLE

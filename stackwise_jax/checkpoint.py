@@ -26,7 +26,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from stackwise_jax.config import ConfigError, from_yaml, stage_steps, to_yaml, validate
 from stackwise_jax.files import directory_bytes, require_free_space
-from stackwise_jax.model.lora import key_path
+from stackwise_jax.trees import key_path
 from stackwise_jax.report import strict_json
 
 # Config fields a resumed run may change: where and how often it reports and saves, and how far

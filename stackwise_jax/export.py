@@ -18,7 +18,7 @@ import safetensors.numpy
 
 from stackwise_jax.checkpoint import restore_into
 from stackwise_jax.config import from_yaml, to_yaml, validate
-from stackwise_jax.model.lora import key_path
+from stackwise_jax.trees import key_path
 from stackwise_jax.progressive import ProgressiveRackBuilder
 from stackwise_jax.progressive.stages import replay, stack_specs
 

@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from stackwise_jax.config import ConfigError
-from stackwise_jax.model.lora import key_path
+from stackwise_jax.trees import key_path
 
 MESH_AXES = ("data", "fsdp")
 LOGICAL_RULES = {

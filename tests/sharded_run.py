@@ -16,7 +16,7 @@ import jax
 from conftest import micro_config
 from stackwise_jax.checkpoint import RunCheckpoints
 from stackwise_jax.data import make_dataloader
-from stackwise_jax.model.lora import key_path
+from stackwise_jax.trees import key_path
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
 
 TRUNKS = {"frozen": {},

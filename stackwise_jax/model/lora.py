@@ -8,9 +8,10 @@ LoRA*: a `qwix.LoraProvider` intercepts the `dot_general` of every attention/FFN
 import dataclasses
 
 from flax import nnx
-import jax
 import jax.numpy as jnp
 import qwix
+
+from stackwise_jax.trees import plain_keys
 
 # Kernels that get adapters (and int4): attention and FFN. The time projection keeps its kernel.
 ADAPTED_KERNELS = r".*/(attn/(q|k|v|o)|ffn/(gate|up|down))"
@@ -63,17 +64,6 @@ def stack_lora_setting(progressive_config, index: int) -> LoraSetting:
   return LoraSetting(int(entry["rank"]), float(entry["alpha"]))
 
 
-def plain_keys(path) -> tuple:
-  """A jax key path (DictKey, SequenceKey, GetAttrKey) or a tuple of keys -> plain keys."""
-  return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
-
-
-def key_path(path) -> str:
-  """A jax key path as `stacks/stack_0/blocks/0/attn/q/kernel`: how checkpoints, exports and
-  sharding rules name a leaf."""
-  return "/".join(map(str, plain_keys(path)))
-
-
 def is_adapter_path(path) -> bool:
   """Whether a params leaf (its key path) belongs to a stack or progressive adapter."""
   keys = tuple(map(str, plain_keys(path)))
@@ -99,14 +89,3 @@ def apply_qwix(stack: nnx.Module, lora: LoraSetting | None, quantized: bool, blo
       if isinstance(param, nnx.Variable):
         param.set_value(param.get_value().astype(jnp.float32))
   return stack
-
-
-def leaf_bytes(x) -> int:
-  """Stored bytes of one leaf: int4 counts as half a byte (packed, as on GPU/TPU and in
-  checkpoints; XLA:CPU holds one int4 value per byte)."""
-  info = jnp.iinfo if jnp.issubdtype(x.dtype, jnp.integer) else jnp.finfo
-  return -(-x.size * info(x.dtype).bits // 8)
-
-
-def tree_bytes(tree) -> int:
-  return sum(leaf_bytes(x) for x in jax.tree.leaves(tree))

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from stackwise_jax.config import validate
 from stackwise_jax.model import COMPUTE_DTYPES, EmbedHead, Rack, StackSpec, init_module
 from stackwise_jax.model import nvfp4
-from stackwise_jax.model.lora import LoraSetting, is_adapter_path, plain_keys, stack_lora_setting
+from stackwise_jax.model.lora import LoraSetting, is_adapter_path, stack_lora_setting
+from stackwise_jax.trees import plain_keys
 from stackwise_jax.model.rack import init_stack
 from stackwise_jax.progressive.masking import TimeStepMasking
 

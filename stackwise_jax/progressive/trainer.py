@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from stackwise_jax import xla_cache
 from stackwise_jax.checkpoint import RunCheckpoints, open_run, restore_into
 from stackwise_jax.config import stage_steps, validate
-from stackwise_jax.model.lora import is_adapter_path, leaf_bytes, plain_keys
+from stackwise_jax.model.lora import is_adapter_path
 from stackwise_jax.progressive import caching
 from stackwise_jax.progressive.builder import HEAD_SIDE, FROZEN, TRAINABLE, ProgressiveRackBuilder
 from stackwise_jax.progressive.feed import Prefetcher
@@ -32,6 +32,7 @@ from stackwise_jax.progressive.stages import replay, set_labels, stack_specs, st
 from stackwise_jax.report import PHASES
 from stackwise_jax.progressive.steps import (StepView, init_train_state, make_eval_step,
                                              make_optimizer, make_train_step, plan_stage)
+from stackwise_jax.trees import leaf_bytes, plain_keys
 from stackwise_jax.sharding import global_batch, local_batch, make_mesh, replicated, tree_shardings
 
 EVAL_SALT = 1 << 20   # time-step draws for evaluation are the same at every stage
