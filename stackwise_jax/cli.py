@@ -220,7 +220,7 @@ def _eval(args, checkpoints, dataloader, batches) -> int:
 def _prepare_sample(args):
   """Loads the rack, then checks the options against it before anything is generated."""
   from stackwise_jax.checkpoint import open_run
-  from stackwise_jax.progressive.trainer import rack_from_checkpoint
+  from stackwise_jax.progressive.stages import rack_from_checkpoint
   from stackwise_jax.sample import prompt_batch
   checkpoints = open_run(args.workdir)
   try:
@@ -294,7 +294,7 @@ def _prepare_export(args):
 
 def _export(args, config, ckpt, out) -> int:
   from stackwise_jax.export import export_rack
-  from stackwise_jax.progressive.trainer import rack_from_checkpoint
+  from stackwise_jax.progressive.stages import rack_from_checkpoint
   path = export_rack(rack_from_checkpoint(config, ckpt), ckpt.meta["stage"], out, args.format)
   print(f"exported: {path} and {os.path.join(out, 'manifest.json')}")
   return 0

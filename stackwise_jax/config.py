@@ -424,6 +424,11 @@ _CHECKS = [
     ("training.progressive.custom_time_mapping",
      lambda v, c: c.training.progressive.stack_time_mapping != "custom" or bool(v),
      "a registered time-mapping name when training.progressive.stack_time_mapping='custom'"),
+    ("training.progressive.time_embedding_dim",
+     lambda v, c: v % 2 == 0 or c.training.progressive.time_interpretation != "input"
+     or c.training.progressive.time_encoding_type != "sinusoidal",
+     "an even int when training.progressive.time_encoding_type='sinusoidal' and "
+     "time_interpretation='input' (half sines, half cosines)"),
     ("training.progressive.qlora_alpha", lambda v, c: 0 < v < math.inf, "a finite float > 0"),
     ("training.progressive.progressive_qlora_alpha", lambda v, c: 0 < v < math.inf,
      "a finite float > 0"),

@@ -14,22 +14,37 @@ from tqdm.auto import tqdm
 from stackwise_jax.checkpoint import RunCheckpoints
 from stackwise_jax.config import stage_steps
 from stackwise_jax.data import make_dataloader
-from stackwise_jax.progressive import ProgressiveTrainer, TimeStepMasking
-from stackwise_jax.progressive.trainer import rack_from_checkpoint
+from stackwise_jax.progressive.masking import TimeStepMasking
+from stackwise_jax.progressive.stages import rack_from_checkpoint
 from stackwise_jax.progressive.steps import make_eval_step
+
+EVAL_SALT = 1 << 20   # time-step draws for evaluation are the same at every stage
+
+
+def eval_example(masking, batch) -> dict:
+  """A held-out batch as evaluation sees it: masks and time steps drawn per example,
+  identically at every stage and in `evaluate_run`."""
+  return masking.example(batch, masking.sample_time_steps(batch["example_id"], EVAL_SALT))
 
 
 def evaluate(rack, examples, bar=None) -> dict:
   """Loss (nats per loss token), perplexity and accuracy (argmax = target) over the loss tokens
-  of `examples` (dicts as `TimeStepMasking.example` makes them). `bar`: a tqdm bar to advance
-  by one per example."""
-  step = make_eval_step(rack)
+  of `examples` (dicts as `eval_example` makes them). `bar`: a tqdm bar to advance by one per
+  example."""
+  return evaluate_with(make_eval_step(rack), rack.params, examples, bar)
+
+
+def evaluate_with(eval_step, params, examples, bar=None) -> dict:
+  """`evaluate` with a compiled eval step (`steps.make_eval_step`) and its params: the trainer's
+  evaluation during training (where a cached stage's step takes the trunk's activations) and
+  this module's are this one function."""
   sums = []
   for ex in examples:
-    sums.append(np.asarray(step(rack.params, ex)))
+    sums.append(np.asarray(eval_step(params, ex)))
     if bar is not None:
       bar.update(1)
   loss_sum, tokens, correct = np.sum(sums, 0)
+  tokens = max(tokens, 1.0)
   loss = float(loss_sum / tokens)
   return {"loss": loss, "perplexity": math.exp(loss), "accuracy": float(correct / tokens),
           "tokens": int(tokens)}
@@ -48,7 +63,7 @@ def evaluate_run(checkpoints: RunCheckpoints, n_batches: int | None = None, data
   dataloader = dataloader or make_dataloader(config)
   batches = dataloader.eval_batches(n_batches or config.training.eval_batches)
   masking = TimeStepMasking(config)
-  examples = [ProgressiveTrainer.eval_example(masking, b) for b in batches]
+  examples = [eval_example(masking, b) for b in batches]
   rows = []
   with tqdm(total=len(steps) * len(examples), desc="eval", disable=not progress,
             dynamic_ncols=True, file=sys.stderr) as bar:

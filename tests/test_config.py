@@ -317,6 +317,8 @@ _INVALID = [
     _case("training.progressive.mask_token_id", -1),
     _case("training.progressive.custom_time_mapping", "",
           training__progressive__stack_time_mapping="custom"),
+    _case("training.progressive.time_embedding_dim", 33,
+          training__progressive__time_interpretation="input"),   # sinusoidal needs an even dim
     _case("training.progressive.qlora_rank", -4),
     _case("training.progressive.qlora_alpha", 0.0),
     _case("training.progressive.progressive_qlora_alpha", -1.0),
@@ -357,6 +359,9 @@ def test_invalid_value_names_path_and_value(changes, path, value):
      "training__progressive__custom_time_mapping": "my_mapping"},
     {"data__source": "text", "data__paths": ("corpus/*.txt",)},
     {"model__dropout": 0.0, "training__progressive__mlm_min_ratio": 1.0},
+    {"training__progressive__time_embedding_dim": 33, "training__progressive__time_interpretation":
+     "input", "training__progressive__time_encoding_type": "learned"},
+    {"training__progressive__time_embedding_dim": 33},   # time as depth: no time embedding
 ])
 def test_edge_values_are_accepted(changes):
   validate(_tiny_with(**changes))

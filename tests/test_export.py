@@ -10,8 +10,9 @@ import pytest
 from stackwise_jax import load_rack
 from stackwise_jax.cli import main
 from stackwise_jax.data import make_dataloader
+from stackwise_jax.evaluate import eval_example
 from stackwise_jax.export import export_rack, load_export
-from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer, TimeStepMasking
+from stackwise_jax.progressive import ProgressiveRackBuilder, TimeStepMasking
 from conftest import micro_config
 from test_checkpoint import _config, _train
 
@@ -79,7 +80,7 @@ def test_eval_reports_each_stage_rack_as_its_training_did(trained, capsys):
   rack, masking = load_rack(str(workdir)), TimeStepMasking(config)
   hits = total = 0
   for batch in make_dataloader(config).eval_batches(config.training.eval_batches):
-    ex = ProgressiveTrainer.eval_example(masking, batch)
+    ex = eval_example(masking, batch)
     predicted = np.argmax(np.asarray(rack(rack.params, ex["inputs"], ex["time_step"])), -1)
     mask = np.asarray(ex["loss_mask"]) > 0
     hits += int(np.sum((predicted == np.asarray(ex["targets"])) & mask))

@@ -129,7 +129,7 @@ def test_a_diverged_step_is_not_applied_and_is_reported(text_corpus):
   builder = ProgressiveRackBuilder(config)
   builder.append_stack()
   rack, labels = builder.build_rack(), builder.labels()
-  plan = plan_stage(rack, 1, ("stack_0",), set(), False)
+  plan = plan_stage(rack, set(), False)
   tx = make_optimizer(config.training, labels, 8)
   step = make_train_step(rack, plan, tx, labels)
   batch = next(make_dataloader(config).train_iter())

@@ -2,4 +2,5 @@
 from stackwise_jax.progressive.builder import FROZEN, TRAINABLE, ProgressiveRackBuilder
 from stackwise_jax.progressive.guard import TrainingDiverged
 from stackwise_jax.progressive.masking import TimeStepMasking
-from stackwise_jax.progressive.trainer import ProgressiveTrainer, TrainingInterrupted, load_rack
+from stackwise_jax.progressive.stages import load_rack
+from stackwise_jax.progressive.trainer import ProgressiveTrainer, TrainingInterrupted

@@ -1,13 +1,15 @@
 """Stage-structure policy: which stacks each stage adds and trains, how the trunk is frozen or
 quantized before it, and how a run's structure is replayed from a checkpoint or an export.
 
-These are the trainer's rules as plain functions, so benchmarks and tests grow a rack exactly as a
-run does without building a trainer.
+These are the trainer's rules as plain functions, so benchmarks, tests, evaluation, sampling and
+export grow a rack exactly as a run does (`rack_from_checkpoint`) without a trainer or a mesh.
 """
 import dataclasses
 import json
 
+from stackwise_jax.checkpoint import open_run, restore_into
 from stackwise_jax.config import ConfigError
+from stackwise_jax.progressive.builder import ProgressiveRackBuilder
 
 
 def stage_specs(builder, target: int):
@@ -83,3 +85,20 @@ def replay(builder, specs: list[dict], n_stages: int, last_done: bool = True, so
 def stack_specs(specs) -> list[dict]:
   """Stack specs as they read back from JSON (tuples become lists)."""
   return json.loads(json.dumps([dataclasses.asdict(s) for s in specs]))
+
+
+def load_rack(workdir: str, step: int | None = None):
+  """The rack of checkpoint `step` (default: the latest readable one) in `workdir`, for eval,
+  sampling or export. Its config and structure come from the checkpoint alone."""
+  checkpoints = open_run(workdir)
+  ckpt = checkpoints.latest if step is None else checkpoints.read(step)
+  checkpoints.close()
+  return rack_from_checkpoint(checkpoints.config, ckpt)
+
+
+def rack_from_checkpoint(config, ckpt):
+  """The rack a checkpoint (`RunCheckpoints.read`) of a run with `config` holds."""
+  builder = ProgressiveRackBuilder(config)
+  replay(builder, ckpt.meta["specs"], ckpt.meta["stage"], ckpt.stage_done, ckpt.path)
+  builder.update_params(restore_into(builder.params, ckpt.params, "params"))
+  return builder.build_rack()

@@ -21,8 +21,6 @@ from stackwise_jax.progressive.builder import FROZEN, TRAINABLE
 @dataclasses.dataclass(frozen=True)
 class StagePlan:
   """What differs between stages: which stacks run where, and how activations are obtained."""
-  stage: int                   # 1-based
-  new: tuple[str, ...]         # stacks trained in this stage
   prefix: tuple[str, ...]      # leading frozen stacks, run without gradients
   body: tuple[str, ...]        # the rest, differentiated
   cached: bool                 # prefix outputs come from the activation cache
@@ -33,8 +31,8 @@ class StagePlan:
     return "cached" if self.cached else "streamed"
 
 
-def plan_stage(rack: Rack, stage: int, new: tuple[str, ...], frozen: set[str],
-               cache_activations: bool) -> StagePlan:
+def plan_stage(rack: Rack, frozen: set[str], cache_activations: bool) -> StagePlan:
+  """The plan of a stage whose frozen stacks are `frozen`."""
   prefix = []
   for name in rack.order:
     if name not in frozen:
@@ -42,7 +40,7 @@ def plan_stage(rack: Rack, stage: int, new: tuple[str, ...], frozen: set[str],
     prefix.append(name)
   body = rack.order[len(prefix):]
   loss_scaling = any(s.compute_dtype == jnp.float16 and s.name not in frozen for s in rack.specs)
-  return StagePlan(stage=stage, new=new, prefix=tuple(prefix), body=body,
+  return StagePlan(prefix=tuple(prefix), body=body,
                    cached=cache_activations and bool(prefix), loss_scaling=loss_scaling)
 
 
@@ -81,7 +79,7 @@ class StepView:
 
   def plan(self, plan: StagePlan) -> StagePlan:
     keys = tuple(self.names)
-    return dataclasses.replace(plan, stage=0, new=keys, prefix=(), body=keys)
+    return dataclasses.replace(plan, prefix=(), body=keys)
 
 
 def make_optimizer(training_config, labels, total_steps: int) -> optax.GradientTransformation:

@@ -20,8 +20,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from stackwise_jax import xla_cache
-from stackwise_jax.checkpoint import RunCheckpoints, open_run, restore_into
+from stackwise_jax.checkpoint import RunCheckpoints, restore_into
 from stackwise_jax.config import stage_steps, validate
+from stackwise_jax.evaluate import eval_example, evaluate_with
 from stackwise_jax.model.lora import is_adapter_path
 from stackwise_jax.progressive import caching
 from stackwise_jax.progressive.builder import HEAD_SIDE, FROZEN, TRAINABLE, ProgressiveRackBuilder
@@ -35,7 +36,6 @@ from stackwise_jax.progressive.steps import (StepView, init_train_state, make_ev
 from stackwise_jax.trees import leaf_bytes, plain_keys
 from stackwise_jax.sharding import global_batch, local_batch, make_mesh, replicated, tree_shardings
 
-EVAL_SALT = 1 << 20   # time-step draws for evaluation are the same at every stage
 POOL_SALT = 0         # pool mode: an example's masks are the same at every stage and epoch
 
 
@@ -118,7 +118,7 @@ class ProgressiveTrainer:
     eval_batches = dataloader.eval_batches(self.config.training.eval_batches)
     check_objective_data(p.training_objective, eval_batches[0])
     # The same held-out examples (masks and time steps included) at every stage.
-    eval_examples = [self.eval_example(rack_builder.masking, global_batch(self.mesh, b))
+    eval_examples = [eval_example(rack_builder.masking, global_batch(self.mesh, b))
                      for b in eval_batches]
     data = dataloader.train_iter()
     if self.config.training.data_reuse == "pool":   # drawn from the start, resumed or not
@@ -194,13 +194,13 @@ class ProgressiveTrainer:
       builder.update_params(jax.device_put(builder.params,
                                            tree_shardings(self.mesh, builder.params)))
       rack, labels = builder.build_rack(), builder.labels()
-      plan = plan_stage(rack, number, tuple(s.name for s in new_specs), frozen,
-                        t.progressive.cache_activations)
+      plan = plan_stage(rack, frozen, t.progressive.cache_activations)
       self._say_why_not_cached(builder, plan)
     with clock("cache"):
       stage_start = data.get_state()   # where a fresh cached stage's data resumes from
       example_at, prefetch, eval_examples = self._examples(builder, rack, labels, plan, number,
-                                                           data, eval_examples)
+                                                           new_specs[-1].index, data,
+                                                           eval_examples)
     with clock("compile"):
       stage = self._setup(builder, new_specs, number, rack, labels, plan, example_at, prefetch,
                           resume)
@@ -270,8 +270,9 @@ class ProgressiveTrainer:
         if last or (t.eval_every and (i + 1) % t.eval_every == 0):
           guard.flush()   # waits for the steps queued so far: they are train time, not eval
           with clock("eval"):
-            eval_curve.append([i + 1, _evaluate(stage.eval_step, stage.state["params"],
-                                                eval_examples)])
+            loss_now = (evaluate_with(stage.eval_step, stage.state["params"], eval_examples)["loss"]
+                        if eval_examples else None)
+            eval_curve.append([i + 1, loss_now])
           bar.set_postfix(loss=f"{float(loss):.3f}", eval=f"{eval_curve[-1][1]:.3f}")
           self._metric("eval/loss", eval_curve[-1][1], first_step + i + 1)
         elif (i + 1) % t.log_every == 0:
@@ -323,17 +324,17 @@ class ProgressiveTrainer:
     return Stage(number, new_specs, rack, labels, plan, view, state, train_step, eval_step, steps,
                  example_at, prefetch)
 
-  def _examples(self, builder, rack, labels, plan, number, data, eval_examples):
-    """-> (step index -> example on the device, whether that is by index, eval examples).
+  def _examples(self, builder, rack, labels, plan, number, stack_index, data, eval_examples):
+    """-> (step index -> example on the device, whether that is by index, eval examples);
+    masks as for stack `stack_index` (the stage's last new stack).
 
     A cached stage reads its trunk activations from a cache, extended from the previous stage's
     where the trunk's input did not change (design §8), else built; eval examples likewise."""
     t, p = self.config.training, self.config.training.progressive
     masking = builder.masking
-    k = next(s.index for s in builder.specs if s.name == plan.new[-1])
     pool = t.data_reuse == "pool"
     salt = POOL_SALT if pool else number
-    prepare = jax.jit(functools.partial(masking.generate_masks_for_stack, k=k, salt=salt))
+    prepare = jax.jit(functools.partial(masking.generate_masks_for_stack, k=stack_index, salt=salt))
     order = pool_order(t, number) if pool else None
     if not plan.cached:
       self._drop_caches()
@@ -346,7 +347,7 @@ class ProgressiveTrainer:
     batches = (lambda: self._pool) if pool else (
         lambda: [next(data) for _ in range(t.steps_per_stack)])
     train = self._train_activations(
-        rack, plan, lambda: [prepare(global_batch(self.mesh, b)) for b in batches()],
+        rack, plan, number, lambda: [prepare(global_batch(self.mesh, b)) for b in batches()],
         extend=inputs_fixed and embedding_frozen)
     if embedding_frozen:   # eval examples never change: their activations extend in every mode
       evals = self._eval_activations(rack, plan, eval_examples)
@@ -362,7 +363,7 @@ class ProgressiveTrainer:
     with the one stack the prefix gained since."""
     return kept is not None and kept[0] in (plan.prefix, plan.prefix[:-1])
 
-  def _train_activations(self, rack, plan, make_examples, extend) -> caching.ActivationCache:
+  def _train_activations(self, rack, plan, number, make_examples, extend) -> caching.ActivationCache:
     """This host's share of the prefix activations of the stage's examples: with `extend`, the
     previous stage's cache extended by the stack added to the prefix since; else built from
     `make_examples()` (prepared, global)."""
@@ -387,12 +388,12 @@ class ProgressiveTrainer:
       shape = (t.batch_size // jax.process_count(), t.seq_len, self.config.model.d_model)
       store = caching.ActivationCache(len(examples), shape, t.progressive.cache_max_bytes,
                                       f"{t.workdir}/cache" if t.workdir else None, dtype=dtype)
-      for j, ex in enumerate(tqdm(examples, desc=f"stage {plan.stage}: caching trunk activations",
+      for j, ex in enumerate(tqdm(examples, desc=f"stage {number}: caching trunk activations",
                                   disable=not self.progress, dynamic_ncols=True, file=sys.stderr,
                                   leave=False)):
         put(store, j, runner.build(rack.params, plan.prefix, ex), ex)
       if store.bytes_on_disk:
-        self.log(f"stage {plan.stage}: activation cache {store.nbytes / 2**20:.1f} MiB, "
+        self.log(f"stage {number}: activation cache {store.nbytes / 2**20:.1f} MiB, "
                  f"{store.bytes_on_disk / 2**20:.1f} MiB spilled to disk")
     self._train_cache = (plan.prefix, store)
     return store
@@ -482,11 +483,6 @@ class ProgressiveTrainer:
                                 f"{self.checkpoints.directory}; run the same command to resume",
                                 self._stop_signal)
 
-  @staticmethod
-  def eval_example(masking, batch):
-    """Evaluation masks draw their time steps per example, identically at every stage."""
-    return masking.example(batch, masking.sample_time_steps(batch["example_id"], EVAL_SALT))
-
 
 def pool_order(training, stage: int) -> np.ndarray:
   """Pool mode: the pool indices of a stage's steps, epoch after epoch, each epoch a permutation
@@ -501,30 +497,6 @@ def _input_side_frozen(labels) -> bool:
   eh = labels["embed_head"]
   return all(label == FROZEN for key, sub in eh.items() if key not in HEAD_SIDE
              for label in jax.tree.leaves(sub))
-
-
-def _evaluate(eval_step, params, eval_examples) -> float | None:
-  if not eval_examples:
-    return None
-  totals = np.sum([np.asarray(eval_step(params, ex)[:2]) for ex in eval_examples], axis=0)
-  return float(totals[0] / max(totals[1], 1.0))
-
-
-def load_rack(workdir: str, step: int | None = None):
-  """The rack of checkpoint `step` (default: the latest readable one) in `workdir`, for eval,
-  sampling or export. Its config and structure come from the checkpoint alone."""
-  checkpoints = open_run(workdir)
-  ckpt = checkpoints.latest if step is None else checkpoints.read(step)
-  checkpoints.close()
-  return rack_from_checkpoint(checkpoints.config, ckpt)
-
-
-def rack_from_checkpoint(config, ckpt):
-  """The rack a checkpoint (`RunCheckpoints.read`) of a run with `config` holds."""
-  builder = ProgressiveRackBuilder(config)
-  replay(builder, ckpt.meta["specs"], ckpt.meta["stage"], ckpt.stage_done, ckpt.path)
-  builder.update_params(restore_into(builder.params, ckpt.params, "params"))
-  return builder.build_rack()
 
 
 class TrainingInterrupted(Exception):
