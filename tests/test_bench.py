@@ -1,6 +1,5 @@
 """scripts/bench.py: its FLOP count agrees with XLA's, its sanity checks stop it, its PyTorch reference
 computes our model, its collective byte count reads HLO."""
-import importlib.util
 import sys
 
 import jax
@@ -9,9 +8,8 @@ import pytest
 
 from conftest import REPO, micro_config
 
-_spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+sys.path.insert(0, str(REPO / "scripts"))   # the benchmarks (scripts/bench/) and torch_reference
+from bench import comm, stage as bench_stage  # noqa: E402
 
 MODES = {"cached": dict(cache_activations=True), "streamed": dict(cache_activations=False),
          "qlora": dict(trunk_strategy="qlora", qlora_enabled=True, progressive_qlora=True,
@@ -31,25 +29,24 @@ def gqa_config(mode):
 @pytest.mark.parametrize("mode, stacks", [("cached", 2), ("streamed", 3), ("qlora", 2),
                                           ("end-to-end", 2)])
 def test_model_flops_match_xla_cost_analysis(mode, stacks):
-  stage = bench.build_stage(gqa_config(mode), stacks)
+  stage = bench_stage.build_stage(gqa_config(mode), stacks)
   assert abs(stage.flops - stage.xla_flops) <= 0.05 * stage.xla_flops
   if mode == "cached":   # the cache build pays the trunk's forward, the step does not
     assert 0 < stage.prefix_flops < stage.flops
 
 
 def test_a_wrong_flop_count_stops_the_benchmark(monkeypatch):
-  count = bench.model_flops
-  monkeypatch.setattr(bench, "model_flops", lambda *a: tuple(2 * x for x in count(*a)))
+  count = bench_stage.model_flops
+  monkeypatch.setattr(bench_stage, "model_flops", lambda *a: tuple(2 * x for x in count(*a)))
   with pytest.raises(SystemExit, match="model FLOPs"):
-    bench.build_stage(gqa_config("streamed"), 2)
+    bench_stage.build_stage(gqa_config("streamed"), 2)
 
 
 def test_torch_reference_computes_our_logits_and_trains_only_the_new_stack():
   torch = pytest.importorskip("torch")
-  sys.path.insert(0, str(REPO / "scripts"))
   import torch_reference
 
-  stage = bench.build_stage(gqa_config("streamed"), 2)
+  stage = bench_stage.build_stage(gqa_config("streamed"), 2)
   params = jax.device_get(stage.rack.params)
   model = torch_reference.Model(stage.config.model, 2)
   torch_reference.load_jax_params(model, params)
@@ -72,7 +69,7 @@ def test_collective_bytes_reads_plain_tuple_and_async_results():
       "  %c = f32[64]{0} all-gather-start(f32[8]{0} %w)",
       "  %d = f32[64]{0} all-gather-done(f32[64]{0} %c)",
       "  %e = f32[1000]{0} add(f32[1000]{0} %p, f32[1000]{0} %q)"])
-  totals = bench.collective_bytes(hlo)
+  totals = comm.collective_bytes(hlo)
   assert totals["all-reduce"] == 16 * 256 * 4 + 8 * 4 + 16 * 2
   assert totals["all-gather"] == 64 * 4          # counted once, at -done
   assert sum(totals.values()) == totals["all-reduce"] + totals["all-gather"]

@@ -1,0 +1,74 @@
+"""comm: bytes of collectives per step, data-parallel vs FSDP, from the optimized HLO."""
+import os
+import re
+
+import jax
+import numpy as np
+
+from stackwise_jax.config import load_config
+from stackwise_jax.progressive.builder import TRAINABLE
+
+from bench.common import MODES, fail, in_subprocess
+from bench.stage import build_stage
+
+CONFIG = "configs/small.py"
+SETTINGS = {"devices": 8}
+QUICK = {}
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "s4": 0.5,
+          "f8e4m3fn": 1}
+
+
+def collective_bytes(hlo: str) -> dict[str, float]:
+  """Sum of the result sizes of each kind of collective in an HLO module: `%x = f32[16,256]{1,0}
+  all-reduce(...)`, a tuple `(f32[..], /*index=1*/f32[..]) all-reduce(...)`, or an async pair
+  `...-start(` / `...-done(` whose `-done` carries the result."""
+  op = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(-done)?\(")
+  shape = re.compile(r"(\w+)\[([\d,]*)\]")
+  totals = dict.fromkeys(COLLECTIVES, 0.0)
+  for line in hlo.splitlines():
+    match = op.search(line)
+    if match is None or " = " not in line:
+      continue
+    for dtype, dims in shape.findall(line[line.index(" = ") + 3:match.start()]):
+      if dtype in _BYTES:
+        totals[match.group(1)] += _BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+  return totals
+
+
+def worker(config_path, overrides, devices) -> list[dict]:
+  """Stage 1 (embedding + first stack train) and stage 2 (cached frozen trunk, the new stack
+  trains) compiled on a devices x 1 (data-parallel) and a 1 x devices (FSDP) mesh."""
+  rows = []
+  for name, (data, fsdp) in {"data-parallel": (devices, 1), "fsdp": (1, devices)}.items():
+    config = load_config(config_path, [*overrides, *MODES["cached"], f"mesh.data={data}",
+                                       f"mesh.fsdp={fsdp}"])
+    for k in (1, 2):
+      stage = build_stage(config, k)
+      trainable = sum(x.nbytes for x, label in zip(jax.tree.leaves(stage.state["params"]),
+                                                   jax.tree.leaves(stage.labels))
+                      if label == TRAINABLE)
+      totals = collective_bytes(stage.lowered.compile().as_text())
+      rows.append({"mesh": name, "shape": [data, fsdp], "stage": k, "trainable_bytes": trainable,
+                   "total_bytes": sum(totals.values()), **totals})
+  return rows
+
+
+def run(args, s):
+  # The device count is fixed when jax starts: a fresh process gets it.
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={s['devices']}"
+  rows = in_subprocess("comm", {"config_path": args.config, "overrides": args.overrides,
+                                     "devices": s["devices"]}, env={"XLA_FLAGS": flags.strip()})
+  # Independent check: data parallelism must all-reduce every trainable gradient once.
+  for r in rows:
+    if r["mesh"] == "data-parallel" and not r["all-reduce"] >= r["trainable_bytes"]:
+      fail(f"all-reduce {r['all-reduce']} B < gradients {r['trainable_bytes']} B in {r}")
+  for r in rows:
+    r.update({f"{key}_mib": r[key] / 2**20 for key in ("trainable_bytes", "total_bytes", *COLLECTIVES)})
+  summary = {f"{r['mesh']}/stage{r['stage']}": r["total_bytes"] for r in rows}
+  columns = [("mesh", "mesh", "{}"), ("stage", "stage", "{}"),
+             ("trainable grads MiB", "trainable_bytes_mib", "{:.2f}"),
+             ("total MiB", "total_bytes_mib", "{:.2f}"),
+             *[(c, f"{c}_mib", "{:.2f}") for c in COLLECTIVES]]
+  return columns, rows, summary
