@@ -5,7 +5,7 @@ import numpy as np
 
 from stackwise_jax.config import load_config
 from stackwise_jax.data import make_dataloader
-from stackwise_jax.evaluate import evaluate
+from stackwise_jax.evaluate import eval_example, evaluate
 from stackwise_jax.model import nvfp4
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
 from stackwise_jax.trees import tree_bytes
@@ -70,7 +70,7 @@ def run(args, s):
   builder = ProgressiveRackBuilder(config)
   results = ProgressiveTrainer(config, progress=False, log=print).train_progressively(builder, loader)
   trained = builder.params
-  eval_examples = [ProgressiveTrainer.eval_example(builder.masking, b)
+  eval_examples = [eval_example(builder.masking, b)
                    for b in loader.eval_batches(config.training.eval_batches)]
   reference = {spec.name: kernels(trained["stacks"][spec.name]) for spec in builder.specs}
   rows = []

@@ -47,8 +47,7 @@ def build_stage(config, k: int) -> Stage:
   new_specs, frozen, stage = grow(builder, k, last_done=False)
   t, mesh = config.training, make_mesh(config)
   rack, labels = builder.build_rack(), builder.labels()
-  plan = plan_stage(rack, stage, tuple(s.name for s in new_specs), frozen,
-                    t.progressive.cache_activations)
+  plan = plan_stage(rack, frozen, t.progressive.cache_activations)
   tx = make_optimizer(t, labels, t.steps_per_stack)
   state = init_train_state(rack.params, tx, plan)
   shardings = tree_shardings(mesh, state)
