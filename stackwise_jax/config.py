@@ -13,6 +13,11 @@ import ml_collections
 from ml_collections.config_flags import tuple_parser
 import yaml
 
+# The tables that own allowed names. These modules must not import config (an import cycle).
+from stackwise_jax.model.lora import RANK_PATTERNS
+from stackwise_jax.model.stack import COMPUTE_DTYPES
+from stackwise_jax.objectives import OBJECTIVES
+
 
 class ConfigError(ValueError):
   """A config value is not allowed. The message names the field path, the value and what is allowed."""
@@ -345,20 +350,23 @@ def _join(prefix: str, key: Any) -> str:
 
 # --- Validation: one flat table of checks. ---
 
+# Building modes: progressive/builder.py grows the rack by them (it imports config, hence here).
+BUILDING_MODES = ("append", "prepend")
+
 # Names the code implements today; design §2 lists more (hf/array_record sources) that join these
 # sets with their implementations.
 _CHOICES = {
     "model.attention": ("mha", "gqa"),
     "training.nonfinite": ("stop", "skip"),
     "training.data_reuse": ("fresh", "pool"),
-    "training.progressive.building_mode": ("append", "prepend"),
+    "training.progressive.building_mode": BUILDING_MODES,
     "training.progressive.trunk_strategy": ("frozen", "qlora"),
-    "training.progressive.new_stack_precision": ("full", "bfloat16", "half", "nvfp4", "qlora"),
+    "training.progressive.new_stack_precision": tuple(COMPUTE_DTYPES),
     "training.progressive.qlora_strategy": ("simplified", "progressive", "variable"),
-    "training.progressive.qlora_rank_pattern": ("constant", "increasing", "decreasing", "linear"),
-    "training.progressive.qlora_alpha_pattern": ("constant", "increasing", "decreasing", "linear"),
+    "training.progressive.qlora_rank_pattern": RANK_PATTERNS,
+    "training.progressive.qlora_alpha_pattern": RANK_PATTERNS,
     "training.progressive.embedding_training": ("auto", "trainable", "frozen"),
-    "training.progressive.training_objective": ("mlm", "clm", "custom"),
+    "training.progressive.training_objective": tuple(OBJECTIVES),
     "training.progressive.time_interpretation": ("input", "depth"),
     "training.progressive.time_encoding_type": ("sinusoidal", "learned"),
     "training.progressive.stack_time_mapping": ("linear", "exponential", "custom"),
@@ -405,9 +413,11 @@ _CHECKS = [
      "at most training.progressive.max_stacks ({c.training.progressive.max_stacks})"),
     ("training.seq_len", lambda v, c: v <= c.model.max_seq_len,
      "at most model.max_seq_len ({c.model.max_seq_len})"),
-    ("training.seq_len", lambda v, c: v >= 2 or c.training.progressive.training_objective != "clm",
-     "at least 2 when training.progressive.training_objective='clm': the last position has no "
-     "target, so a 1-token sequence has nothing to learn"),
+    ("training.seq_len",
+     lambda v, c: v >= 2 or not OBJECTIVES[c.training.progressive.training_objective].causal,
+     "at least 2 when training.progressive.training_objective="
+     "{c.training.progressive.training_objective!r} (causal): the last position has no target, so "
+     "a 1-token sequence has nothing to learn"),
     ("training.epochs_per_stack", lambda v, c: v == 1 or c.training.data_reuse == "pool",
      "1 when training.data_reuse='fresh' (fresh batches are never repeated); use 'pool' to "
      "train several epochs over one pool"),

@@ -1,8 +1,10 @@
 """Sampling from a trained rack (design §12).
 
-Causal racks generate left to right with a KV cache (`Rack.decode`): the prompt fills the cache in
-one call, then every new token costs one position. Masked racks generate by iterative unmasking of
-`MASK_ID` positions, never touching any other token:
+How a rack samples is its objective's `sampling` (stackwise_jax/objectives.py). "generate" racks
+(clm) generate left to right with a KV cache (`Rack.decode`): the prompt fills the cache in one
+call, then every new token costs one position. "unmask" racks (mlm) generate by iterative unmasking
+of the positions holding the run's `training.progressive.mask_token_id`, never touching any other
+token:
   time as input  `steps` denoising steps, t going from 1 to 0; at step s the rack sees time step
                  (N-1)(1 - s/steps) and reveals its most confident predictions until the masks
                  left match the schedule (none after the last step);
@@ -21,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from stackwise_jax.config import ConfigError
-from stackwise_jax.data.tokenizer import MASK_ID, encode
-from stackwise_jax.model.rack import Rack, is_causal
+from stackwise_jax.data.tokenizer import encode
+from stackwise_jax.model.rack import Rack
+from stackwise_jax.objectives import OBJECTIVES
 
 _BYTES = 256   # samples are bytes: special ids (pad, mask, bos, eos) are never chosen
 
@@ -37,6 +40,16 @@ def pick(logits, key, temperature: float, top_k: int):
     kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+def _sampling(config) -> str | None:
+  """How racks of this run sample: "generate", "unmask" or None (see OBJECTIVES)."""
+  return OBJECTIVES[config.training.progressive.training_objective].sampling
+
+
+def _objectives(sampling: str) -> str:
+  """The objective names whose racks sample by `sampling`, for messages: e.g. "'clm'"."""
+  return " or ".join(repr(name) for name, o in OBJECTIVES.items() if o.sampling == sampling)
 
 
 def _check(temperature: float, top_k: int, length: int, config) -> None:
@@ -54,8 +67,9 @@ def generate(rack: Rack, prompt, max_new_tokens: int, *, temperature: float = 0.
   """Continues `prompt` (int [batch, p], p >= 1) by `max_new_tokens` tokens with a causal rack.
   `use_cache=False` recomputes the whole prefix for every token (the reference the KV cache must
   match). Returns int32 [batch, p + max_new_tokens]."""
-  if not is_causal(rack.config):
-    raise ConfigError("generate: a causal rack (training_objective='clm') is needed; use unmask")
+  if _sampling(rack.config) != "generate":
+    raise ConfigError(f"generate: a causal rack (training_objective={_objectives('generate')}) is "
+                      "needed; use unmask")
   prompt = jnp.asarray(prompt, jnp.int32)
   (b, p), total = prompt.shape, prompt.shape[1] + max_new_tokens
   _check(temperature, top_k, total, rack.config)
@@ -97,22 +111,24 @@ def _predict(logits, key, temperature, top_k):
 
 def unmask(rack: Rack, tokens, *, steps: int = 8, temperature: float = 0.0, top_k: int = 0,
            seed: int = 0, stop_after: int | None = None) -> np.ndarray:
-  """Fills every MASK_ID of `tokens` (int [batch, seq]) with a masked-LM rack; other tokens stay
-  as they are. `steps` applies to time as input (time as depth takes one pass); `stop_after`
-  returns the partly unmasked tokens after that many of them. Returns int32 [batch, seq]."""
-  p = rack.config.training.progressive
-  if p.training_objective != "mlm":
-    raise ConfigError(f"unmask: a masked-LM rack is needed (training_objective='mlm'); this one "
-                      f"is {p.training_objective!r}" + (", use generate" if is_causal(rack.config)
-                                                          else ""))
+  """Fills every position of `tokens` (int [batch, seq]) holding the run's
+  training.progressive.mask_token_id with a masked-LM rack; other tokens stay as they are.
+  `steps` applies to time as input (time as depth takes one pass); `stop_after` returns the partly
+  unmasked tokens after that many of them. Returns int32 [batch, seq]."""
+  p, sampling = rack.config.training.progressive, _sampling(rack.config)
+  if sampling != "unmask":
+    raise ConfigError(f"unmask: a masked-LM rack is needed (training_objective="
+                      f"{_objectives('unmask')}); this one is {p.training_objective!r}"
+                      + (", use generate" if sampling == "generate" else ""))
   if steps < 1:
     raise ConfigError(f"--steps={steps}: allowed: >= 1")
   tokens = jnp.asarray(tokens, jnp.int32)
   _check(temperature, top_k, tokens.shape[1], rack.config)
-  n0 = (tokens == MASK_ID).sum(-1)
+  mask_id = p.mask_token_id
+  n0 = (tokens == mask_id).sum(-1)
   key = jax.random.key(seed)
   if p.time_interpretation == "depth":
-    return np.asarray(_one_pass(rack, tokens, n0, key, temperature, top_k))
+    return np.asarray(_one_pass(rack, tokens, mask_id, n0, key, temperature, top_k))
   n = p.num_time_steps
 
   @jax.jit
@@ -121,7 +137,7 @@ def unmask(rack: Rack, tokens, *, steps: int = 8, temperature: float = 0.0, top_
     logits = rack(params, tokens, jnp.full((tokens.shape[0],), t))
     predicted, confidence = _predict(logits, jax.random.fold_in(key, s), temperature, top_k)
     keep = n0 * (steps - 1 - s) // steps
-    reveal = _reveal(tokens == MASK_ID, confidence, keep)
+    reveal = _reveal(tokens == mask_id, confidence, keep)
     return jnp.where(reveal, predicted, tokens)
 
   for s in range(steps if stop_after is None else min(stop_after, steps)):
@@ -129,16 +145,16 @@ def unmask(rack: Rack, tokens, *, steps: int = 8, temperature: float = 0.0, top_
   return np.asarray(tokens)
 
 
-def _one_pass(rack, tokens, n0, key, temperature, top_k):
+def _one_pass(rack, tokens, mask_id, n0, key, temperature, top_k):
   """Time as depth: each stack, in forward order, reveals its share of the masks."""
   params, names = rack.params, rack.order
   h, _ = rack.embed(params, tokens)
-  mask_embedding = rack.embed(params, jnp.full((1, 1), MASK_ID))[0][0, 0]
+  mask_embedding = rack.embed(params, jnp.full((1, 1), mask_id))[0][0, 0]
   for i, name in enumerate(names):
     h = rack.apply_stacks(params, [name], h)
     predicted, confidence = _predict(rack.logits(params, h), jax.random.fold_in(key, i),
                                      temperature, top_k)
-    reveal = _reveal(tokens == MASK_ID, confidence, n0 * (len(names) - 1 - i) // len(names))
+    reveal = _reveal(tokens == mask_id, confidence, n0 * (len(names) - 1 - i) // len(names))
     tokens = jnp.where(reveal, predicted, tokens)
     revealed = rack.embed(params, predicted)[0]
     h = jnp.where(reveal[..., None], h + revealed - mask_embedding, h)
@@ -148,14 +164,15 @@ def _one_pass(rack, tokens, n0, key, temperature, top_k):
 _MASK_PATTERN = re.compile(r"\[MASK(?::(\d+))?\]")
 
 
-def parse_infill(text: str) -> np.ndarray:
-  """'The [MASK:3] sat' -> byte ids with 3 MASK_IDs in place of the marker ([MASK] = one byte)."""
+def parse_infill(text: str, mask_id: int) -> np.ndarray:
+  """'The [MASK:3] sat' -> byte ids with 3 `mask_id`s in place of the marker ([MASK] = one byte).
+  `mask_id`: the run's training.progressive.mask_token_id."""
   if not _MASK_PATTERN.search(text):
     raise ConfigError(f"--infill {text!r}: no [MASK] or [MASK:n] marker to fill")
   ids, end = [], 0
   for match in _MASK_PATTERN.finditer(text):
     ids.append(encode(text[end:match.start()]))
-    ids.append(np.full(int(match.group(1) or 1), MASK_ID, np.int32))
+    ids.append(np.full(int(match.group(1) or 1), mask_id, np.int32))
     end = match.end()
   ids.append(encode(text[end:]))
   return np.concatenate(ids)
@@ -171,19 +188,20 @@ def prompt_batch(config, *, prompt: str | None = None, infill: str | None = None
   del seed   # any int will do
   if (prompt is None) == (infill is None):
     raise ConfigError("sample: give exactly one of --prompt and --infill")
-  p, causal = config.training.progressive, is_causal(config)
-  if not causal and p.training_objective != "mlm":
+  p, sampling = config.training.progressive, _sampling(config)
+  if sampling is None:
     raise ConfigError(f"training.progressive.training_objective={p.training_objective!r}: "
-                      "sample needs a 'clm' or 'mlm' run")
+                      f"sample needs a {_objectives('generate')} or {_objectives('unmask')} run")
+  causal = sampling == "generate"
   if infill is not None and causal:
-    raise ConfigError("--infill needs a masked-LM run (training_objective='mlm'); this run is "
-                      "causal: use --prompt")
+    raise ConfigError(f"--infill needs a masked-LM run (training_objective="
+                      f"{_objectives('unmask')}); this run is causal: use --prompt")
   if num_samples < 1:
     raise ConfigError(f"--num-samples={num_samples}: allowed: >= 1")
   if steps < 1:
     raise ConfigError(f"--steps={steps}: allowed: >= 1")
   if infill is not None:
-    ids = parse_infill(infill)
+    ids = parse_infill(infill, p.mask_token_id)
   else:
     ids = encode(prompt)
     if not len(ids):
@@ -191,7 +209,7 @@ def prompt_batch(config, *, prompt: str | None = None, infill: str | None = None
     if max_new_tokens < 1:
       raise ConfigError(f"--max-new-tokens={max_new_tokens}: allowed: >= 1")
     if not causal:
-      ids = np.concatenate([ids, np.full(max_new_tokens, MASK_ID, np.int32)])
+      ids = np.concatenate([ids, np.full(max_new_tokens, p.mask_token_id, np.int32)])
   length = len(ids) + (max_new_tokens if causal else 0)
   _check(temperature, top_k, length, config)
   return np.tile(ids, (num_samples, 1))
@@ -199,6 +217,6 @@ def prompt_batch(config, *, prompt: str | None = None, infill: str | None = None
 
 def complete(rack: Rack, batch, max_new_tokens: int, *, steps: int = 8, **options) -> np.ndarray:
   """Generates after `batch` (causal racks) or fills its masks (masked racks)."""
-  if is_causal(rack.config):
+  if _sampling(rack.config) == "generate":
     return generate(rack, batch, max_new_tokens, **options)
   return unmask(rack, batch, steps=steps, **options)

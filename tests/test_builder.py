@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import micro_config
+from stackwise_jax.config import ConfigError, validate
 from stackwise_jax.progressive import FROZEN, TRAINABLE, ProgressiveRackBuilder
 from stackwise_jax.progressive.steps import make_optimizer
 
@@ -53,6 +54,22 @@ def test_bad_precision_and_mode_are_rejected():
     ProgressiveRackBuilder(micro_config(), building_mode="sideways")
   with pytest.raises(ValueError, match="precision='fp8'"):
     ProgressiveRackBuilder(micro_config()).add_stack(precision="fp8")
+
+
+@pytest.mark.parametrize("call,fields", [
+    (lambda c: ProgressiveRackBuilder(c, building_mode="sideways"), {"building_mode": "sideways"}),
+    (lambda c: ProgressiveRackBuilder(c, default_precision="fp8"), {"new_stack_precision": "fp8"}),
+    (lambda c: ProgressiveRackBuilder(c).add_stack(precision="fp8"), {"new_stack_precision": "fp8"}),
+    (lambda c: ProgressiveRackBuilder(c).add_stack(precision="nvfp4"),   # nvfp4 without stack LoRA
+     {"new_stack_precision": "nvfp4"})])
+def test_builder_arguments_fail_as_the_config_fields_they_stand_for(call, fields):
+  """building_mode, default_precision and precision are checked by config validation, with the
+  message of a config that holds the value."""
+  with pytest.raises(ConfigError) as from_builder:
+    call(micro_config(qlora_enabled=True))
+  with pytest.raises(ConfigError) as from_config:
+    validate(micro_config(qlora_enabled=True, **fields))
+  assert str(from_builder.value) == str(from_config.value)
 
 
 def test_freeze_trunk_labels_leaves_and_frozen_leaves_get_no_optimizer_state():

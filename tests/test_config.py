@@ -8,12 +8,16 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from stackwise_jax.config import BUILDING_MODES
 from stackwise_jax.config import ConfigError
 from stackwise_jax.config import default_config
 from stackwise_jax.config import load_config
 from stackwise_jax.config import to_yaml
 from stackwise_jax.config import validate
+from stackwise_jax.model.lora import RANK_PATTERNS
+from stackwise_jax.model.stack import COMPUTE_DTYPES
 from stackwise_jax.model.stack import Stack
+from stackwise_jax.objectives import OBJECTIVES
 
 CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
 TINY = str(CONFIGS / "tiny.py")
@@ -334,6 +338,21 @@ _INVALID = [
     _case("data.paths", (), data__source="text"),
     _case("data.paths", ("",), data__source="text"),
 ]
+
+
+@pytest.mark.parametrize("path,names", [
+    ("training.progressive.training_objective", tuple(OBJECTIVES)),
+    ("training.progressive.new_stack_precision", tuple(COMPUTE_DTYPES)),
+    ("training.progressive.qlora_rank_pattern", RANK_PATTERNS),
+    ("training.progressive.qlora_alpha_pattern", RANK_PATTERNS),
+    ("training.progressive.building_mode", BUILDING_MODES)])
+def test_allowed_names_are_those_of_the_table_that_owns_them(path, names):
+  key = path.replace(".", "__")
+  with pytest.raises(ConfigError) as e:
+    validate(_tiny_with(**{key: "bogus"}))
+  assert str(e.value) == f"{path}='bogus': allowed: one of {', '.join(map(repr, names))}"
+  for name in names:
+    validate(_tiny_with(**{key: name}))
 
 
 @pytest.mark.parametrize("changes, path, value", _INVALID)

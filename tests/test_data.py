@@ -4,6 +4,7 @@ import pathlib
 import re
 import sysconfig
 
+import jax
 import numpy as np
 import pytest
 
@@ -11,6 +12,7 @@ from stackwise_jax.config import default_config
 from stackwise_jax.data import (BOS_ID, EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE, DataLoader, decode,
                                 encode, make_dataloader)
 from stackwise_jax.data import corpus
+from stackwise_jax.progressive import TimeStepMasking
 
 SEQ_LEN, BATCH = 16, 4
 
@@ -82,6 +84,29 @@ def test_special_ids_match_config_defaults():
   assert sorted({PAD_ID, MASK_ID, BOS_ID, EOS_ID}) == [256, 257, 258, 259]
   assert VOCAB_SIZE == c.model.vocab_size == 260
   assert MASK_ID == c.training.progressive.mask_token_id
+
+
+def test_masked_inputs_carry_a_configured_mask_token_id(loader, pattern):
+  """mask_token_id=3 (not MASK_ID): the masked inputs of real batches hold 3 exactly where the
+  documented rule masks (design §7), recomputed here in NumPy from the per-example uniforms."""
+  c = _config(pattern)
+  p = c.training.progressive
+  p.training_objective, p.time_interpretation, p.mask_token_id = "mlm", "input", 3
+  c.training.seed = 4
+  batch = next(loader.train_iter())
+  ex = TimeStepMasking(c).generate_masks_for_stack(batch, 0, salt=0)
+  tokens, steps = batch["tokens"], np.asarray(ex["time_step"])
+  assert not (tokens == 3).any() and len(set(steps.tolist())) > 1
+  expected = tokens.copy()
+  for row, (example_id, t) in enumerate(zip(batch["example_id"], steps)):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(4), example_id), t)
+    u = np.asarray(jax.random.uniform(key, (SEQ_LEN,)))
+    ratio = p.mlm_min_ratio + (1 - p.mlm_min_ratio) * t / (p.num_time_steps - 1)
+    masked = u < ratio
+    masked[np.argmin(u)] = True   # every example has a masked position
+    expected[row, masked] = 3
+  np.testing.assert_array_equal(ex["inputs"], expected)
+  assert not (np.asarray(ex["inputs"]) == MASK_ID).any()
 
 
 # --- Corpus files and the split. ---

@@ -1,4 +1,5 @@
-"""Specification tests for progressive/masking.py (design §7): time mappings, objectives and masks."""
+"""Specification tests for objectives.py and progressive/masking.py (design §7): the objective
+table, time mappings, masks and training examples."""
 import functools
 
 import jax
@@ -6,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stackwise_jax.config import default_config
+from stackwise_jax import objectives
+from stackwise_jax.config import default_config, validate
+from stackwise_jax.data import tokenizer
+from stackwise_jax.model.rack import is_causal
 from stackwise_jax.progressive import masking
 
 MASK, PAD = 257, 256
@@ -23,6 +27,20 @@ def token_batch(batch_size=4, seq_len=16, first_id=0, seed=0):
   rng = np.random.default_rng(seed)
   return {"tokens": jnp.asarray(rng.integers(0, 256, (batch_size, seq_len)), jnp.int32),
           "example_id": jnp.arange(first_id, first_id + batch_size, dtype=jnp.int32)}
+
+
+# --- The objective table ---------------------------------------------------------------------------
+
+def test_objective_rows_match_the_design():
+  """Design §7 and §12, written out by hand: clm is causal and generates left to right; mlm is
+  bidirectional, masks at the time step's ratio and samples by unmasking; custom takes targets."""
+  rows = {name: (o.causal, o.masks, o.sampling, o.needs) for name, o in objectives.OBJECTIVES.items()}
+  assert rows == {"mlm": (False, True, "unmask", ()), "clm": (True, False, "generate", ()),
+                  "custom": (False, False, None, ("targets",))}
+  for name, row in objectives.OBJECTIVES.items():
+    config = validate(make_config(training_objective=name))   # every row is a config choice
+    assert is_causal(config) == row.causal
+    assert (masking.TimeStepMasking(config).mask_ratio_for_stack(0) > 0) == row.masks
 
 
 # --- Time as depth --------------------------------------------------------------------------------
@@ -121,11 +139,11 @@ def test_time_steps_for_batch_by_interpretation():
 # --- Mask ratio -----------------------------------------------------------------------------------
 
 def test_mask_ratio_endpoints_and_midpoint():
-  assert masking.mask_ratio(0, 16, 0.15) == pytest.approx(0.15)
-  assert masking.mask_ratio(15, 16, 0.15) == 1.0
-  assert masking.mask_ratio(5, 11, 0.2) == pytest.approx(0.6)      # 0.2 + 0.8 * 5 / 10
-  assert masking.mask_ratio(0, 1, 0.3) == pytest.approx(0.3)       # one step: min ratio
-  ratios = masking.mask_ratio(jnp.array([0, 5, 10]), 11, 0.2)
+  assert objectives.mask_ratio(0, 16, 0.15) == pytest.approx(0.15)
+  assert objectives.mask_ratio(15, 16, 0.15) == 1.0
+  assert objectives.mask_ratio(5, 11, 0.2) == pytest.approx(0.6)      # 0.2 + 0.8 * 5 / 10
+  assert objectives.mask_ratio(0, 1, 0.3) == pytest.approx(0.3)       # one step: min ratio
+  ratios = objectives.mask_ratio(jnp.array([0, 5, 10]), 11, 0.2)
   np.testing.assert_allclose(ratios, [0.2, 0.6, 1.0], rtol=1e-6)
 
 
@@ -158,8 +176,8 @@ def test_clm_targets_shift_left_and_last_position_never_counts():
 
 
 def test_clm_mask_and_combined_masks():
-  np.testing.assert_array_equal(masking.clm_mask(2, 3), [[1, 1, 0], [1, 1, 0]])
-  combined = masking.combined_masks(masking.clm_mask(1, 3), jnp.array([[True, False, True]]))
+  np.testing.assert_array_equal(objectives.clm_mask(2, 3), [[1, 1, 0], [1, 1, 0]])
+  combined = masking.combined_masks(objectives.clm_mask(1, 3), jnp.array([[True, False, True]]))
   assert combined.dtype == jnp.float32
   np.testing.assert_array_equal(combined, [[1, 0, 0]])
 
@@ -192,10 +210,27 @@ def test_mlm_pad_targets_do_not_count():
   np.testing.assert_array_equal(ex["loss_mask"], [[1] * 4 + [0] * 4] * 2)
 
 
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_pad_targets_are_the_tokenizers_pad_id(objective, monkeypatch):
+  """The loss drops targets equal to tokenizer.PAD_ID, whatever its value, and no other id."""
+  monkeypatch.setattr(tokenizer, "PAD_ID", 7)
+  batch = token_batch(batch_size=3, seq_len=8)
+  tokens = np.asarray(batch["tokens"]).copy()
+  tokens[:, 3], tokens[0, 5], tokens[1, 6] = 7, 256, PAD   # 256 is an ordinary id here
+  batch["tokens"] = jnp.asarray(tokens)
+  ex = masking.make_training_example(batch, jnp.full(3, 15, jnp.int32), objective=objective,
+                                     seed=0, num_time_steps=16, min_ratio=0.15, mask_token_id=MASK)
+  if objective == "mlm":   # t = N-1 masks every position: the loss is on every non-pad target
+    expected = (tokens != 7).astype(np.float32)
+  else:                    # next tokens; the last position has none
+    expected = np.concatenate([tokens[:, 1:] != 7, np.zeros((3, 1), bool)], axis=1).astype(np.float32)
+  np.testing.assert_array_equal(ex["loss_mask"], expected)
+
+
 @pytest.mark.parametrize("t", [0, 5, 10, 15])
 def test_mlm_masked_fraction_near_mask_ratio(t):
   ids = jnp.arange(512, dtype=jnp.int32)
-  mask = masking.mlm_mask(ids, jnp.full((512,), t, jnp.int32), 128, seed=1, num_time_steps=16,
+  mask = objectives.mlm_mask(ids, jnp.full((512,), t, jnp.int32), 128, seed=1, num_time_steps=16,
                           min_ratio=0.15)
   assert mask.dtype == jnp.bool_ and mask.shape == (512, 128)
   assert float(mask.mean()) == pytest.approx(0.15 + 0.85 * t / 15, abs=0.01)
@@ -205,29 +240,30 @@ def test_mlm_mask_depends_only_on_example_id_time_step_and_seed():
   kw = dict(seed=7, num_time_steps=16, min_ratio=0.15)
   ids = jnp.array([11, 42, 99], jnp.int32)
   steps = jnp.array([3, 3, 3], jnp.int32)
-  ref = np.asarray(masking.mlm_mask(ids, steps, 64, **kw))[1]          # example 42 in row 1
+  ref = np.asarray(objectives.mlm_mask(ids, steps, 64, **kw))[1]          # example 42 in row 1
   # Example 42 in row 0 of a different, larger batch with different neighbours.
-  other = masking.mlm_mask(jnp.array([42, 5, 6, 7], jnp.int32), jnp.array([3, 9, 0, 15], jnp.int32),
-                           64, **kw)
+  other = objectives.mlm_mask(jnp.array([42, 5, 6, 7], jnp.int32),
+                              jnp.array([3, 9, 0, 15], jnp.int32), 64, **kw)
   np.testing.assert_array_equal(np.asarray(other)[0], ref)
-  alone = masking.mlm_mask(jnp.array([42], jnp.int32), jnp.array([3], jnp.int32), 64, **kw)
+  alone = objectives.mlm_mask(jnp.array([42], jnp.int32), jnp.array([3], jnp.int32), 64, **kw)
   np.testing.assert_array_equal(np.asarray(alone)[0], ref)
   # Independent recomputation of the documented rule.
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(7), 42), 3)
   u = np.asarray(jax.random.uniform(key, (64,)))
   np.testing.assert_array_equal(ref, u < 0.15 + 0.85 * 3 / 15)
   # A different time step or seed gives a different mask.
-  other_t = masking.mlm_mask(jnp.array([42], jnp.int32), jnp.array([4], jnp.int32), 64, **kw)
+  other_t = objectives.mlm_mask(jnp.array([42], jnp.int32), jnp.array([4], jnp.int32), 64, **kw)
   assert not np.array_equal(np.asarray(other_t)[0], ref)
   kw_seed = dict(kw, seed=8)
-  other_seed = masking.mlm_mask(jnp.array([42], jnp.int32), jnp.array([3], jnp.int32), 64, **kw_seed)
+  other_seed = objectives.mlm_mask(jnp.array([42], jnp.int32), jnp.array([3], jnp.int32), 64,
+                                   **kw_seed)
   assert not np.array_equal(np.asarray(other_seed)[0], ref)
 
 
 def test_mlm_every_example_has_a_masked_position():
   # Short sequences at a low ratio: about 0.85**4 ~ 52% of rows would draw no mask at all.
   ids = jnp.arange(256, dtype=jnp.int32)
-  mask = np.asarray(masking.mlm_mask(ids, jnp.zeros(256, jnp.int32), 4, seed=0, num_time_steps=16,
+  mask = np.asarray(objectives.mlm_mask(ids, jnp.zeros(256, jnp.int32), 4, seed=0, num_time_steps=16,
                                      min_ratio=0.15))
   assert mask.any(axis=1).all()
   # The forced position is the smallest draw of the example's own key.

@@ -84,8 +84,28 @@ def test_unmasking_reveals_masks_step_by_step():
   np.testing.assert_array_equal(left, [n0 * (4 - k) // 4 for k in (1, 2, 3, 4)])
 
 
+@pytest.mark.parametrize("time", ["input", "depth"])
+def test_unmasking_fills_exactly_the_configured_mask_token_id(time):
+  """A run with mask_token_id=258 fills the 258s; the tokenizer's MASK_ID is an ordinary token."""
+  rack = _rack(training_objective="mlm", time_interpretation=time, mask_token_id=258)
+  rng = np.random.default_rng(2)
+  tokens = np.where(rng.random((3, 16)) < 0.2, MASK_ID, _masked(2))   # _masked puts MASK_IDs
+  tokens = np.where(tokens == MASK_ID, rng.choice([MASK_ID, 258], tokens.shape), tokens)
+  filled = unmask(rack, tokens, steps=4)
+  chosen = tokens == 258
+  assert chosen.sum() > 5 and (tokens == MASK_ID).sum() > 5
+  assert (filled[chosen] < 256).all()                         # every 258 became a byte
+  np.testing.assert_array_equal(filled[~chosen], tokens[~chosen])   # MASK_ID included
+
+
+def test_sample_input_masks_with_the_configured_mask_token_id():
+  mlm = micro_config(training_objective="mlm", mask_token_id=258)
+  assert prompt_batch(mlm, prompt="ab", max_new_tokens=2).tolist() == [[97, 98, 258, 258]]
+  assert prompt_batch(mlm, infill="a[MASK:2]").tolist() == [[97, 258, 258]]
+
+
 def test_infill_markers_and_bad_options_are_checked_before_sampling():
-  ids = parse_infill("The [MASK:3] sat[MASK]")
+  ids = parse_infill("The [MASK:3] sat[MASK]", MASK_ID)
   assert decode(ids) == "The  sat" and list(ids[4:7]) == [MASK_ID] * 3 and ids[-1] == MASK_ID
   clm, mlm = micro_config(), micro_config(training_objective="mlm")
   assert prompt_batch(mlm, prompt="ab", max_new_tokens=3).tolist() == [[97, 98] + [MASK_ID] * 3]

@@ -1,7 +1,9 @@
 """Byte-level tokens: ids 0..255 are the bytes of UTF-8 text, then four special ids.
 
 config.model.vocab_size (260) and config.training.progressive.mask_token_id (257) default to the
-values below; tests/test_data.py checks they stay in step.
+values below; tests/test_data.py checks they stay in step. Training and sampling mask with the
+config's mask_token_id, never MASK_ID itself; PAD_ID is the pad id the loss leaves out
+(progressive/masking.py reads it here).
 """
 import numpy as np
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from stackwise_jax.model.layers import Linear, TimeEmbedding
 from stackwise_jax.model.lora import ADAPTED_KERNELS, LoraSetting, apply_qwix
 from stackwise_jax.model.stack import COMPUTE_DTYPES, Stack
+from stackwise_jax.objectives import OBJECTIVES
 
 Params = dict[str, Any]
 
@@ -73,7 +74,7 @@ class EmbedHead(nnx.Module):
 
 
 def is_causal(config) -> bool:
-  return config.training.progressive.training_objective == "clm"
+  return OBJECTIVES[config.training.progressive.training_objective].causal
 
 
 def time_dim(config) -> int | None:

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from stackwise_jax.config import validate
-from stackwise_jax.model import COMPUTE_DTYPES, EmbedHead, Rack, StackSpec, init_module
+from stackwise_jax.model import EmbedHead, Rack, StackSpec, init_module
 from stackwise_jax.model import nvfp4
 from stackwise_jax.model.lora import LoraSetting, is_adapter_path, stack_lora_setting
 from stackwise_jax.trees import plain_keys
@@ -16,7 +16,6 @@ from stackwise_jax.progressive.masking import TimeStepMasking
 TRAINABLE, FROZEN = "trainable", "frozen"
 # A stack's mode: all leaves trainable, all frozen, or only its adapters trainable.
 ADAPTERS_ONLY = "adapters_only"
-BUILDING_MODES = ("append", "prepend")
 # Init streams: 0 is the embedding/head, stack i uses i + 1.
 _EMBED_STREAM = 0
 # Params of EmbedHead on the head side; the rest (token and time embedding) feed the first stack.
@@ -31,15 +30,13 @@ class ProgressiveRackBuilder:
   """
 
   def __init__(self, config, building_mode: str | None = None, default_precision: str | None = None):
-    validate(config)
-    p = config.training.progressive
-    self.building_mode = building_mode or p.building_mode
-    self.default_precision = default_precision or p.new_stack_precision
-    _check_choice("building_mode", self.building_mode, BUILDING_MODES)
-    _check_choice("default_precision", self.default_precision, tuple(COMPUTE_DTYPES))
-    if self.building_mode != p.building_mode:   # one source of truth for the time-step mapping
-      config = config.copy_and_resolve_references()
-      config.training.progressive.building_mode = self.building_mode
+    """`building_mode` and `default_precision` (default: the config's) are checked as
+    training.progressive.building_mode and new_stack_precision."""
+    # The config is the one source of truth for the time-step mapping: it takes building_mode.
+    config = _with_progressive(config, building_mode=building_mode)
+    _with_progressive(config, new_stack_precision=default_precision)
+    self.building_mode = config.training.progressive.building_mode
+    self.default_precision = default_precision or config.training.progressive.new_stack_precision
     self.config = config
     self.masking = TimeStepMasking(config)
     self.specs: list[StackSpec] = []           # forward order: embedding side first
@@ -77,11 +74,7 @@ class ProgressiveRackBuilder:
     precision = precision or self.default_precision
     if not isinstance(n_blocks, int) or n_blocks <= 0:
       raise ValueError(f"n_blocks={n_blocks!r}: must be a positive int")
-    _check_choice("precision", precision, tuple(COMPUTE_DTYPES))
-    if precision == "nvfp4" and p.qlora_enabled:
-      raise ValueError("precision='nvfp4' with training.progressive.qlora_enabled=True: qwix's "
-                       "stack LoRA intercepts the kernel that an nvfp4 stack quantizes itself; "
-                       "allowed: qlora_enabled=False (progressive_qlora adapters do work)")
+    _with_progressive(self.config, new_stack_precision=precision)   # checked as the config's
     index = len(self.specs)
     time_step = (self.masking.get_time_step_for_stack(index)
                  if p.time_interpretation == "depth" else None)
@@ -104,9 +97,6 @@ class ProgressiveRackBuilder:
       raise ValueError(f"training.progressive.quant_block_size={block}: int4 blocks run along "
                        f"the kernels' input axis; allowed: a divisor of model.d_model "
                        f"({m.d_model}) and model.d_ff ({m.d_ff})")
-    if spec.precision == "nvfp4" and (m.d_model % nvfp4.BLOCK or m.d_ff % nvfp4.BLOCK):
-      raise ValueError(f"precision='nvfp4' needs model.d_model ({m.d_model}) and model.d_ff "
-                       f"({m.d_ff}) to be multiples of {nvfp4.BLOCK} (the NVFP4 block)")
     self._graphdefs[spec.name], self.params["stacks"][spec.name] = init_stack(
         self.config, spec, old_params)
 
@@ -211,6 +201,11 @@ def _is_packed(path) -> bool:
   return str(plain_keys(path)[-1]) in nvfp4.PACKED_LEAVES
 
 
-def _check_choice(name, value, allowed):
-  if value not in allowed:
-    raise ValueError(f"{name}={value!r}: allowed values are {', '.join(allowed)}")
+def _with_progressive(config, **fields):
+  """`config` validated, with the given training.progressive fields replaced in a copy (a field
+  given as None or "" keeps the config's value; with no change, `config` itself)."""
+  fields = {k: v for k, v in fields.items() if v and v != config.training.progressive[k]}
+  if fields:
+    config = config.copy_and_resolve_references()
+    config.training.progressive.update(fields)
+  return validate(config)

@@ -1,9 +1,10 @@
-"""Objectives, deterministic masks and time steps (design §7).
+"""Time steps and training examples (design §7); what each objective does is its row in
+stackwise_jax/objectives.py.
 
-Time steps are ints 0..N-1 (N = `num_time_steps`): 0 is the lowest noise (BERT-like masking at
-`mlm_min_ratio`), N-1 the highest (everything masked). Every random draw is a pure function of
-(seed, example id, time step) or (seed, salt, example id), so a cached activation and a recomputed
-one see the same corrupted input, whatever batch or row the example lands in.
+Time steps are ints 0..N-1 (N = `num_time_steps`): 0 is the lowest noise, N-1 the highest. Every
+random draw is a pure function of (seed, example id, time step) or (seed, salt, example id), so a
+cached activation and a recomputed one see the same corrupted input, whatever batch or row the
+example lands in.
 
 Pure, jit-compatible functions come first; `TimeStepMasking` binds them to a config.
 """
@@ -13,11 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from stackwise_jax.config import ConfigError
+from stackwise_jax.data import tokenizer
+from stackwise_jax.objectives import OBJECTIVES, mask_ratio
 
 TimeMapping = Callable[[int, int, int], int]   # (stack_idx, max_stacks, num_time_steps) -> time step
 _TIME_MAPPINGS: dict[str, TimeMapping] = {}
-
-OBJECTIVES = ("mlm", "clm", "custom")
 
 
 def register_time_mapping(name: str):
@@ -34,30 +35,6 @@ def register_time_mapping(name: str):
   return register
 
 
-def mask_ratio(time_step, num_time_steps: int, min_ratio: float):
-  """Fraction of positions masked at `time_step`: min_ratio at t=0, rising linearly to 1 at t=N-1.
-
-  Args:
-    time_step: a Python int, or an int array of any shape (e.g. [B]).
-    num_time_steps: N.
-    min_ratio: the ratio at t=0.
-
-  Returns:
-    A Python float for an int input, else a float array of `time_step`'s shape. N == 1 gives
-    min_ratio.
-  """
-  if num_time_steps == 1:
-    return min_ratio + 0.0 * time_step   # the only step is the lowest noise; keeps the input's type
-  # Written from the top so that t = N-1 gives exactly 1.0 in float32 (u < 1.0 masks every position);
-  # algebraically min_ratio + (1 - min_ratio) * t / (N - 1).
-  return 1.0 - (1.0 - min_ratio) * ((num_time_steps - 1) - time_step) / (num_time_steps - 1)
-
-
-def clm_mask(batch_size: int, seq_len: int) -> jax.Array:
-  """float32 [B, T]: 1 everywhere except 0 at the last position, which has no next token to predict."""
-  return jnp.ones((batch_size, seq_len), jnp.float32).at[:, -1].set(0.0)
-
-
 def combined_masks(*masks) -> jax.Array:
   """The loss mask after all rules: the float32 product of `masks` (bool/int/float, broadcastable)."""
   if not masks:
@@ -66,34 +43,6 @@ def combined_masks(*masks) -> jax.Array:
   for m in masks[1:]:
     out = out * jnp.asarray(m, jnp.float32)
   return out
-
-
-def mlm_mask(example_ids, time_steps, seq_len: int, *, seed: int, num_time_steps: int,
-             min_ratio: float) -> jax.Array:
-  """Deterministic MLM mask: bool [B, T], True where the input token is replaced by the mask token.
-
-  Row b depends only on (example_ids[b], time_steps[b], seed): position i is masked iff
-  `uniform(key)[i] < mask_ratio(t)` with key = fold_in(fold_in(key(seed), example_id), t). The
-  position with the smallest draw is always masked, so every example has at least one masked token
-  (it is already masked whenever anything is, so this only adds a position to otherwise empty rows).
-
-  Args:
-    example_ids: int [B] global example ids.
-    time_steps: int [B] time steps in [0, num_time_steps - 1].
-    seq_len: T.
-    seed: the run's seed (`training.seed`).
-    num_time_steps: N.
-    min_ratio: mask ratio at t=0.
-  """
-  base = jax.random.key(seed)
-
-  def one(example_id, t):
-    key = jax.random.fold_in(jax.random.fold_in(base, example_id), t)
-    u = jax.random.uniform(key, (seq_len,))
-    forced = jnp.arange(seq_len) == jnp.argmin(u)
-    return (u < mask_ratio(t, num_time_steps, min_ratio)) | forced
-
-  return jax.vmap(one)(jnp.asarray(example_ids, jnp.int32), jnp.asarray(time_steps, jnp.int32))
 
 
 TIME_STREAM = 0x7157   # any constant; see sample_time_steps
@@ -115,54 +64,46 @@ def sample_time_steps(example_ids, *, seed: int, salt: int, num_time_steps: int)
 
 
 def make_training_example(batch: dict, time_steps, *, objective: str, seed: int, num_time_steps: int,
-                          min_ratio: float, mask_token_id: int, pad_id: int = 256) -> dict:
-  """Turns a token batch into what the train step consumes, for one objective.
+                          min_ratio: float, mask_token_id: int) -> dict:
+  """Turns a token batch into what the train step consumes, by `objective`'s row of `OBJECTIVES`.
 
   Args:
-    batch: {"tokens": int32 [B, T], "example_id": int32 [B], and for objective="custom"
-      "targets": int32 [B, T] plus optionally "loss_mask": [B, T]}.
-    time_steps: int32 [B] (or a scalar, broadcast to [B]); only "mlm" uses it for masking.
-    objective: "mlm" | "clm" | "custom". This and the other keyword arguments are Python values
+    batch: {"tokens": int32 [B, T], "example_id": int32 [B], and what the objective needs, e.g.
+      for "custom" "targets": int32 [B, T] plus optionally "loss_mask": [B, T]}.
+    time_steps: int32 [B] (or a scalar, broadcast to [B]); only masking objectives ("mlm") use it.
+    objective: a name in `OBJECTIVES`. This and the other keyword arguments are Python values
       (static under jit).
-    seed, num_time_steps, min_ratio: see `mlm_mask`.
-    mask_token_id: the token that replaces masked inputs.
-    pad_id: targets equal to it never count in the loss.
+    seed, num_time_steps, min_ratio: see `objectives.mlm_mask`.
+    mask_token_id: the token that replaces masked inputs (`training.progressive.mask_token_id`).
 
   Returns:
     {"inputs": int32 [B, T], "targets": int32 [B, T], "loss_mask": float32 [B, T],
-     "time_step": int32 [B]}.
+     "time_step": int32 [B]}. Targets equal to the tokenizer's PAD_ID never count in the loss.
   """
-  tokens = jnp.asarray(batch["tokens"], jnp.int32)
-  b, t = tokens.shape
-  time_steps = jnp.broadcast_to(jnp.asarray(time_steps, jnp.int32), (b,))
-  if objective == "mlm":
-    masked = mlm_mask(batch["example_id"], time_steps, t, seed=seed, num_time_steps=num_time_steps,
-                      min_ratio=min_ratio)
-    inputs, targets = jnp.where(masked, mask_token_id, tokens), tokens
-    rule = masked
-  elif objective == "clm":
-    # The last target is a placeholder (0, a valid id for any vocab); clm_mask drops it from the loss.
-    inputs, targets = tokens, jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
-    rule = clm_mask(b, t)
-  elif objective == "custom":
-    check_objective_data(objective, batch)
-    inputs, targets = tokens, jnp.asarray(batch["targets"], jnp.int32)
-    rule = batch.get("loss_mask", jnp.ones((b, t), jnp.float32))
-  else:
+  if objective not in OBJECTIVES:
     raise ConfigError(f"training.progressive.training_objective={objective!r}: allowed: "
                       + ", ".join(map(repr, OBJECTIVES)))
+  check_objective_data(objective, batch)
+  tokens = jnp.asarray(batch["tokens"], jnp.int32)
+  time_steps = jnp.broadcast_to(jnp.asarray(time_steps, jnp.int32), (tokens.shape[0],))
+  inputs, targets, rule = OBJECTIVES[objective].example(
+      tokens, batch, time_steps, seed=seed, num_time_steps=num_time_steps, min_ratio=min_ratio,
+      mask_token_id=mask_token_id)
   return {"inputs": inputs.astype(jnp.int32), "targets": targets,
-          "loss_mask": combined_masks(rule, targets != pad_id), "time_step": time_steps}
+          "loss_mask": combined_masks(rule, targets != tokenizer.PAD_ID), "time_step": time_steps}
 
 
 def check_objective_data(objective: str, batch: dict) -> None:
-  """Raises ConfigError when `batch` (one batch of the run's data) lacks what `objective` needs:
-  a custom objective takes its targets from the data."""
-  if objective == "custom" and "targets" not in batch:
-    raise ConfigError("training.progressive.training_objective='custom': needs batches with "
-                      "'targets' (int [B, T]) and optionally 'loss_mask', but the data's batches "
-                      f"have keys {sorted(batch)}; allowed: 'mlm' or 'clm' for this data, or a "
-                      "dataloader that yields targets")
+  """Raises ConfigError when `batch` (one batch of the run's data) lacks keys that `objective`
+  needs (a custom objective takes its targets from the data)."""
+  missing = [key for key in OBJECTIVES[objective].needs if key not in batch]
+  if missing:
+    fitting = [name for name, o in OBJECTIVES.items() if set(o.needs) <= set(batch)]
+    raise ConfigError(f"training.progressive.training_objective={objective!r}: needs batches with "
+                      f"{', '.join(map(repr, missing))} ([B, T] like 'tokens'), but the data's "
+                      f"batches have keys {sorted(batch)}; allowed: "
+                      f"{' or '.join(map(repr, fitting))} for this data, or a dataloader that "
+                      f"yields {', '.join(map(repr, missing))}")
 
 
 class TimeStepMasking:
@@ -242,8 +183,8 @@ class TimeStepMasking:
 
   def mask_ratio_for_stack(self, k: int) -> float:
     """Stack k's MLM mask ratio (time as depth); the expected ratio over t (time as input); 0.0 for
-    clm/custom, which mask nothing."""
-    if self.objective != "mlm":
+    objectives that mask nothing (clm, custom)."""
+    if not OBJECTIVES[self.objective].masks:
       return 0.0
     if self.time_interpretation == "input":
       # Mean of mask_ratio over t uniform on 0..N-1 (mean t / (N-1) is 1/2).

@@ -24,6 +24,7 @@ from stackwise_jax.checkpoint import RunCheckpoints, restore_into
 from stackwise_jax.config import stage_steps, validate
 from stackwise_jax.evaluate import eval_example, evaluate_with
 from stackwise_jax.model.lora import is_adapter_path
+from stackwise_jax.objectives import OBJECTIVES
 from stackwise_jax.progressive import caching
 from stackwise_jax.progressive.builder import HEAD_SIDE, FROZEN, TRAINABLE, ProgressiveRackBuilder
 from stackwise_jax.progressive.feed import Prefetcher
@@ -342,7 +343,8 @@ class ProgressiveTrainer:
         return (lambda i: prepare(global_batch(self.mesh, self._pool[order[i]])), True,
                 eval_examples)
       return lambda i: prepare(global_batch(self.mesh, next(data))), False, eval_examples
-    inputs_fixed = pool and (p.training_objective != "mlm" or p.time_interpretation == "input")
+    inputs_fixed = pool and (not OBJECTIVES[p.training_objective].masks
+                             or p.time_interpretation == "input")
     embedding_frozen = _input_side_frozen(labels)
     batches = (lambda: self._pool) if pool else (
         lambda: [next(data) for _ in range(t.steps_per_stack)])
@@ -415,7 +417,7 @@ class ProgressiveTrainer:
 
   def _why_rebuilt(self) -> str:
     p = self.config.training.progressive
-    if p.training_objective == "mlm" and p.time_interpretation == "depth":
+    if OBJECTIVES[p.training_objective].masks and p.time_interpretation == "depth":
       return ("pool mode: the trunk's cached activations are rebuilt every stage, since with time "
               "as depth each stage masks its examples at its own time step")
     return ("pool mode: the trunk's cached activations are rebuilt this stage (the embedding "
