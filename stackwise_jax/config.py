@@ -150,6 +150,41 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   return validate(config)
 
 
+def with_fields(config: ml_collections.ConfigDict | None = None, **fields) -> ml_collections.ConfigDict:
+  """A validated copy of `config` (default: `default_config()`) with fields set by their own
+  names, the original StackWise's keyword style: `with_fields(d_model=256, n_heads=8)` sets
+  model.d_model and model.n_heads. Each name must be the last part of exactly one field's path."""
+  config = (default_config() if config is None else config).copy_and_resolve_references()
+  by_name = {}
+  for path in _field_paths(config):
+    by_name.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+  nested = {}
+  for name, value in fields.items():
+    paths = by_name.get(name, [])
+    if len(paths) != 1:
+      raise ConfigError(f"{name}={value!r}: " + (
+          f"names several fields ({', '.join(paths)}); set it on the config" if paths else
+          "not a config field; allowed: the last part of a field's path, e.g. d_model, "
+          "n_heads, vocab_size, max_stacks, seq_len"))
+    *groups, leaf = paths[0].split(".")
+    node = nested
+    for group in groups:
+      node = node.setdefault(group, {})
+    node[leaf] = value
+  _apply_mapping(config, nested, "")
+  return validate(config)
+
+
+def _field_paths(node: ml_collections.ConfigDict, prefix: str = ""):
+  """Dotted paths of every field (a mapping field such as qlora_configs counts as one)."""
+  for key, value in node.items():
+    path = _join(prefix, key)
+    if isinstance(value, ml_collections.ConfigDict) and path not in _MAPPINGS:
+      yield from _field_paths(value, path)
+    else:
+      yield path
+
+
 def to_yaml(config: ml_collections.ConfigDict) -> str:
   """Returns `config` as YAML nested like design §2; `load_config` reads it back unchanged."""
 

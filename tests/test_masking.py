@@ -84,7 +84,7 @@ def test_both_modes_put_highest_noise_nearest_embedding():
 def test_append_stacks_beyond_target_sit_at_level_zero():
   masker = masking.TimeStepMasking(make_config(building_mode="append", max_stacks=4, target_stacks=2))
   assert [masker.level_of_stack(k) for k in range(4)] == [1, 0, 0, 0]
-  with pytest.raises(ValueError, match="k=-1"):
+  with pytest.raises(ValueError, match="stack_idx=-1"):
     masker.level_of_stack(-1)
 
 

@@ -59,7 +59,7 @@ def stage_two_setup(config):
   builder.add_stack()
   frozen = set_labels(builder)
   rack, labels = builder.build_rack(), builder.labels()
-  prepare = jax.jit(functools.partial(builder.masking.generate_masks_for_stack, k=1, salt=2))
+  prepare = jax.jit(functools.partial(builder.masking.generate_masks_for_stack, stack_idx=1, salt=2))
   example = prepare(next(loader.train_iter()))
   return rack, labels, frozen, example
 

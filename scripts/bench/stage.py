@@ -53,7 +53,7 @@ def build_stage(config, k: int) -> Stage:
   shardings = tree_shardings(mesh, state)
   state = jax.device_put(state, shardings)
   batch = global_batch(mesh, next(make_dataloader(config).train_iter()))
-  example = builder.masking.generate_masks_for_stack(batch, k=new_specs[-1].index, salt=stage)
+  example = builder.masking.generate_masks_for_stack(batch, stack_idx=new_specs[-1].index, salt=stage)
   prefix = None
   if plan.cached:   # as the trainer feeds it: from the cache, split over the batch
     prefix = jax.jit(functools.partial(prefix_activations, rack, plan.prefix))

@@ -4,7 +4,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from stackwise_jax.config import validate
+from stackwise_jax.config import validate, with_fields
 from stackwise_jax.model import EmbedHead, Rack, StackSpec, init_module
 from stackwise_jax.model import nvfp4
 from stackwise_jax.model.lora import LoraSetting, is_adapter_path, stack_lora_setting
@@ -29,9 +29,14 @@ class ProgressiveRackBuilder:
   Adding a stack never touches existing params; each stack's init depends only on (seed, index).
   """
 
-  def __init__(self, config, building_mode: str | None = None, default_precision: str | None = None):
+  def __init__(self, config=None, building_mode: str | None = None,
+               default_precision: str | None = None, **fields):
     """`building_mode` and `default_precision` (default: the config's) are checked as
-    training.progressive.building_mode and new_stack_precision."""
+    training.progressive.building_mode and new_stack_precision. `fields` set config fields by
+    their own names on `config` (default: `default_config()`), as the original StackWise's
+    `ProgressiveRackBuilder(vocab_size=..., d_model=..., n_heads=...)` does (`config.with_fields`)."""
+    if config is None or fields:
+      config = with_fields(config, **fields)
     # The config is the one source of truth for the time-step mapping: it takes building_mode.
     config = _with_progressive(config, building_mode=building_mode)
     _with_progressive(config, new_stack_precision=default_precision)

@@ -137,18 +137,18 @@ class TimeStepMasking:
                           "@stackwise_jax.progressive.masking.register_time_mapping(name))")
       self._custom = _TIME_MAPPINGS[name]
 
-  def level_of_stack(self, k: int) -> int:
-    """Building index k (0 = first built) -> level (0 = nearest the head)."""
-    if k < 0:
-      raise ValueError(f"stack index k={k}: must be >= 0")
+  def level_of_stack(self, stack_idx: int) -> int:
+    """A stack's building index (0 = first built) -> its level (0 = nearest the head)."""
+    if stack_idx < 0:
+      raise ValueError(f"stack_idx={stack_idx}: must be >= 0")
     if self.building_mode == "prepend":
-      return k
+      return stack_idx
     # Append stacks built past target_stacks sit nearest the head, i.e. at level 0.
-    return max(self.target_stacks - 1 - k, 0)
+    return max(self.target_stacks - 1 - stack_idx, 0)
 
-  def get_time_step_for_stack(self, k: int) -> int:
-    """Time as depth: building index k -> the stack's time step in [0, num_time_steps - 1]."""
-    level = self.level_of_stack(k)
+  def get_time_step_for_stack(self, stack_idx: int) -> int:
+    """Time as depth: a stack's building index -> its time step in [0, num_time_steps - 1]."""
+    level = self.level_of_stack(stack_idx)
     if self.stack_time_mapping == "linear":
       step = level * self.time_per_stack
     elif self.stack_time_mapping == "exponential":
@@ -164,10 +164,11 @@ class TimeStepMasking:
     """Time as input: int32 [B] steps, fixed for fixed (seed, salt, example ids)."""
     return sample_time_steps(example_ids, seed=self.seed, salt=salt, num_time_steps=self.num_time_steps)
 
-  def time_steps_for_batch(self, batch, k: int, salt: int) -> jax.Array:
-    """int32 [B]: stack k's step for every example (depth), or one sampled step per example (input)."""
+  def time_steps_for_batch(self, batch, stack_idx: int, salt: int) -> jax.Array:
+    """int32 [B]: the stack's step for every example (depth), or one sampled step per example
+    (input)."""
     if self.time_interpretation == "depth":
-      return jnp.full((batch["tokens"].shape[0],), self.get_time_step_for_stack(k), jnp.int32)
+      return jnp.full((batch["tokens"].shape[0],), self.get_time_step_for_stack(stack_idx), jnp.int32)
     return self.sample_time_steps(batch["example_id"], salt)
 
   def example(self, batch, time_steps) -> dict:
@@ -177,16 +178,18 @@ class TimeStepMasking:
         num_time_steps=self.num_time_steps, min_ratio=self.min_ratio,
         mask_token_id=self.mask_token_id)
 
-  def generate_masks_for_stack(self, batch, k: int, salt: int = 0) -> dict:
-    """The training example of stage k: its time steps, masks, targets and loss mask."""
-    return self.example(batch, self.time_steps_for_batch(batch, k, salt))
+  def generate_masks_for_stack(self, batch, stack_idx: int, salt: int = 0) -> dict:
+    """The training example of the stage that trains stack `stack_idx` (its building index):
+    time steps, masks, targets and loss mask."""
+    return self.example(batch, self.time_steps_for_batch(batch, stack_idx, salt))
 
-  def mask_ratio_for_stack(self, k: int) -> float:
-    """Stack k's MLM mask ratio (time as depth); the expected ratio over t (time as input); 0.0 for
-    objectives that mask nothing (clm, custom)."""
+  def mask_ratio_for_stack(self, stack_idx: int) -> float:
+    """The stack's MLM mask ratio (time as depth); the expected ratio over t (time as input); 0.0
+    for objectives that mask nothing (clm, custom)."""
     if not OBJECTIVES[self.objective].masks:
       return 0.0
     if self.time_interpretation == "input":
       # Mean of mask_ratio over t uniform on 0..N-1 (mean t / (N-1) is 1/2).
       return self.min_ratio + (1.0 - self.min_ratio) * (0.5 if self.num_time_steps > 1 else 0.0)
-    return float(mask_ratio(self.get_time_step_for_stack(k), self.num_time_steps, self.min_ratio))
+    return float(mask_ratio(self.get_time_step_for_stack(stack_idx), self.num_time_steps,
+                            self.min_ratio))

@@ -335,7 +335,8 @@ class ProgressiveTrainer:
     masking = builder.masking
     pool = t.data_reuse == "pool"
     salt = POOL_SALT if pool else number
-    prepare = jax.jit(functools.partial(masking.generate_masks_for_stack, k=stack_index, salt=salt))
+    prepare = jax.jit(functools.partial(masking.generate_masks_for_stack, stack_idx=stack_index,
+                                        salt=salt))
     order = pool_order(t, number) if pool else None
     if not plan.cached:
       self._drop_caches()
