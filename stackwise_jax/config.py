@@ -17,6 +17,7 @@ import yaml
 from stackwise_jax.model.lora import RANK_PATTERNS
 from stackwise_jax.model.stack import COMPUTE_DTYPES
 from stackwise_jax.objectives import OBJECTIVES
+from stackwise_jax.quant import BY_PRECISION, FORMATS, QLORA_TRUNK
 
 
 class ConfigError(ValueError):
@@ -490,17 +491,18 @@ _CHECKS = [
      "'frozen' unless the trunk has adapters to train: 'qlora' needs "
      "training.progressive.qlora_enabled or training.progressive.progressive_qlora"),
     ("training.progressive.qlora_enabled",
-     lambda v, c: not v or c.training.progressive.new_stack_precision != "nvfp4",
-     "False when training.progressive.new_stack_precision='nvfp4': qwix's stack LoRA intercepts "
-     "the kernel an nvfp4 stack quantizes itself (progressive_qlora adapters do work)"),
-    ("model.d_ff", lambda v, c: c.training.progressive.new_stack_precision != "nvfp4" or (
-        v % 16 == 0 and c.model.d_model % 16 == 0),
-     "a multiple of 16, as model.d_model ({c.model.d_model}), when "
-     "training.progressive.new_stack_precision='nvfp4' (the NVFP4 block)"),
-    ("training.progressive.quant_block_size",
-     lambda v, c: not _uses_int4(c) or (c.model.d_model % v == 0 and c.model.d_ff % v == 0),
-     "a divisor of model.d_model ({c.model.d_model}) and model.d_ff ({c.model.d_ff}): int4 "
-     "blocks run along the kernels' input axis"),
+     lambda v, c: not v or not any(f.quantize for f in _stored_formats(c)),
+     "False when training.progressive.new_stack_precision="
+     "{c.training.progressive.new_stack_precision!r}: qwix's stack LoRA intercepts the kernel "
+     "such a stack quantizes itself (progressive_qlora adapters do work)"),
+    # A stored format's blocks run along the kernels' input axes (quant.FORMATS).
+    *[(f"training.progressive.{f.block}" if isinstance(f.block, str) else "model.d_ff",
+       lambda v, c, f=f: f not in _stored_formats(c) or f.block_error(c, f.precision) is None,
+       f"a divisor of model.d_model ({{c.model.d_model}}) and model.d_ff ({{c.model.d_ff}}): "
+       f"{f.name} blocks run along the kernels' input axis" if isinstance(f.block, str) else
+       f"a multiple of {f.block}, as model.d_model ({{c.model.d_model}}), when "
+       f"training.progressive.new_stack_precision={f.precision!r} (the {f.name} block)")
+      for f in FORMATS.values()],
     ("data.paths", lambda v, c: all(isinstance(p, str) and p for p in v),
      "a list of non-empty file paths or globs"),
     *[(p, lambda v, c: v == -1 or v > 0, "a positive int, or -1 for the remaining devices")
@@ -523,11 +525,13 @@ def _uses_stack_lora(c) -> bool:
   return p.qlora_enabled or p.new_stack_precision == "qlora"
 
 
-def _uses_int4(c) -> bool:
+def _stored_formats(c) -> list:
+  """The formats the config's stacks store kernels in: their precision's, and int4 for a float
+  trunk under trunk_strategy='qlora' (a qlora trunk of nvfp4 stacks keeps its kernels in NVFP4)."""
   p = c.training.progressive
-  # A qlora trunk of nvfp4 stacks keeps its kernels in NVFP4.
-  return ((p.trunk_strategy == "qlora" and p.new_stack_precision != "nvfp4")
-          or p.new_stack_precision == "qlora")
+  own = BY_PRECISION.get(p.new_stack_precision)
+  trunk = QLORA_TRUNK if p.trunk_strategy == "qlora" and not (own and own.quantize) else None
+  return [f for f in (own, trunk) if f is not None]
 
 
 def stage_steps(config) -> int:

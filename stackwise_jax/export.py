@@ -12,6 +12,7 @@ import os
 
 from flax import traverse_util
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import safetensors.numpy
@@ -21,10 +22,12 @@ from stackwise_jax.config import from_yaml, to_yaml, validate
 from stackwise_jax.trees import key_path
 from stackwise_jax.progressive import ProgressiveRackBuilder
 from stackwise_jax.progressive.stages import replay, stack_specs
+from stackwise_jax import quant
 
 FORMATS = ("safetensors", "npz")
-# dtype -> the plain dtype its values or bits are stored as
-_STORED_AS = {"bfloat16": "uint16", "float8_e4m3fn": "uint8", "int4": "int8"}
+# dtype -> the plain dtype its values (integers) or bits (floats) are stored as
+_STORED_AS = {"bfloat16": "uint16", **{dtype: plain for fmt in quant.FORMATS.values()
+                                       for dtype, plain in fmt.export_as.items()}}
 
 
 def export_rack(rack, n_stages: int, directory: str, fmt: str) -> str:
@@ -39,7 +42,7 @@ def export_rack(rack, n_stages: int, directory: str, fmt: str) -> str:
     x = np.asarray(x)
     stored = _STORED_AS.get(x.dtype.name)
     entries[key] = {"dtype": x.dtype.name, "shape": list(x.shape), "stored_as": stored or x.dtype.name}
-    arrays[key] = x.astype(stored) if x.dtype.name == "int4" else (x.view(stored) if stored else x)
+    arrays[key] = _convert(x, stored) if stored else x
   path = os.path.join(directory, f"params.{fmt}")
   if fmt == "safetensors":
     safetensors.numpy.save_file(arrays, path)
@@ -74,8 +77,7 @@ def load_export(directory: str):
   for key, entry in manifest["params"].items():
     dtype = np.dtype(getattr(ml_dtypes, entry["dtype"], entry["dtype"]))
     x = stored[key]
-    flat[tuple(key.split("/"))] = (x.astype(dtype) if entry["dtype"] == "int4"
-                                   else x.view(dtype) if entry["dtype"] in _STORED_AS else x)
+    flat[tuple(key.split("/"))] = _convert(x, dtype) if entry["dtype"] in _STORED_AS else x
   config = validate(from_yaml(manifest["config"], os.path.join(directory, "manifest.json")))
   builder = ProgressiveRackBuilder(config)
   replay(builder, manifest["stacks"], manifest["stages"], source=directory)
@@ -83,6 +85,12 @@ def load_export(directory: str):
   params = jax.device_put(traverse_util.unflatten_dict(flat))
   builder.update_params(restore_into(builder.params, params, "export"))
   return builder.build_rack()
+
+
+def _convert(x: np.ndarray, dtype) -> np.ndarray:
+  """x as `dtype`: its values between integers (int4 <-> int8), its bits otherwise."""
+  integers = jnp.issubdtype(x.dtype, jnp.integer) and jnp.issubdtype(dtype, jnp.integer)
+  return x.astype(dtype) if integers else x.view(dtype)
 
 
 _DTYPES = ("float32", "float16", "int32", "uint8", "int8", *_STORED_AS)

@@ -3,6 +3,8 @@ import json
 import math
 import os
 
+from stackwise_jax.quant import stack_format
+
 # Where a stage's seconds go (results' `seconds_by_phase`): building its step (set-up, tracing,
 # XLA compile, the first step), preparing examples and trunk activations, the other train steps,
 # evaluation, checkpoints.
@@ -50,12 +52,19 @@ def _table(rows: list[list[str]]) -> list[str]:
   return lines
 
 
+def _stored(memory: dict) -> str:
+  """How a stack's kernels are stored, after its precision: " (int4)", " (packed)" or ""."""
+  if memory["packed"]:
+    return " (packed)"
+  return f" ({stack_format(memory['precision'], True).name})" if memory["quantized"] else ""
+
+
 def memory_table(memory: dict) -> list[str]:
   """One row per stack (a stage's `memory`): base weights, adapters, optimizer state in MiB."""
   mib = lambda b: f"{b / 2**20:.2f}"
   rows = [["stack", "precision", "base MiB", "adapters MiB", "optimizer MiB"]]
-  rows += [[name, m["precision"] + (" (int4)" if m["quantized"] else " (packed)" if m["packed"] else ""), mib(m["base_bytes"]),
-            mib(m["adapter_bytes"]), mib(m["optimizer_bytes"])] for name, m in memory.items()]
+  rows += [[name, m["precision"] + _stored(m), mib(m["base_bytes"]), mib(m["adapter_bytes"]),
+            mib(m["optimizer_bytes"])] for name, m in memory.items()]
   return _table(rows)
 
 

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from stackwise_jax.config import ConfigError
+from stackwise_jax.quant import FORMATS
 from stackwise_jax.trees import key_path
 
 MESH_AXES = ("data", "fsdp")
@@ -29,14 +30,18 @@ LOGICAL_RULES = {
 }
 _IN = r"(attn/(q|k|v)|ffn/(gate|up))"   # kernels [d_model, hidden]
 _OUT = r"(attn/o|ffn/down)"             # kernels [hidden, d_model]
+# A kernel's dims ("in", "out") as logical axes, for each of the two groups.
+_KERNEL_DIMS = ((_IN, {"in": "embed", "out": "hidden"}), (_OUT, {"in": "hidden", "out": "embed"}))
 PARAM_AXES = (   # (regex searched in the key path, logical axes of the leaf's dims)
     (r"embed/embedding$", ("vocab", "embed")),
     (r"head/kernel$", ("embed", "vocab")),
     (r"time_proj/kernel$", (None, "embed")),
-    (rf"{_IN}/kernel(/array/qvalue)?$", ("embed", "hidden")),    # float or int4 (qwix)
-    (rf"{_OUT}/kernel(/array/qvalue)?$", ("hidden", "embed")),
-    (rf"{_IN}/kernel_(packed|scales)$", ("hidden", "embed")),    # nvfp4: stored transposed
-    (rf"{_OUT}/kernel_(packed|scales)$", ("embed", "hidden")),
+    (rf"{_IN}/kernel$", ("embed", "hidden")),
+    (rf"{_OUT}/kernel$", ("hidden", "embed")),
+    # Stored kernels' leaves (int4, nvfp4): their dims as the kernel's, from quant.FORMATS.
+    *[(rf"{group}/{leaf}$", tuple(dims.get(d) for d in axes))
+      for fmt in FORMATS.values() for leaf, (_, axes) in fmt.leaves.items()
+      for group, dims in _KERNEL_DIMS],
     (rf"{_IN}/(kernel_lora_a|adapter/lora_a)$", ("embed", None)),
     (rf"{_OUT}/(kernel_lora_b|adapter/lora_b)$", (None, "embed")),
 )

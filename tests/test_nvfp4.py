@@ -9,8 +9,9 @@ import pytest
 from conftest import micro_config
 from stackwise_jax import ConfigError, ProgressiveRackBuilder, ProgressiveTrainer, validate
 from stackwise_jax.data import make_dataloader
-from stackwise_jax.model import nvfp4
+from stackwise_jax.quant import nvfp4
 from stackwise_jax.progressive import TRAINABLE
+from stackwise_jax.trees import tree_bytes
 
 # E2M1 codes (sign bit 8): 0, 0.5, 1, 1.5, 2, 3, 4, 6 -> 0..7.
 TENSOR_AMAX = 6 * 448.0   # a block holding this makes the tensor scale exactly 1
@@ -81,7 +82,8 @@ def test_round_trip_error_within_the_format_bound():
   bound = gap / 2 * step + np.maximum(v - 6, 0) * step
   assert np.all(err <= bound * (1 + 1e-6) + 1e-12)
   assert np.max(v) <= 6 * (1 + 2 ** -4)   # E4M3 rounding of a scale moves it by at most 2^-4
-  assert nvfp4.packed_bytes(q) == 8 * 64 // 2 + 8 * 64 // 16 + 4
+  # Half a byte per value, one per block scale, four for the tensor scale.
+  assert tree_bytes(q) == 8 * 64 // 2 + 8 * 64 // 16 + 4
 
 
 def test_shape_must_be_whole_blocks():

@@ -1,12 +1,13 @@
 """quant: quantization error of the trunk formats on trained stacks."""
 from flax import traverse_util
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from stackwise_jax import quant
 from stackwise_jax.config import load_config
 from stackwise_jax.data import make_dataloader
 from stackwise_jax.evaluate import eval_example, evaluate
-from stackwise_jax.model import nvfp4
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
 from stackwise_jax.trees import tree_bytes
 
@@ -16,28 +17,28 @@ CONFIG = "configs/small.py"
 SETTINGS = {"stages": 3, "steps": 150}
 QUICK = {"stages": 2, "steps": 20}
 
-# format -> (precision the stacks are built with, how they are frozen)
+# format -> (precision the stacks are built with, how they are frozen): float, then every stored
+# format (quant.FORMATS): int4 as a qlora trunk of float stacks, the others as frozen stacks.
 FORMATS = {"full": ("full", "freeze_trunk"), "bfloat16": ("bfloat16", "freeze_trunk"),
-           "int4 (qwix)": ("full", "freeze_all_but_qlora"), "nvfp4": ("nvfp4", "freeze_trunk")}
+           **{f"{f.name} (qwix)" if f.qwix_rule else f.name:
+              ("full", "freeze_all_but_qlora") if f is quant.QLORA_TRUNK
+              else (f.precision, "freeze_trunk") for f in quant.FORMATS.values()}}
 
 
 def kernels(stack_params) -> dict[str, np.ndarray]:
   """Every attention/FFN kernel of a stack as fp32 [in, out], dequantized from however it is
-  stored: a float `kernel`, qwix's int4 `qvalue` x block `scale`, or the packed nvfp4 leaves."""
-  flat = traverse_util.flatten_dict(stack_params)
+  stored: a float `kernel`, or a stored format's leaves (quant.FORMATS)."""
+  flat = {"/".join(map(str, path)): x for path, x in traverse_util.flatten_dict(stack_params).items()}
   out = {}
   for path, x in flat.items():
-    layer = "/".join(map(str, path[:-1]))
-    if path[-1] == "kernel" and "time_proj" not in path:
-      out[layer] = np.asarray(x, np.float32)
-    elif path[-1] == "qvalue":          # qwix: .../kernel/array/{qvalue, scale}
-      scale = np.asarray(flat[path[:-1] + ("scale",)], np.float32)
-      q = np.asarray(x, np.float32)
-      out["/".join(map(str, path[:-3]))] = q * np.repeat(scale, q.shape[0] // scale.shape[0], 0)
-    elif path[-1] == nvfp4.PACKED_LEAVES[0]:
-      parts = [flat[path[:-1] + (leaf,)] for leaf in nvfp4.PACKED_LEAVES]
-      encoded = dict(zip(("packed", "scales", "tensor_scale"), parts))
-      out[layer] = np.asarray(nvfp4.dequantize(encoded), np.float32).T
+    if path.endswith("/kernel") and "time_proj" not in path:
+      out[path.removesuffix("/kernel")] = np.asarray(x, np.float32)
+    for fmt in quant.FORMATS.values():
+      first = next(iter(fmt.leaves))
+      if path.endswith("/" + first):
+        layer = path.removesuffix("/" + first)
+        leaves = {leaf: flat[f"{layer}/{leaf}"] for leaf in fmt.leaves}
+        out[layer] = np.asarray(fmt.dequantize(leaves, jnp.float32), np.float32)
   return out
 
 

@@ -1,4 +1,4 @@
-"""PyTorch shim for NVFP4 (design §5): the same format as `stackwise_jax.model.nvfp4`, in torch.
+"""PyTorch shim for NVFP4 (design §5): the same format as `stackwise_jax.quant.nvfp4`, in torch.
 
 `quantize` packs bit-identically to the JAX reference, eager or jitted (same fp32 operations in
 the same order, divisions as multiplications by reciprocals, same round-to-nearest-even), so
@@ -18,8 +18,8 @@ except ImportError as error:
       "stackwise_jax.backends.torch_nvfp4 needs PyTorch: pip install 'stackwise-jax[torch]' "
       "(CPU-only machines: pip install torch==2.13.0 first)") from error
 
-from stackwise_jax.model import nvfp4
 from stackwise_jax.model.rack import is_causal
+from stackwise_jax.quant import nvfp4
 
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)          # magnitude of E2M1 codes 0..7
 _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)      # between consecutive magnitudes
@@ -92,20 +92,6 @@ def dequantize(q: dict[str, torch.Tensor], dtype=torch.float32) -> torch.Tensor:
   return (values * step).reshape(*packed.shape[:-1], packed.shape[-1] * 2).to(dtype)
 
 
-def as_float4(packed: torch.Tensor) -> torch.Tensor:
-  """uint8 [..., K/2] -> the same bytes as torch.float4_e2m1fn_x2 [..., K/2] (no copy): the dtype
-  torch's native NVFP4 matmul consumes, packed the same way (c10's Float4_e2m1fn_x2: element 2i
-  in bits 0-3, element 2i+1 in bits 4-7)."""
-  return packed.view(torch.float4_e2m1fn_x2)
-
-
-def native_fp4_matmul_available() -> bool:
-  """Whether a native NVFP4 matmul could run here: a CUDA GPU with FP4 tensor cores (capability
-  10.0 and up) and a torch with `_scaled_mm`. `Nvfp4Linear` does not use it yet."""
-  return (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (10, 0)
-          and hasattr(torch, "_scaled_mm"))
-
-
 class Nvfp4Linear(torch.nn.Module):
   """y = x @ W.T for a weight W [out, in] held as NVFP4: `q` is `quantize(W)` (the [out, in]
   layout puts the blocks along the contraction axis `in`).
@@ -126,10 +112,6 @@ class Nvfp4Linear(torch.nn.Module):
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     """x: [..., in] -> [..., out] in x's dtype."""
-    # The native path would go here, where `native_fp4_matmul_available()`: torch._scaled_mm on
-    # `as_float4(packed)` with the block scales in its swizzled layout, no dequantized weight in
-    # memory. It multiplies fp4 by fp4, so x would be quantized too. Not written until it can be
-    # tested on such a GPU.
     return x @ dequantize(self.quantized(), x.dtype).T
 
 
@@ -195,8 +177,8 @@ class _Projection(torch.nn.Module):
 def _projection(p: dict, spec, dtype) -> _Projection:
   """One attention/FFN kernel's params (see `export_stack`) -> its torch module."""
   tensor = lambda x: to_torch(x).to(dtype)
-  if nvfp4.PACKED_LEAVES[0] in p:
-    base = Nvfp4Linear({key: to_torch(p[leaf]) for key, leaf in zip(_KEYS, nvfp4.PACKED_LEAVES)})
+  if set(nvfp4.LEAVES) <= set(p):
+    base = Nvfp4Linear({key: to_torch(x) for key, x in nvfp4.encoding(p).items()})
   elif spec.precision == "nvfp4":   # still training: its forward fake-quantizes the fp32 kernel
     base = Nvfp4Linear(quantize(to_torch(p["kernel"]).T))
   else:
@@ -285,7 +267,7 @@ def export_stack(rack, name: str, dtype=torch.float32) -> TorchStack:
   """Stack `name` of a `stackwise_jax.model.Rack` -> a `TorchStack` computing in `dtype`.
 
   Per block (params `blocks/i`): norms, time projection, and attention/FFN kernels, each a dense
-  `kernel` [in, out] or packed NVFP4 (`nvfp4.PACKED_LEAVES`, an `Nvfp4Linear`; an nvfp4 stack
+  `kernel` [in, out] or packed NVFP4 (`nvfp4.LEAVES`, an `Nvfp4Linear`; an nvfp4 stack
   still training has fp32 kernels, quantized here as its forward quantizes them), plus the stack
   LoRA (`kernel_lora_a/b`) and the progressive adapter (`adapter/lora_a/b`) where present, each
   adding `(x @ A @ B) · alpha/rank`. Tensors cross through DLPack and share the rack's buffers

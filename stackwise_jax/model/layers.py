@@ -10,7 +10,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from stackwise_jax.model import nvfp4
+from stackwise_jax.quant import FORMATS, Format
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -33,37 +33,36 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 
 class Linear(nnx.Linear):
-  """A bias-free `nnx.Linear` that can carry a progressive LoRA adapter (design §6) and run its
-  kernel through NVFP4 (design §5).
+  """A bias-free `nnx.Linear` that can carry a progressive LoRA adapter (design §6) and compute
+  with its kernel in a stored format that quantizes itself (design §5, `quant.Format.quantize`).
 
   `adapter` is a flax `nnx.LoRA` (B = 0 at init, so adding it changes nothing) whose output is
   scaled by alpha / rank; it is attached by `add_adapter` when the stack becomes trunk.
-  `nvfp4_mode` is None, "fake" (trainable kernel, fake-quantized at every call) or "packed"
-  (frozen: `kernel` replaced by the `nvfp4.PACKED_LEAVES`, dequantized at compute).
+  `stored_format` is None, or (format name, stored): a trainable kernel fake-quantized at every
+  call, or (frozen) `kernel` replaced by the format's leaves, dequantized at compute.
   """
 
   def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs):
     super().__init__(in_features, out_features, use_bias=False, dtype=dtype, rngs=rngs)
     self.adapter = nnx.data(None)
     self.adapter_scale = 0.0
-    self.nvfp4_mode = None
+    self.stored_format = None
 
-  def use_nvfp4(self, *, packed: bool) -> None:
-    """Fake-quantizes the kernel from now on, or (`packed`) replaces it by its NVFP4 encoding."""
-    self.nvfp4_mode = "packed" if packed else "fake"
-    if packed:
-      encoded = nvfp4.quantize(self.kernel[...].T)   # [out, in]: blocks along the contraction axis
-      for leaf, key in zip(nvfp4.PACKED_LEAVES, ("packed", "scales", "tensor_scale")):
-        setattr(self, leaf, nnx.Param(encoded[key]))
+  def use_format(self, fmt: Format, *, stored: bool) -> None:
+    """Fake-quantizes the kernel from now on, or (`stored`) replaces it by its leaves in `fmt`."""
+    self.stored_format = (fmt.name, stored)
+    if stored:
+      for leaf, value in fmt.quantize(self.kernel[...]).items():
+        setattr(self, leaf, nnx.Param(value))
       self.kernel = nnx.data(None)
 
   def _kernel(self) -> jax.Array:
     """The kernel [in, out] as this layer computes with it."""
-    if self.nvfp4_mode == "packed":
-      encoded = dict(zip(("packed", "scales", "tensor_scale"),
-                         (getattr(self, leaf)[...] for leaf in nvfp4.PACKED_LEAVES)))
-      return nvfp4.dequantize(encoded, self.dtype).T
-    return nvfp4.fake_quantize(self.kernel[...].T).T.astype(self.dtype)
+    name, stored = self.stored_format
+    fmt = FORMATS[name]
+    if stored:
+      return fmt.dequantize({leaf: getattr(self, leaf)[...] for leaf in fmt.leaves}, self.dtype)
+    return fmt.fake_quantize(self.kernel[...]).astype(self.dtype)
 
   def add_adapter(self, rank: int, alpha: float, rngs: nnx.Rngs) -> None:
     self.adapter = nnx.LoRA(self.in_features, rank, self.out_features, dtype=self.dtype,
@@ -75,7 +74,8 @@ class Linear(nnx.Linear):
     # input (two contracting axes) ~1.4x slower (scripts/bench.py mfu, "matmuls of a block").
     lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
     # nnx.Linear's own path keeps the kernel param visible to qwix's dot_general interception.
-    y = super().__call__(x) if self.nvfp4_mode is None else x.astype(self.dtype) @ self._kernel()
+    y = (super().__call__(x) if self.stored_format is None
+         else x.astype(self.dtype) @ self._kernel())
     if self.adapter is not None:
       y = y + (self.adapter(x) * self.adapter_scale).astype(y.dtype)
     return y.reshape(*lead, y.shape[-1])

@@ -1,9 +1,10 @@
-"""Dual LoRA and the int4 base (design §5, §6), on qwix.
+"""Dual LoRA (design §6), on qwix.
 
-qwix does the int4 quantization (blockwise along the contraction axis, bf16 scales) and the *stack
-LoRA*: a `qwix.LoraProvider` intercepts the `dot_general` of every attention/FFN `nnx.Linear` and adds
-`kernel_lora_a`/`kernel_lora_b` next to the kernel. qwix keeps one adapter per kernel, so the second,
-*progressive* adapter is a flax `nnx.LoRA` attached to the layer (`layers.Linear.adapter`).
+The *stack LoRA* is qwix's: a `qwix.LoraProvider` intercepts the `dot_general` of every
+attention/FFN `nnx.Linear` and adds `kernel_lora_a`/`kernel_lora_b` next to the kernel, over the
+same interception that stores a kernel in a qwix format (int4, `quant/int4.py`). qwix keeps one
+adapter per kernel, so the second, *progressive* adapter is a flax `nnx.LoRA` attached to the layer
+(`layers.Linear.adapter`).
 """
 import dataclasses
 
@@ -70,14 +71,13 @@ def is_adapter_path(path) -> bool:
   return keys[-1] in _ADAPTER_LEAVES or _PROGRESSIVE_KEY in keys
 
 
-def apply_qwix(stack: nnx.Module, lora: LoraSetting | None, quantized: bool, block_size: int,
-               sample_inputs, rngs: nnx.Rngs) -> nnx.Module:
-  """Returns `stack` with its adapted kernels intercepted by qwix: int4 (`quantized`) and/or the
-  stack LoRA (`lora`). Existing adapter params are kept; new ones start with B = 0. qwix creates
-  adapters in the compute dtype; they are kept fp32 (master weights while they train)."""
-  rule = dict(module_path=ADAPTED_KERNELS)
-  if quantized:
-    rule.update(weight_qtype="int4", tile_size=block_size)
+def apply_qwix(stack: nnx.Module, lora: LoraSetting | None, weights: dict, sample_inputs,
+               rngs: nnx.Rngs) -> nnx.Module:
+  """Returns `stack` with its adapted kernels intercepted by qwix: stored in a qwix format
+  (`weights`: `quant.Format.qwix_rule`'s fields, {} for float kernels) and/or given the stack LoRA
+  (`lora`). Existing adapter params are kept; new ones start with B = 0. qwix creates adapters in
+  the compute dtype; they are kept fp32 (master weights while they train)."""
+  rule = dict(module_path=ADAPTED_KERNELS, **weights)
   if lora is not None:
     provider = qwix.LoraProvider(rank=lora.rank, alpha=lora.alpha, **rule)
   else:

@@ -18,6 +18,7 @@ from stackwise_jax.model.layers import Linear, TimeEmbedding
 from stackwise_jax.model.lora import ADAPTED_KERNELS, LoraSetting, apply_qwix
 from stackwise_jax.model.stack import COMPUTE_DTYPES, Stack
 from stackwise_jax.objectives import OBJECTIVES
+from stackwise_jax.quant import Format, stack_format
 
 Params = dict[str, Any]
 
@@ -31,7 +32,7 @@ class StackSpec:
   time_step: int | None = None   # time-as-depth step of this stack; None with time as input
   lora: LoraSetting | None = None               # stack LoRA (qwix), from creation
   progressive_lora: LoraSetting | None = None   # progressive adapter, added once it is trunk
-  quantized: bool = False        # attention/FFN kernels are int4 (qwix), compute in bf16
+  quantized: bool = False        # attention/FFN kernels stored by qwix (int4), compute in bf16
   packed: bool = False           # nvfp4 kernels stored packed (frozen), not fake-quantized fp32
 
   @property
@@ -39,8 +40,13 @@ class StackSpec:
     return f"stack_{self.index}"
 
   @property
+  def format(self) -> Format | None:
+    """The stored format of its attention/FFN kernels (quant.FORMATS); None: float kernels."""
+    return stack_format(self.precision, self.quantized)
+
+  @property
   def compute_dtype(self):
-    return COMPUTE_DTYPES["qlora" if self.quantized else self.precision]
+    return self.format.compute_dtype if self.format else COMPUTE_DTYPES[self.precision]
 
 
 class EmbedHead(nnx.Module):
@@ -159,9 +165,9 @@ def init_stack(config, spec: StackSpec, old_params: Params | None = None):
 
   Base weights come from the stack's own stream `index + 1`, adapters from sub-streams of it, so
   neither adapters nor other stacks change them. With `old_params` (the same stack under its
-  previous spec) every leaf that still exists is carried over: float kernels feed the int4 or
-  nvfp4 quantization when `spec.quantized` or `spec.packed` is new, adapters and quantized leaves
-  are kept as they are.
+  previous spec) every leaf that still exists is carried over: float kernels feed the stored
+  format when `spec.quantized` or `spec.packed` is new, adapters and stored leaves are kept as
+  they are.
   """
   key = jax.random.fold_in(jax.random.key(config.training.seed), spec.index + 1)
   module = Stack(config.model, n_blocks=spec.n_blocks, dtype=spec.compute_dtype,
@@ -171,22 +177,24 @@ def init_stack(config, spec: StackSpec, old_params: Params | None = None):
     for layer in _adapted_linears(module):
       layer.add_adapter(spec.progressive_lora.rank, spec.progressive_lora.alpha, rngs)
   _carry_over(module, old_params)
-  if spec.precision == "nvfp4":
+  fmt = spec.format
+  if fmt is not None and fmt.quantize is not None:   # the layers quantize their own kernels
     for layer in _adapted_linears(module):
-      layer.use_nvfp4(packed=spec.packed)
-    _carry_over(module, old_params)   # packed leaves of an already packed stack
+      layer.use_format(fmt, stored=spec.packed)
+    _carry_over(module, old_params)   # stored leaves of an already packed stack
   if spec.lora or spec.quantized:
     sample = (jnp.zeros((1, 1, config.model.d_model), jnp.float32),
               jnp.zeros((1, time_dim(config))) if time_dim(config) else None)
-    module = apply_qwix(module, spec.lora, spec.quantized, config.training.progressive.quant_block_size,
-                        sample, nnx.Rngs(jax.random.fold_in(key, _STACK_LORA_STREAM)))
+    weights = fmt.qwix_rule(fmt.block_size(config.training.progressive)) if spec.quantized else {}
+    module = apply_qwix(module, spec.lora, weights, sample,
+                        nnx.Rngs(jax.random.fold_in(key, _STACK_LORA_STREAM)))
     _carry_over(module, old_params)   # leaves qwix made: stack LoRA, int4 kernels
   graphdef, state = nnx.split(module, nnx.Param)
   return graphdef, nnx.to_pure_dict(state)
 
 
 def _adapted_linears(module: nnx.Module) -> list[Linear]:
-  """The attention/FFN `Linear`s of a stack: the kernels that get adapters, int4 or nvfp4."""
+  """The attention/FFN `Linear`s of a stack: the kernels that get adapters or a stored format."""
   return [layer for path, layer in nnx.iter_modules(module)
           if isinstance(layer, Linear) and re.fullmatch(ADAPTED_KERNELS, "/".join(map(str, path)))]
 

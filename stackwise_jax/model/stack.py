@@ -4,13 +4,13 @@ import jax
 import jax.numpy as jnp
 
 from stackwise_jax.model.layers import Attention, SwiGLU, dropout
+from stackwise_jax.quant import FORMATS
 
 # Compute dtype of each precision. Params stay fp32 while trainable (master weights); a frozen
 # stack stores its float params in this dtype (bf16/fp16 stacks drop their fp32 master copy).
-# `qlora`: int4 kernels (qwix) with bf16 compute; `nvfp4`: NVFP4 kernels (model/nvfp4.py), weights
-# only, with bf16 activations as NVFP4 weight-only inference runs.
+# Stored formats (quant/: `qlora` int4 kernels, `nvfp4`) store weights only and compute in theirs.
 COMPUTE_DTYPES = {"full": jnp.float32, "bfloat16": jnp.bfloat16, "half": jnp.float16,
-                  "qlora": jnp.bfloat16, "nvfp4": jnp.bfloat16}
+                  **{f.precision: f.compute_dtype for f in FORMATS.values()}}
 
 
 class Block(nnx.Module):

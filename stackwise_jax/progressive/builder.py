@@ -6,8 +6,8 @@ import jax.numpy as jnp
 
 from stackwise_jax.config import validate, with_fields
 from stackwise_jax.model import EmbedHead, Rack, StackSpec, init_module
-from stackwise_jax.model import nvfp4
 from stackwise_jax.model.lora import LoraSetting, is_adapter_path, stack_lora_setting
+from stackwise_jax.quant import BY_PRECISION, is_stored_leaf
 from stackwise_jax.trees import plain_keys
 from stackwise_jax.model.rack import init_stack
 from stackwise_jax.progressive.masking import TimeStepMasking
@@ -80,13 +80,16 @@ class ProgressiveRackBuilder:
     if not isinstance(n_blocks, int) or n_blocks <= 0:
       raise ValueError(f"n_blocks={n_blocks!r}: must be a positive int")
     _with_progressive(self.config, new_stack_precision=precision)   # checked as the config's
+    fmt = BY_PRECISION.get(precision)
     index = len(self.specs)
     time_step = (self.masking.get_time_step_for_stack(index)
                  if p.time_interpretation == "depth" else None)
-    # A qlora stack trains only adapters, so it always has its stack LoRA.
-    lora = stack_lora_setting(p, index) if p.qlora_enabled or precision == "qlora" else None
+    # A stack qwix stores from its creation (qlora: int4) trains only adapters, so it always has
+    # its stack LoRA.
+    quantized = fmt is not None and fmt.qwix_rule is not None
+    lora = stack_lora_setting(p, index) if p.qlora_enabled or quantized else None
     spec = StackSpec(index=index, n_blocks=n_blocks, precision=precision, time_step=time_step,
-                     lora=lora, quantized=precision == "qlora")
+                     lora=lora, quantized=quantized)
     if p.progressive_qlora:   # design §6: the trunk gets its progressive adapters
       progressive = LoraSetting(p.progressive_qlora_rank, float(p.progressive_qlora_alpha))
       for trunk in self.specs:
@@ -97,11 +100,9 @@ class ProgressiveRackBuilder:
     return spec
 
   def _set_stack(self, spec: StackSpec, old_params=None) -> None:
-    m, block = self.config.model, self.config.training.progressive.quant_block_size
-    if spec.quantized and (m.d_model % block or m.d_ff % block):
-      raise ValueError(f"training.progressive.quant_block_size={block}: int4 blocks run along "
-                       f"the kernels' input axis; allowed: a divisor of model.d_model "
-                       f"({m.d_model}) and model.d_ff ({m.d_ff})")
+    error = spec.format and spec.format.block_error(self.config, spec.precision)
+    if error:
+      raise ValueError(error)
     self._graphdefs[spec.name], self.params["stacks"][spec.name] = init_stack(
         self.config, spec, old_params)
 
@@ -119,7 +120,7 @@ class ProgressiveRackBuilder:
     stack drops its fp32 master copy; an nvfp4 stack's kernels are packed). Returns the labels
     pytree."""
     for spec in self._select(indices):
-      spec = self._pack_nvfp4(spec)
+      spec = self._pack(spec)
       self._labels[spec.name] = FROZEN
       self._store_base_in_compute_dtype(spec)
     return self.labels()
@@ -130,22 +131,24 @@ class ProgressiveRackBuilder:
     under `trunk_strategy="qlora"`), computing in bf16; an nvfp4 stack's kernels are packed
     NVFP4 instead. Returns the labels pytree."""
     for spec in self._select(indices):
-      spec = self._pack_nvfp4(spec)
+      spec = self._pack(spec)
       if not (spec.quantized or spec.packed):
         spec = self._respec(spec, quantized=True)
       self._labels[spec.name] = ADAPTERS_ONLY
       self._store_base_in_compute_dtype(spec)
     return self.labels()
 
-  def _pack_nvfp4(self, spec: StackSpec) -> StackSpec:
-    """An nvfp4 stack that stops training stores its kernels packed (other stacks: unchanged)."""
-    if spec.precision == "nvfp4" and not spec.packed:
+  def _pack(self, spec: StackSpec) -> StackSpec:
+    """A stack whose layers quantize their own kernels (nvfp4) stores them packed once it stops
+    training (other stacks: unchanged)."""
+    if spec.format and spec.format.quantize and not spec.packed:
       return self._respec(spec, packed=True)
     return spec
 
   def _store_base_in_compute_dtype(self, spec: StackSpec) -> None:
-    """Casts the float base leaves (not adapters, not int4/nvfp4) to the stack's compute dtype."""
-    cast = lambda path, x: (x if is_adapter_path(path) or _is_packed(path) or not jnp.issubdtype(
+    """Casts the float base leaves (not adapters, not stored formats' leaves) to the stack's
+    compute dtype."""
+    cast = lambda path, x: (x if is_adapter_path(path) or _is_stored(path) or not jnp.issubdtype(
         x.dtype, jnp.floating) else x.astype(spec.compute_dtype))
     self.params["stacks"][spec.name] = jax.tree_util.tree_map_with_path(
         cast, self.params["stacks"][spec.name])
@@ -168,14 +171,14 @@ class ProgressiveRackBuilder:
   def labels(self) -> dict:
     """A label (TRAINABLE / FROZEN) per params leaf, same structure as `params`.
 
-    Integer (int4) and packed nvfp4 leaves are always FROZEN; in an ADAPTERS_ONLY stack only
-    adapter leaves train.
+    Integer leaves and stored kernels' leaves (int4, packed nvfp4) are always FROZEN; in an
+    ADAPTERS_ONLY stack only adapter leaves train.
     """
     label_tree = lambda tree, label: jax.tree.map(lambda _: label, tree)
     side = lambda key: self._labels["head_side" if key in HEAD_SIDE else "input_side"]
 
     def stack_label(mode, path, x):
-      if mode == FROZEN or not jnp.issubdtype(x.dtype, jnp.floating) or _is_packed(path):
+      if mode == FROZEN or not jnp.issubdtype(x.dtype, jnp.floating) or _is_stored(path):
         return FROZEN
       return TRAINABLE if mode == TRAINABLE or is_adapter_path(path) else FROZEN
 
@@ -201,9 +204,9 @@ class ProgressiveRackBuilder:
     self.params = params
 
 
-def _is_packed(path) -> bool:
-  """Whether a params leaf is part of a packed nvfp4 kernel (its scales are float8, not trainable)."""
-  return str(plain_keys(path)[-1]) in nvfp4.PACKED_LEAVES
+def _is_stored(path) -> bool:
+  """Whether a params leaf is part of a stored kernel (float scales included: not trainable)."""
+  return is_stored_leaf(plain_keys(path))
 
 
 def _with_progressive(config, **fields):

@@ -16,9 +16,11 @@ FP4_MAX = 6.0      # largest E2M1 value
 FP8_MAX = 448.0    # largest E4M3 value
 INV_RANGE = np.float32(1 / (FP4_MAX * FP8_MAX))   # tensor scale = amax × this
 INV_FP4_MAX = np.float32(1 / FP4_MAX)
-# Param names of a packed kernel in a frozen nvfp4 stack (`layers.Linear`): the three parts of
-# `quantize`'s result.
-PACKED_LEAVES = ("kernel_packed", "kernel_scales", "kernel_tensor_scale")
+# A packed kernel's params in a frozen nvfp4 stack (`layers.Linear`), named after `quantize`'s
+# parts, with their dtypes and dims (the [out, in] layout quantizes along the contraction axis).
+LEAVES = {"kernel_packed": ("uint8", ("out", "in")),
+          "kernel_scales": ("float8_e4m3fn", ("out", "in")),
+          "kernel_tensor_scale": ("float32", ())}
 
 
 def quantize(x: jax.Array) -> dict[str, jax.Array]:
@@ -69,6 +71,23 @@ def fake_quantize(x: jax.Array) -> jax.Array:
 fake_quantize.defvjp(lambda x: (fake_quantize(x), None), lambda _, g: (g,))
 
 
-def packed_bytes(q: dict[str, jax.Array]) -> int:
-  """Stored bytes: half a byte per value, one per block scale, four for the tensor scale."""
-  return q["packed"].size + q["scales"].size + 4
+# A kernel [in, out] as a layer stores and computes with it: transposed, so that blocks run along
+# the contraction axis.
+def quantize_kernel(kernel: jax.Array) -> dict[str, jax.Array]:
+  """kernel [in, out] -> its `LEAVES`."""
+  return {"kernel_" + part: value for part, value in quantize(kernel.T).items()}
+
+
+def encoding(leaves: dict) -> dict:
+  """A layer's `LEAVES` -> the encoding as `quantize` returns it."""
+  return {leaf.removeprefix("kernel_"): leaves[leaf] for leaf in LEAVES}
+
+
+def dequantize_kernel(leaves: dict[str, jax.Array], dtype) -> jax.Array:
+  """`LEAVES` -> kernel [in, out] in `dtype`."""
+  return dequantize(encoding(leaves), dtype).T
+
+
+def fake_quantize_kernel(kernel: jax.Array) -> jax.Array:
+  """kernel [in, out] -> dequantize_kernel(quantize_kernel(kernel)), straight-through gradient."""
+  return fake_quantize(kernel.T).T
