@@ -128,7 +128,8 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
   Args:
     path: a `.py` file defining `get_config()`, or a `.yaml`/`.yml` file nested like design §2
-      (fields it leaves out keep their `default_config()` values).
+      or in the original StackWise's schema (stackwise_jax/upstream.py); fields it leaves out
+      keep their `default_config()` values.
     overrides: `"path.to.field=value"` strings (the CLI's `--config.` prefix already stripped); each
       value is parsed according to the type of the field it replaces.
 
@@ -217,13 +218,32 @@ def _load_py(path: str) -> ml_collections.ConfigDict:
 
 
 class _YamlLoader(yaml.SafeLoader):
-  """SafeLoader that also reads `3e-4` as a float (PyYAML's YAML 1.1 needs `3.0e-4`)."""
+  """SafeLoader that also reads `3e-4` as a float (PyYAML's YAML 1.1 needs `3.0e-4`), and refuses
+  a key given twice in one mapping (PyYAML would keep the last one silently) and any tag it has no
+  constructor for, such as `!!python/object:...` (it never builds Python objects)."""
+
+  def construct_mapping(self, node, deep=False):
+    lines = {}
+    for key_node, _ in node.value:
+      if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+        key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+        if key in lines:
+          raise ConfigError(f"duplicate key {key!r} at lines {lines[key]} and {line} (YAML would "
+                            "keep only the last); allowed: each key once per mapping")
+        lines[key] = line
+    return super().construct_mapping(node, deep)
+
+  def construct_undefined(self, node):
+    tag = node.tag.replace("tag:yaml.org,2002:", "!!", 1)
+    raise ConfigError(f"line {node.start_mark.line + 1}: tag {tag} is not allowed: configs are "
+                      "read safely, without Python objects; write the plain mapping without the tag")
 
 
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"))
+_YamlLoader.add_constructor(None, _YamlLoader.construct_undefined)   # unknown tags
 
 
 def _load_yaml(path: str) -> ml_collections.ConfigDict:
@@ -232,14 +252,22 @@ def _load_yaml(path: str) -> ml_collections.ConfigDict:
 
 
 def from_yaml(text: str, source: str = "<yaml>") -> ml_collections.ConfigDict:
-  """Parses YAML nested like design §2 (`to_yaml`'s output) onto `default_config()`; not
-  validated. `source` names the text in errors."""
+  """Parses YAML nested like design §2 (`to_yaml`'s output), or in the original StackWise's
+  schema (stackwise_jax/upstream.py), onto `default_config()`; not validated. `source` names the
+  text in errors."""
   try:
     data = yaml.load(text, Loader=_YamlLoader)
   except yaml.YAMLError as e:
     raise ConfigError(f"{source}: not valid YAML: {e}") from None
+  except ConfigError as e:   # a duplicate key or a tag (_YamlLoader)
+    raise ConfigError(f"{source}: {e}") from None
   config = default_config()
-  _apply_mapping(config, {} if data is None else data, prefix="")
+  data = {} if data is None else data
+  from stackwise_jax import upstream   # it imports this module
+  if upstream.is_original(data):
+    upstream.apply(data, config, source)
+  else:
+    _apply_mapping(config, data, prefix="")
   return config
 
 

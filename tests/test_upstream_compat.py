@@ -1,10 +1,420 @@
-"""The original StackWise's API words work here: keyword `stack_idx`, a builder from field names."""
+"""A drop-in for the original StackWise's users. Its YAML files load (stackwise_jax/upstream.py):
+each key mapped to our field or named as ignored in one warning line; values we do not implement,
+unknown keys, duplicate keys and Python tags are one-line ConfigErrors (exit 2 from the CLI). Its
+API words work: keyword `stack_idx`, a builder from field names."""
+import pathlib
+import re
+import textwrap
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import yaml
 
-from stackwise_jax import ConfigError, ProgressiveRackBuilder, TimeStepMasking
-from stackwise_jax.config import default_config
+from conftest import REPO
+from stackwise_jax import ProgressiveRackBuilder, TimeStepMasking
+from stackwise_jax.cli import main
+from stackwise_jax.config import ConfigError, default_config, load_config
+from stackwise_jax.upstream import IGNORED
+from stackwise_jax.upstream import ORIGINAL
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "upstream"
+
+# Every key of the original's schema (its src/config/base.py), values other than ours where the
+# key maps to a field. attention_preset "custom" makes attention_custom count.
+FULL = """\
+model:
+  vocab_size: 300
+  d_model: 64
+  n_heads: 4
+  n_kv_heads: 2
+  d_ff: 128
+  architecture:
+    n_stacks: 5
+    blocks_per_stack: 2
+  attention_preset: custom
+  attention_custom:
+    attention_type: mha
+    attention_mode: bidirectional
+    mla_rq: 64
+    mla_rkv: 32
+    kernel_type: linear
+    kernel_dim: 32
+  dropout: 0.1
+  tie_embeddings: false
+  freeze_up_proj: false
+  use_rope: true
+  rope_theta: 5000.0
+  mask_fraction_min: 0.2
+  mask_fraction_max: 1.0
+  special_mask_id: 258
+  tokenizer_embedding:
+    family: gpt2
+    embedding_option: embed_tokens
+    freeze_embeddings: true
+    adapter_hidden_dim: null
+training:
+  batch_size: 8
+  seq_len: 32
+  max_steps: 7
+  optimizer:
+    optimizer_type: AdamW
+    lr: 2.0e-4
+    weight_decay: 0.05
+    betas: [0.9, 0.999]
+    eps: 1.0e-8
+    momentum: 0.9
+    dampening: 0.0
+    nesterov: false
+    custom_params: {}
+    use_groups: false
+    groups: []
+  device: cpu
+  gradient_checkpointing: true
+  cache_dir: ./cache
+  cache_mode: stack
+  save_stacks: true
+  save_rack: false
+  min_mask_fraction: 0.2
+  max_mask_fraction: 1.0
+  mask_schedule_type: linear
+  mask_token_id: 259
+  epochs_per_stack: 2
+  joint_tuning_steps: 50
+  fine_tune_mode: clm
+  strategy: progressive
+  end_to_end_scope: stackwise
+  run_id: r1
+  qlora:
+    enabled: true
+    rank: 4
+    alpha: 8
+    dropout: 0.1
+    lr: 1.0e-5
+    progressive_enabled: true
+    progressive_rank: 2
+    progressive_alpha: 4
+    strategy: variable
+    rank_pattern: increasing
+    alpha_pattern: decreasing
+    configs:
+      0: {rank: 2, alpha: 4, dropout: 0.1}
+      1: {rank: 8}
+      2: {alpha: 2}
+      3: {rank: 4, alpha: 8, lr: 1.0e-4}
+    mixed_precision: true
+  current_block_lr: 1.0e-4
+  quantization_enabled: true
+  quantization_type: fp16
+  time_step_masking: true
+  num_time_steps: 5
+  time_step_mask_fractions: [0.2, 0.4, 0.6, 0.8, 1.0]
+  progressive:
+    enabled: true
+    max_stacks: 6
+    target_stacks: 4
+    building_mode: prepend
+    trunk_strategy: qlora
+    new_stack_precision: bfloat16
+    cache_activations: false
+    time_interpretation: input
+    training_objective: mlm
+  log_interval: 3
+  save_interval: 9
+  checkpoint_dir: ./ckpt
+  use_wandb: false
+  wandb_project: p
+  wandb_entity: null
+  wandb_run_name: null
+  wandb_tags: []
+  wandb_notes: null
+data:
+  dataset_path: corpus/*.txt
+  use_dummy_data: false
+  num_samples: 100
+  tokenizer_path: null
+  max_length: 48
+  padding: right
+  num_workers: 1
+  pin_memory: true
+  shuffle: true
+"""
+
+FULL_EXPECTED = {
+    "model.vocab_size": 300, "model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 2,
+    "model.d_ff": 128, "model.attention": "gqa", "model.n_blocks_per_stack": 2,
+    "model.dropout": 0.1, "model.tie_embeddings": False, "model.rope_theta": 5000.0,
+    "model.max_seq_len": 48,                      # the longer of seq_len and data.max_length
+    "training.batch_size": 8, "training.seq_len": 32, "training.steps_per_stack": 7,
+    "training.lr": 2e-4, "training.weight_decay": 0.05, "training.epochs_per_stack": 2,
+    "training.data_reuse": "pool", "training.log_every": 3, "training.checkpoint_every": 9,
+    "training.workdir": "./ckpt",
+    "training.progressive.enabled": True, "training.progressive.max_stacks": 6,
+    "training.progressive.target_stacks": 4,      # the progressive block wins over n_stacks
+    "training.progressive.building_mode": "prepend",
+    "training.progressive.trunk_strategy": "qlora",
+    "training.progressive.new_stack_precision": "bfloat16",
+    "training.progressive.cache_activations": False,
+    "training.progressive.time_interpretation": "input",
+    "training.progressive.training_objective": "mlm",
+    "training.progressive.mask_token_id": 259,    # training.mask_token_id wins over special_mask_id
+    "training.progressive.mlm_min_ratio": 0.2, "training.progressive.num_time_steps": 5,
+    "training.progressive.qlora_enabled": True, "training.progressive.qlora_rank": 4,
+    "training.progressive.qlora_alpha": 8.0, "training.progressive.progressive_qlora": True,
+    "training.progressive.progressive_qlora_rank": 2,
+    "training.progressive.progressive_qlora_alpha": 4.0,
+    "training.progressive.qlora_strategy": "variable",
+    "training.progressive.qlora_rank_pattern": "increasing",
+    "training.progressive.qlora_alpha_pattern": "decreasing",
+    "data.source": "text", "data.paths": ("corpus/*.txt",), "data.num_workers": 1,
+}
+
+
+def _write(tmp_path, text, name="original.yaml"):
+  path = tmp_path / name
+  path.write_text(textwrap.dedent(text))
+  return str(path)
+
+
+def _field(config, path):
+  for name in path.split("."):
+    config = config[name]
+  return config
+
+
+def _keys(text):
+  """The dotted keys of YAML `text` down to ORIGINAL's rows."""
+  def walk(node, prefix):
+    for key, value in node.items():
+      path = f"{prefix}.{key}" if prefix else key
+      yield from ([path] if path in ORIGINAL else walk(value, path))
+  return set(walk(yaml.safe_load(text), ""))
+
+
+def _warning(capsys) -> str:
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1, lines
+  return lines[0]
+
+
+# --- Every key: mapped, or named in the warning. ---
+
+
+def test_full_fixture_has_every_key_of_the_original_schema():
+  assert _keys(FULL) == set(ORIGINAL)
+
+
+def test_every_key_maps_to_our_field(tmp_path, capsys):
+  config = load_config(_write(tmp_path, FULL))
+  for path, expected in FULL_EXPECTED.items():
+    assert _field(config, path) == expected, path
+  # Per stack rank and alpha; the missing ones come from qlora.rank / qlora.alpha.
+  assert config.training.progressive.qlora_configs.to_dict() == {
+      0: {"rank": 2, "alpha": 4}, 1: {"rank": 8, "alpha": 8.0}, 2: {"rank": 4, "alpha": 2},
+      3: {"rank": 4, "alpha": 8}}
+  warning = _warning(capsys)
+  assert "run differently" not in warning   # every value here is one we reproduce
+
+
+def test_ignored_keys_are_named_in_one_warning_line(tmp_path, capsys):
+  load_config(_write(tmp_path, FULL))
+  warning = _warning(capsys)
+  named = set(re.search(r"no equivalent here: (.*)$", warning).group(1).split(", "))
+  expected = {key for key, rule in ORIGINAL.items() if rule is IGNORED}
+  # Read by the original only with strategy end_to_end; per-stack adapter dropout and lr.
+  expected |= {"training.end_to_end_scope", "training.qlora.configs.0.dropout",
+               "training.qlora.configs.3.lr"}
+  assert named == expected
+
+
+def test_values_run_differently_are_named_in_the_warning(tmp_path, capsys):
+  config = load_config(_write(tmp_path, """\
+      model:
+        freeze_up_proj: true
+        special_mask_id: 4
+      training:
+        optimizer:
+          betas: [0.9, 0.95]
+        max_mask_fraction: 0.9
+      """))
+  warning = _warning(capsys)
+  for fragment in ("model.freeze_up_proj=True", "training.optimizer.betas=[0.9, 0.95]",
+                   "training.max_mask_fraction=0.9", "model.special_mask_id=4 (a byte"):
+    assert fragment in warning
+  assert config.training.progressive.mask_token_id == 257   # a byte id is never the mask
+
+
+def test_original_names_are_in_the_readme():
+  readme = (REPO / "README.md").read_text()
+  start = readme.index("## Coming from the original StackWise")
+  section = readme[start:readme.index("\n## ", start + 1)]
+  missing = [key for key in ORIGINAL if f"`{key}`" not in section]
+  assert not missing
+
+
+# --- Derived fields. ---
+
+
+def test_no_training_objective_trains_mlm_as_the_original(tmp_path):
+  config = load_config(_write(tmp_path, "model:\n  architecture:\n    n_stacks: 2\n"))
+  assert config.training.progressive.training_objective == "mlm"
+  ours = load_config(_write(tmp_path, "model:\n  d_model: 64\n", name="ours.yaml"))
+  assert ours.training.progressive.training_objective == "clm"   # our own files keep our default
+
+
+@pytest.mark.parametrize("n_kv_heads, attention", [(2, "gqa"), (4, "mha")])
+def test_fewer_kv_heads_means_grouped_query_attention(tmp_path, n_kv_heads, attention):
+  config = load_config(_write(tmp_path, f"""\
+      model:
+        n_heads: 4
+        n_kv_heads: {n_kv_heads}
+        attention_preset: efficient_gqa
+      """))
+  assert config.model.attention == attention
+
+
+def test_fallback_keys_fill_what_the_training_block_leaves_out(tmp_path):
+  config = load_config(_write(tmp_path, """\
+      model:
+        architecture:
+          n_stacks: 6
+        mask_fraction_min: 0.3
+        special_mask_id: 259
+      data:
+        max_length: 64
+      """))
+  p = config.training.progressive
+  assert (p.target_stacks, p.max_stacks) == (6, 6)
+  assert (p.mlm_min_ratio, p.mask_token_id) == (0.3, 259)
+  assert (config.training.seq_len, config.model.max_seq_len) == (64, 64)
+
+
+def test_end_to_end_is_one_stage_over_the_whole_rack(tmp_path):
+  config = load_config(_write(tmp_path, """\
+      training:
+        strategy: end_to_end
+        end_to_end_scope: rackwise
+        progressive:
+          enabled: true
+      """))
+  assert config.training.progressive.enabled is False
+
+
+def test_attention_custom_is_ignored_unless_the_preset_is_custom(tmp_path, capsys):
+  config = load_config(_write(tmp_path, """\
+      model:
+        attention_preset: gpt_style
+        attention_custom:
+          attention_type: mla
+      training:
+        progressive:
+          training_objective: clm
+      """))
+  assert config.training.progressive.training_objective == "clm"
+  assert "model.attention_custom.attention_type" in _warning(capsys)
+
+
+# --- What we cannot run: one line naming it. ---
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("model:\n  attention_preset: mla_attention\n", "model.attention_preset='mla_attention'"),
+    ("model:\n  attention_preset: kernel_attention\n", "model.attention_preset='kernel_attention'"),
+    ("model:\n  attention_preset: mlgka\n", "model.attention_preset='mlgka'"),
+    ("model:\n  attention_preset: custom\n  attention_custom:\n    attention_type: mla\n",
+     "model.attention_custom.attention_type='mla'"),
+    ("model:\n  attention_preset: custom\n  attention_custom:\n    kernel_type: gaussian\n",
+     "model.attention_custom.kernel_type='gaussian'"),
+    ("model:\n  use_rope: false\n", "model.use_rope=False"),
+    ("training:\n  optimizer:\n    optimizer_type: SGD\n",
+     "training.optimizer.optimizer_type='SGD'"),
+    ("training:\n  optimizer:\n    use_groups: true\n", "training.optimizer.use_groups=True"),
+    ("training:\n  optimizer:\n    custom_params: {amsgrad: true}\n",
+     "training.optimizer.custom_params="),
+    ("training:\n  mask_schedule_type: cosine\n", "training.mask_schedule_type='cosine'"),
+    ("training:\n  time_step_mask_fractions: [0.1, 0.5, 0.6]\n",
+     "training.time_step_mask_fractions=[0.1, 0.5, 0.6]"),
+    ("training:\n  strategy: end_to_end\n  end_to_end_scope: stackwise\n",
+     "training.end_to_end_scope='stackwise'"),
+    ("data:\n  tokenizer_path: tok.json\n", "data.tokenizer_path='tok.json'"),
+    ("model:\n  attention_preset: gpt_style\n", "model.attention_preset='gpt_style' (causal"),
+    ("training:\n  min_mask_fraction: 0.1\n  time_step_mask_fractions: [0.2, 0.6, 1.0]\n",
+     "training.min_mask_fraction=0.1"),   # two keys set mlm_min_ratio differently
+])
+def test_values_we_do_not_implement_are_config_errors(tmp_path, text, needle):
+  with pytest.raises(ConfigError) as e:
+    load_config(_write(tmp_path, text))
+  assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_unimplemented_value_exits_2_from_the_cli(tmp_path, capsys):
+  path = _write(tmp_path, "model:\n  attention_preset: mla_attention\n")
+  assert main(["train", "--config", path, "--workdir", str(tmp_path / "run")]) == 2
+  assert "model.attention_preset='mla_attention'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("model:\n  architecture:\n    n_layers: 2\n", "model.architecture.n_layers: unknown field"),
+    ("training:\n  max_steps: 5\n  lr: 0.1\n", "training.lr: unknown field"),
+])
+def test_a_key_in_neither_list_is_unknown(tmp_path, text, needle):
+  with pytest.raises(ConfigError, match=re.escape(needle)):
+    load_config(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text", [
+    "model:\n  architecture:\n    n_stacks: 2\n  d_model: 64\n  d_model: 32\n",   # the original's
+    "model:\n  d_model: 64\n  d_model: 32\n",                                     # ours
+])
+def test_duplicate_keys_name_the_key_and_both_lines(tmp_path, text):
+  with pytest.raises(ConfigError, match=r"duplicate key 'd_model' at lines \d and \d"):
+    load_config(_write(tmp_path, text))
+
+
+def test_python_tags_are_refused_by_name(tmp_path):
+  with pytest.raises(ConfigError, match=r"line 2: tag !!python/object:os\.system is not allowed"):
+    load_config(_write(tmp_path, "model:\n  architecture: !!python/object:os.system\n    n: 1\n"))
+
+
+# --- The original's own files (tests/fixtures/upstream, copied from its repository). ---
+
+
+@pytest.mark.parametrize("name, objective, attention, stacks", [
+    ("tiny_bert_config.yaml", "mlm", "mha", 4),
+    ("tiny_llama_config.yaml", "clm", "gqa", 6),
+])
+def test_original_example_files_load_and_validate(name, objective, attention, stacks):
+  config = load_config(str(FIXTURES / name))
+  assert config.training.progressive.training_objective == objective
+  assert config.model.attention == attention
+  assert config.training.progressive.target_stacks == stacks
+
+
+@pytest.mark.parametrize("name, lines", [
+    ("config.yaml", (120, 178)), ("config_small.yaml", (120, 178)),
+    ("config_standard.yaml", (109, 167)),
+])
+def test_original_files_with_two_progressive_blocks_are_refused(tmp_path, name, lines):
+  with pytest.raises(ConfigError, match=rf"duplicate key 'progressive' at lines {lines[0]} and "
+                                        rf"{lines[1]}"):
+    load_config(str(FIXTURES / name))
+  # What PyYAML kept (the second block) loads, every other key of the file included.
+  text = (FIXTURES / name).read_text().splitlines(keepends=True)
+  start = text.index("  progressive:\n")
+  end = next(i for i in range(start + 1, len(text)) if not text[i].startswith("    "))
+  config = load_config(_write(tmp_path, "".join(text[:start] + text[end:])))
+  assert config.training.progressive.max_stacks == 12
+  assert config.training.progressive.target_stacks == 2    # model.architecture.n_stacks
+
+
+def test_original_dump_with_python_tags_is_refused_and_loads_without_them(tmp_path):
+  path = FIXTURES / "custom_config.yaml"
+  with pytest.raises(ConfigError, match=r"tag !!python/object:src\.config\.base\."
+                                        r"ArchitectureConfig is not allowed"):
+    load_config(str(path))
+  config = load_config(_write(tmp_path, re.sub(r" !!python/object:\S+", "", path.read_text())))
+  assert (config.model.d_model, config.model.attention) == (2048, "gqa")
+  assert config.training.steps_per_stack == 500
 
 
 def test_stack_idx_keyword_gives_the_time_step_of_the_stacks_level():
