@@ -459,3 +459,45 @@ def test_builder_from_field_names_builds_those_sizes():
 def test_builder_field_names_are_checked(fields, fragment):
   with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
     ProgressiveRackBuilder(**fields)
+
+
+def _depth_builder(mode):
+  config = default_config()
+  p = config.training.progressive
+  p.building_mode, p.target_stacks, p.max_stacks = mode, 4, 5
+  p.time_interpretation, p.stack_time_mapping, p.time_per_stack = "depth", "linear", 4
+  p.training_objective = "mlm"
+  return ProgressiveRackBuilder(config)
+
+
+@pytest.mark.parametrize("mode, operations, want", [
+    # (name, time step) from the embedding to the head. Levels count from the head (0 = lowest
+    # noise) in the rack of target_stacks=4; the time step is 4 per level.
+    ("append", ["append", "append", "prepend", "append"],
+     [("stack_2", 12), ("stack_0", 8), ("stack_1", 4), ("stack_3", 0)]),
+    ("append", ["prepend", "prepend"], [("stack_1", 12), ("stack_0", 8)]),
+    # prepend mode: one more stack is still to come in front of these three
+    ("prepend", ["prepend", "append", "prepend"], [("stack_2", 8), ("stack_0", 4), ("stack_1", 0)]),
+    ("prepend", ["prepend", "prepend", "prepend", "prepend"],
+     [("stack_3", 12), ("stack_2", 8), ("stack_1", 4), ("stack_0", 0)]),
+])
+def test_time_steps_follow_position_whatever_built_the_rack(mode, operations, want):
+  builder = _depth_builder(mode)
+  for op in operations:
+    getattr(builder, f"{op}_stack")()
+  assert [(s.name, s.time_step) for s in builder.specs] == want
+
+
+def test_a_trained_stack_keeps_its_time_step_and_stages_mask_at_the_stacks_own():
+  builder = _depth_builder("append")
+  builder.append_stack()
+  builder.trained.add("stack_0")      # as after its stage
+  new = builder.prepend_stack()       # next to the embedding: the highest noise
+  assert [(s.name, s.time_step) for s in builder.specs] == [("stack_1", 12), ("stack_0", 12)]
+  assert new.time_step == 12
+  masking = builder.masking
+  batch = {"tokens": jnp.zeros((2, 16), jnp.int32), "example_id": jnp.array([1, 2])}
+  example = masking.example(batch, masking.time_steps_at(batch, new.time_step, salt=0))
+  np.testing.assert_array_equal(example["time_step"], [12, 12])
+  assert masking.mask_ratio_at(12) == pytest.approx(
+      masking.min_ratio + (1 - masking.min_ratio) * 12 / (masking.num_time_steps - 1))

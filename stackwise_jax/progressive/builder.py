@@ -55,15 +55,15 @@ class ProgressiveRackBuilder:
   # --- growing ---------------------------------------------------------------------------------
   def append_stack(self, n_blocks: int | None = None, precision: str | None = None) -> StackSpec:
     """Adds a stack after the existing ones (nearest the head)."""
-    spec = self._new_stack(n_blocks, precision)
-    self.specs.append(spec)
-    return spec
+    self.specs.append(self._new_stack(n_blocks, precision))
+    self._place_time_steps()
+    return self.specs[-1]
 
   def prepend_stack(self, n_blocks: int | None = None, precision: str | None = None) -> StackSpec:
     """Adds a stack before the existing ones (nearest the embedding)."""
-    spec = self._new_stack(n_blocks, precision)
-    self.specs.insert(0, spec)
-    return spec
+    self.specs.insert(0, self._new_stack(n_blocks, precision))
+    self._place_time_steps()
+    return self.specs[0]
 
   def add_stack(self, n_blocks: int | None = None, precision: str | None = None) -> StackSpec:
     """Adds a stack where this builder's building mode puts it."""
@@ -82,13 +82,11 @@ class ProgressiveRackBuilder:
     _with_progressive(self.config, new_stack_precision=precision)   # checked as the config's
     fmt = BY_PRECISION.get(precision)
     index = len(self.specs)
-    time_step = (self.masking.get_time_step_for_stack(index)
-                 if p.time_interpretation == "depth" else None)
     # A stack qwix stores from its creation (qlora: int4) trains only adapters, so it always has
     # its stack LoRA.
     quantized = fmt is not None and fmt.qwix_rule is not None
     lora = stack_lora_setting(p, index) if p.qlora_enabled or quantized else None
-    spec = StackSpec(index=index, n_blocks=n_blocks, precision=precision, time_step=time_step,
+    spec = StackSpec(index=index, n_blocks=n_blocks, precision=precision,
                      lora=lora, quantized=quantized)
     if p.progressive_qlora:   # design §6: the trunk gets its progressive adapters
       progressive = LoraSetting(p.progressive_qlora_rank, float(p.progressive_qlora_alpha))
@@ -105,6 +103,22 @@ class ProgressiveRackBuilder:
       raise ValueError(error)
     self._graphdefs[spec.name], self.params["stacks"][spec.name] = init_stack(
         self.config, spec, old_params)
+
+  def _place_time_steps(self) -> None:
+    """Time as depth: each untrained stack gets the time step of its position from the embedding
+    in the rack of target_stacks (the stacks still to come added in this builder's mode): highest
+    noise nearest the embedding, whichever of append/prepend put it there. A trained stack keeps
+    the step it trained at."""
+    if self.config.training.progressive.time_interpretation != "depth":
+      return
+    n = len(self.specs)
+    target = max(self.config.training.progressive.target_stacks, n)
+    to_come_in_front = target - n if self.building_mode == "prepend" else 0
+    for position, spec in enumerate(self.specs):
+      if spec.name not in self.trained:
+        level = target - 1 - to_come_in_front - position   # 0 = nearest the head
+        self.specs[position] = dataclasses.replace(
+            spec, time_step=self.masking.time_step_at_level(level))
 
   def _respec(self, spec: StackSpec, **changes) -> StackSpec:
     """Rebuilds an existing stack under a changed spec, keeping its params (see `init_stack`)."""

@@ -147,8 +147,12 @@ class TimeStepMasking:
     return max(self.target_stacks - 1 - stack_idx, 0)
 
   def get_time_step_for_stack(self, stack_idx: int) -> int:
-    """Time as depth: a stack's building index -> its time step in [0, num_time_steps - 1]."""
-    level = self.level_of_stack(stack_idx)
+    """Time as depth: a stack's building index, in this config's building mode -> its time step
+    in [0, num_time_steps - 1]."""
+    return self.time_step_at_level(self.level_of_stack(stack_idx))
+
+  def time_step_at_level(self, level: int) -> int:
+    """Time as depth: the time step of the stack at `level` (0 = nearest the head)."""
     if self.stack_time_mapping == "linear":
       step = level * self.time_per_stack
     elif self.stack_time_mapping == "exponential":
@@ -167,9 +171,16 @@ class TimeStepMasking:
   def time_steps_for_batch(self, batch, stack_idx: int, salt: int) -> jax.Array:
     """int32 [B]: the stack's step for every example (depth), or one sampled step per example
     (input)."""
-    if self.time_interpretation == "depth":
-      return jnp.full((batch["tokens"].shape[0],), self.get_time_step_for_stack(stack_idx), jnp.int32)
-    return self.sample_time_steps(batch["example_id"], salt)
+    depth = self.time_interpretation == "depth"
+    return self.time_steps_at(batch, self.get_time_step_for_stack(stack_idx) if depth else None,
+                              salt)
+
+  def time_steps_at(self, batch, time_step: int | None, salt: int) -> jax.Array:
+    """int32 [B]: `time_step` (a StackSpec's, time as depth) for every example; None (time as
+    input): one sampled step per example."""
+    if time_step is None:
+      return self.sample_time_steps(batch["example_id"], salt)
+    return jnp.full((batch["tokens"].shape[0],), time_step, jnp.int32)
 
   def example(self, batch, time_steps) -> dict:
     """`make_training_example` with this config's objective, seed and masking settings."""
@@ -186,10 +197,15 @@ class TimeStepMasking:
   def mask_ratio_for_stack(self, stack_idx: int) -> float:
     """The stack's MLM mask ratio (time as depth); the expected ratio over t (time as input); 0.0
     for objectives that mask nothing (clm, custom)."""
+    depth = self.time_interpretation == "depth"
+    return self.mask_ratio_at(self.get_time_step_for_stack(stack_idx) if depth else None)
+
+  def mask_ratio_at(self, time_step: int | None) -> float:
+    """The MLM mask ratio at `time_step`; with None (time as input) the expected ratio over t;
+    0.0 for objectives that mask nothing (clm, custom)."""
     if not OBJECTIVES[self.objective].masks:
       return 0.0
-    if self.time_interpretation == "input":
+    if time_step is None:
       # Mean of mask_ratio over t uniform on 0..N-1 (mean t / (N-1) is 1/2).
       return self.min_ratio + (1.0 - self.min_ratio) * (0.5 if self.num_time_steps > 1 else 0.0)
-    return float(mask_ratio(self.get_time_step_for_stack(stack_idx), self.num_time_steps,
-                            self.min_ratio))
+    return float(mask_ratio(time_step, self.num_time_steps, self.min_ratio))

@@ -8,7 +8,6 @@ has the same shape share one compiled step. Where the time goes is recorded per 
 """
 import contextlib
 import dataclasses
-import functools
 import math
 import signal
 import sys
@@ -200,7 +199,7 @@ class ProgressiveTrainer:
     with clock("cache"):
       stage_start = data.get_state()   # where a fresh cached stage's data resumes from
       example_at, prefetch, eval_examples = self._examples(builder, rack, labels, plan, number,
-                                                           new_specs[-1].index, data,
+                                                           new_specs[-1].time_step, data,
                                                            eval_examples)
     with clock("compile"):
       stage = self._setup(builder, new_specs, number, rack, labels, plan, example_at, prefetch,
@@ -325,9 +324,9 @@ class ProgressiveTrainer:
     return Stage(number, new_specs, rack, labels, plan, view, state, train_step, eval_step, steps,
                  example_at, prefetch)
 
-  def _examples(self, builder, rack, labels, plan, number, stack_index, data, eval_examples):
+  def _examples(self, builder, rack, labels, plan, number, time_step, data, eval_examples):
     """-> (step index -> example on the device, whether that is by index, eval examples);
-    masks as for stack `stack_index` (the stage's last new stack).
+    masks at `time_step` (the stage's last new stack's; None with time as input).
 
     A cached stage reads its trunk activations from a cache, extended from the previous stage's
     where the trunk's input did not change (design §8), else built; eval examples likewise."""
@@ -335,8 +334,8 @@ class ProgressiveTrainer:
     masking = builder.masking
     pool = t.data_reuse == "pool"
     salt = POOL_SALT if pool else number
-    prepare = jax.jit(functools.partial(masking.generate_masks_for_stack, stack_idx=stack_index,
-                                        salt=salt))
+    prepare = jax.jit(lambda batch: masking.example(batch, masking.time_steps_at(batch, time_step,
+                                                                                  salt)))
     order = pool_order(t, number) if pool else None
     if not plan.cached:
       self._drop_caches()
@@ -454,7 +453,7 @@ class ProgressiveTrainer:
         "stack_order": list(stage.rack.order),
         "building_mode": builder.building_mode,
         "time_step": stage.new_specs[-1].time_step,
-        "mask_ratio": builder.masking.mask_ratio_for_stack(k),
+        "mask_ratio": builder.masking.mask_ratio_at(stage.new_specs[-1].time_step),
         "steps": stage.steps,
         "epochs": t.epochs_per_stack,
         "tokens": stage.steps * t.batch_size * t.seq_len,
