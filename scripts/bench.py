@@ -181,7 +181,7 @@ def block_lora_params(m, rank: int) -> int:
   return rank * sum(i + o for i, o in ((d, d), (d, kv), (d, kv), (d, d), (d, ff), (d, ff), (ff, d)))
 
 
-def model_flops(config, rack, labels, plan) -> tuple[float, float]:
+def model_flops(config, rack, labels, plan, fsdp: bool) -> tuple[float, float]:
   """Model FLOPs of one train step of a stage and of one batch through its frozen prefix.
 
   2 FLOPs per multiply-add. A matmul whose weights train costs 3x its forward (forward, input
@@ -190,7 +190,8 @@ def model_flops(config, rack, labels, plan) -> tuple[float, float]:
   when cached (the cache build pays it once per batch: the second number). Attention adds
   2·2·d_model per scored (query, key) pair per block forward (QK^T and PV; `attention_scores`:
   seq² or, chunked causal attention on CPU, about half), 3x with its backward. The tied LM head
-  is one more matmul.
+  is one more matmul. Under FSDP (`fsdp`: the mesh splits params) the backward recomputes each
+  differentiated block's and the head's forward (sharding.gathered_call): one more forward.
   Norms, softmax, RoPE and the optimizer are left out (XLA counts them: FLOP_TOLERANCE).
   """
   m, t = config.model, config.training
@@ -206,10 +207,11 @@ def model_flops(config, rack, labels, plan) -> tuple[float, float]:
       continue
     base_trains = any(label == TRAINABLE and not is_adapter_path(path) for path, label in
                       jax.tree_util.tree_leaves_with_path(labels["stacks"][spec.name]))
-    step += spec.n_blocks * ((3 if base_trains else 2) * dense + 3 * attention + 3 * lora(spec))
+    step += spec.n_blocks * ((3 if base_trains else 2) * dense + 3 * attention + 3 * lora(spec)
+                             + fsdp * (dense + attention + lora(spec)))
   e = labels["embed_head"]
   head_trains = (e["embed"]["embedding"] if m.tie_embeddings else e["head"]["kernel"]) == TRAINABLE
-  step += (3 if head_trains else 2) * 2 * tokens * m.d_model * m.vocab_size
+  step += ((3 if head_trains else 2) + fsdp) * 2 * tokens * m.d_model * m.vocab_size
   return step + (0 if plan.cached else prefix), prefix
 
 
@@ -258,7 +260,7 @@ def build_stage(config, k: int) -> Stage:
                     t.progressive.cache_activations)
   tx = make_optimizer(t, labels, t.steps_per_stack)
   state = init_train_state(rack.params, tx, plan)
-  shardings = tree_shardings(mesh, state)
+  shardings = tree_shardings(mesh, state, rack.axes())
   state = jax.device_put(state, shardings)
   batch = global_batch(mesh, next(make_dataloader(config).train_iter()))
   example = builder.masking.generate_masks_for_stack(batch, k=new_specs[-1].index, salt=stage)
@@ -272,7 +274,7 @@ def build_stage(config, k: int) -> Stage:
   # XLA's count of the step as traced (before optimization: compiling here would compile twice,
   # and an AOT-compiled step refuses the int4 layouts its own outputs have).
   lowered = step.lower(state, example)
-  flops, prefix_flops = model_flops(config, rack, labels, plan)
+  flops, prefix_flops = model_flops(config, rack, labels, plan, mesh.shape["fsdp"] > 1)
   xla = xla_flops(lowered)
   check_flops(f"stage {stage} ({k} stacks, {plan.activation_mode})", flops, xla)
   return Stage(config, rack, labels, plan, step, lowered, state, example, flops, xla, prefix,
@@ -722,21 +724,38 @@ def collective_bytes(hlo: str) -> dict[str, float]:
   return totals
 
 
+# Where params dominate a device's memory: all 8 stacks of a d_model-1024 model train at once, on
+# a small batch (FSDP's per-device bytes against data parallelism's).
+PARAMS_HEAVY = [*MODES["end-to-end"], "model.d_model=1024", "model.n_blocks_per_stack=1",
+                "training.batch_size=8", "training.seq_len=32"]
+# FSDP's bytes per device at most this fraction of data parallelism's (PARAMS_HEAVY). Not 1/8:
+# XLA:CPU all-reduces every block's gradient whole (no reduce-scatter) and combines those
+# all-reduces into one, so a device holds the whole gradient twice at the end of the backward.
+FSDP_MAX_DEVICE_FRACTION = 0.5
+
+
 def comm_worker(config_path, overrides, devices) -> list[dict]:
   """Stage 1 (embedding + first stack train) and stage 2 (cached frozen trunk, the new stack
-  trains) compiled on a devices x 1 (data-parallel) and a 1 x devices (FSDP) mesh."""
+  trains), and PARAMS_HEAVY's 8 stacks, compiled on a devices x 1 (data-parallel) and a
+  1 x devices (FSDP) mesh. Per device: the compiled step's argument and temporary bytes."""
   rows = []
   for name, (data, fsdp) in {"data-parallel": (devices, 1), "fsdp": (1, devices)}.items():
-    config = load_config(config_path, [*overrides, *MODES["cached"], f"mesh.data={data}",
-                                       f"mesh.fsdp={fsdp}"])
-    for k in (1, 2):
-      stage = build_stage(config, k)
+    mesh = [f"mesh.data={data}", f"mesh.fsdp={fsdp}"]
+    for case, k, fields in [("stage 1", 1, MODES["cached"]), ("stage 2", 2, MODES["cached"]),
+                            ("8 stacks, d_model 1024", 8, PARAMS_HEAVY)]:
+      stage = build_stage(load_config(config_path, [*overrides, *fields, *mesh]), k)
       trainable = sum(x.nbytes for x, label in zip(jax.tree.leaves(stage.state["params"]),
                                                    jax.tree.leaves(stage.labels))
                       if label == TRAINABLE)
-      totals = collective_bytes(stage.lowered.compile().as_text())
-      rows.append({"mesh": name, "shape": [data, fsdp], "stage": k, "trainable_bytes": trainable,
-                   "total_bytes": sum(totals.values()), **totals})
+      compiled = stage.lowered.compile()
+      totals = collective_bytes(compiled.as_text())
+      memory = compiled.memory_analysis()
+      rows.append({"mesh": name, "shape": [data, fsdp], "case": case, "stage": stage.plan.stage,
+                   "trainable_bytes": trainable, "total_bytes": sum(totals.values()), **totals,
+                   "argument_bytes": memory.argument_size_in_bytes,
+                   "temp_bytes": memory.temp_size_in_bytes,
+                   "device_bytes": memory.argument_size_in_bytes + memory.temp_size_in_bytes})
+      del stage, compiled   # the data-parallel 8 stacks hold ~4 GiB on the forced devices
   return rows
 
 
@@ -749,13 +768,24 @@ def bench_comm(args, s):
   for r in rows:
     if r["mesh"] == "data-parallel" and not r["all-reduce"] >= r["trainable_bytes"]:
       fail(f"all-reduce {r['all-reduce']} B < gradients {r['trainable_bytes']} B in {r}")
+  heavy = {r["mesh"]: r["device_bytes"] for r in rows if r["case"] == "8 stacks, d_model 1024"}
+  if heavy["fsdp"] > FSDP_MAX_DEVICE_FRACTION * heavy["data-parallel"]:
+    fail(f"FSDP holds {heavy['fsdp']} B a device, over {FSDP_MAX_DEVICE_FRACTION} of data "
+         f"parallelism's {heavy['data-parallel']} B")
   for r in rows:
-    r.update({f"{key}_mib": r[key] / 2**20 for key in ("trainable_bytes", "total_bytes", *COLLECTIVES)})
-  summary = {f"{r['mesh']}/stage{r['stage']}": r["total_bytes"] for r in rows}
-  columns = [("mesh", "mesh", "{}"), ("stage", "stage", "{}"),
+    r.update({f"{key}_mib": r[key] / 2**20
+              for key in ("trainable_bytes", "total_bytes", *COLLECTIVES, "argument_bytes",
+                          "temp_bytes", "device_bytes")})
+  summary = {f"{r['mesh']}/{r['case']}": r["total_bytes"] for r in rows}
+  summary.update({f"{mesh}/device_bytes": b for mesh, b in heavy.items()})
+  summary["fsdp/data-parallel device bytes"] = heavy["fsdp"] / heavy["data-parallel"]
+  columns = [("mesh", "mesh", "{}"), ("step", "case", "{}"),
              ("trainable grads MiB", "trainable_bytes_mib", "{:.2f}"),
              ("total MiB", "total_bytes_mib", "{:.2f}"),
-             *[(c, f"{c}_mib", "{:.2f}") for c in COLLECTIVES]]
+             *[(c, f"{c}_mib", "{:.2f}") for c in COLLECTIVES],
+             ("args MiB/device", "argument_bytes_mib", "{:.1f}"),
+             ("temp MiB/device", "temp_bytes_mib", "{:.1f}"),
+             ("args + temp MiB/device", "device_bytes_mib", "{:.1f}")]
   return columns, rows, summary
 
 

@@ -2,7 +2,7 @@
 
 Kernels are `Linear` (an `nnx.Linear`) so that qwix can intercept their `dot_general` for int4 and
 the stack LoRA (model/lora.py). Every layer takes a compute `dtype`; params keep their own storage
-dtype.
+dtype. Each param declares the logical axes of its dims where it is created (sharding.py).
 """
 import math
 
@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from stackwise_jax.model import nvfp4
+from stackwise_jax.sharding import axes, kernel_leaf_axes
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -36,14 +37,17 @@ class Linear(nnx.Linear):
   """A bias-free `nnx.Linear` that can carry a progressive LoRA adapter (design §6) and run its
   kernel through NVFP4 (design §5).
 
+  `kernel_axes`: the logical axes of the kernel's (in, out) dims (sharding.py).
   `adapter` is a flax `nnx.LoRA` (B = 0 at init, so adding it changes nothing) whose output is
   scaled by alpha / rank; it is attached by `add_adapter` when the stack becomes trunk.
   `nvfp4_mode` is None, "fake" (trainable kernel, fake-quantized at every call) or "packed"
   (frozen: `kernel` replaced by the `nvfp4.PACKED_LEAVES`, dequantized at compute).
   """
 
-  def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs):
-    super().__init__(in_features, out_features, use_bias=False, dtype=dtype, rngs=rngs)
+  def __init__(self, in_features: int, out_features: int, kernel_axes: tuple, *, dtype,
+               rngs: nnx.Rngs):
+    super().__init__(in_features, out_features, use_bias=False, dtype=dtype,
+                     kernel_metadata=axes(*kernel_axes), rngs=rngs)
     self.adapter = nnx.data(None)
     self.adapter_scale = 0.0
     self.nvfp4_mode = None
@@ -54,7 +58,7 @@ class Linear(nnx.Linear):
     if packed:
       encoded = nvfp4.quantize(self.kernel[...].T)   # [out, in]: blocks along the contraction axis
       for leaf, key in zip(nvfp4.PACKED_LEAVES, ("packed", "scales", "tensor_scale")):
-        setattr(self, leaf, nnx.Param(encoded[key]))
+        setattr(self, leaf, nnx.Param(encoded[key], **kernel_leaf_axes(leaf, self._kernel_axes())))
       self.kernel = nnx.data(None)
 
   def _kernel(self) -> jax.Array:
@@ -65,9 +69,13 @@ class Linear(nnx.Linear):
       return nvfp4.dequantize(encoded, self.dtype).T
     return nvfp4.fake_quantize(self.kernel[...].T).T.astype(self.dtype)
 
+  def _kernel_axes(self) -> tuple:
+    return self.kernel.get_metadata()["out_sharding"]
+
   def add_adapter(self, rank: int, alpha: float, rngs: nnx.Rngs) -> None:
     self.adapter = nnx.LoRA(self.in_features, rank, self.out_features, dtype=self.dtype,
-                            rngs=rngs)
+                            a_metadata=kernel_leaf_axes("lora_a", self._kernel_axes()),
+                            b_metadata=kernel_leaf_axes("lora_b", self._kernel_axes()), rngs=rngs)
     self.adapter_scale = alpha / rank
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -124,11 +132,11 @@ class Attention(nnx.Module):
     self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
     self.head_dim = d_model // n_heads
     self.rope_theta, self.causal = rope_theta, causal
-    linear = lambda i, o: Linear(i, o, dtype=dtype, rngs=rngs)
-    self.q = linear(d_model, n_heads * self.head_dim)
-    self.k = linear(d_model, n_kv_heads * self.head_dim)
-    self.v = linear(d_model, n_kv_heads * self.head_dim)
-    self.o = linear(n_heads * self.head_dim, d_model)
+    linear = lambda i, o, kernel_axes: Linear(i, o, kernel_axes, dtype=dtype, rngs=rngs)
+    self.q = linear(d_model, n_heads * self.head_dim, ("embed", "hidden"))
+    self.k = linear(d_model, n_kv_heads * self.head_dim, ("embed", "hidden"))
+    self.v = linear(d_model, n_kv_heads * self.head_dim, ("embed", "hidden"))
+    self.o = linear(n_heads * self.head_dim, d_model, ("hidden", "embed"))
 
   def __call__(self, x: jax.Array, cache: dict | None = None, pos=0):
     """x: [batch, seq, d_model] -> [batch, seq, d_model].
@@ -160,8 +168,10 @@ class SwiGLU(nnx.Module):
   """Feed-forward: down(silu(gate(x)) * up(x))."""
 
   def __init__(self, d_model: int, d_ff: int, *, dtype, rngs: nnx.Rngs):
-    linear = lambda i, o: Linear(i, o, dtype=dtype, rngs=rngs)
-    self.gate, self.up, self.down = linear(d_model, d_ff), linear(d_model, d_ff), linear(d_ff, d_model)
+    linear = lambda i, o, kernel_axes: Linear(i, o, kernel_axes, dtype=dtype, rngs=rngs)
+    self.gate = linear(d_model, d_ff, ("embed", "hidden"))
+    self.up = linear(d_model, d_ff, ("embed", "hidden"))
+    self.down = linear(d_ff, d_model, ("hidden", "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
@@ -180,7 +190,8 @@ class TimeEmbedding(nnx.Module):
 
   def __init__(self, num_time_steps: int, dim: int, encoding: str, *, rngs: nnx.Rngs):
     self.dim, self.encoding = dim, encoding
-    self.table = nnx.Embed(num_time_steps, dim, rngs=rngs) if encoding == "learned" else None
+    self.table = (nnx.Embed(num_time_steps, dim, embedding_metadata=axes(None, "time"), rngs=rngs)
+                  if encoding == "learned" else None)
 
   def __call__(self, time_step: jax.Array) -> jax.Array:
     if self.table is not None:
