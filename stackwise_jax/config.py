@@ -13,15 +13,12 @@ import ml_collections
 from ml_collections.config_flags import tuple_parser
 import yaml
 
+from stackwise_jax.errors import ConfigError
 # The tables that own allowed names. These modules must not import config (an import cycle).
 from stackwise_jax.model.lora import RANK_PATTERNS
 from stackwise_jax.model.stack import COMPUTE_DTYPES
 from stackwise_jax.objectives import OBJECTIVES
 from stackwise_jax.quant import BY_PRECISION, FORMATS, QLORA_TRUNK
-
-
-class ConfigError(ValueError):
-  """A config value is not allowed. The message names the field path, the value and what is allowed."""
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -3,8 +3,9 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_run.py CORPUS OUT.json WORKDIR
 
 Writes per-step losses of 2-stage runs on one device and on a 2×4 (data × fsdp) mesh, for a frozen
-and a qlora trunk; the shardings of the 2×4 run's params and optimizer state; and the losses of a
-run checkpointed on a 1×8 mesh, cut off mid-stage and resumed on a 4×2 mesh.
+and a qlora trunk; the shardings of the 2×4 run's params and optimizer state; the losses of a
+run checkpointed on a 1×8 mesh, cut off mid-stage and resumed on a 4×2 mesh; and the bytes a
+device holds for a compiled step where params dominate, data-parallel (8×1) and FSDP (1×8).
 """
 import json
 import os
@@ -12,12 +13,17 @@ import shutil
 import sys
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
 
 from conftest import micro_config
 from stackwise_jax.checkpoint import RunCheckpoints
 from stackwise_jax.data import make_dataloader
 from stackwise_jax.trees import key_path
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
+from stackwise_jax.progressive.steps import (init_train_state, make_optimizer, make_train_step,
+                                             plan_stage)
+from stackwise_jax.sharding import batch_spec, make_mesh, replicated, tree_shardings
 
 TRUNKS = {"frozen": {},
           "qlora": dict(trunk_strategy="qlora", qlora_enabled=True, progressive_qlora=True,
@@ -48,8 +54,37 @@ def specs(tree):
           if hasattr(x, "sharding") and x.ndim > 0}
 
 
+def device_bytes(data, fsdp):
+  """Argument + temporary bytes per device of the compiled step that trains 3 stacks of a d_model
+  256 model at once (params dominate: 8 examples of 16 tokens), lowered from shapes only."""
+  config = micro_config(target_stacks=3, enabled=False)
+  config.model.d_model, config.model.d_ff = 256, 512
+  config.training.batch_size = 8
+  config.mesh.data, config.mesh.fsdp = data, fsdp
+  builder = ProgressiveRackBuilder(config)
+  for _ in range(3):
+    builder.add_stack()
+  rack, labels = builder.build_rack(), builder.labels()
+  plan = plan_stage(rack, set(), cache_activations=False)
+  tx = make_optimizer(config.training, labels, total_steps=8)
+  mesh = make_mesh(config)
+  state = init_train_state(rack.params, tx, plan)
+  shardings = tree_shardings(mesh, state, rack.axes())
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                       shardings)
+  batch = lambda dtype, *shape: jax.ShapeDtypeStruct(shape, dtype,
+                                                     sharding=NamedSharding(mesh, batch_spec()))
+  tokens = batch(jnp.int32, 8, config.training.seq_len)
+  example = {"inputs": tokens, "targets": tokens, "time_step": batch(jnp.int32, 8),
+             "loss_mask": batch(jnp.float32, 8, config.training.seq_len)}
+  step = make_train_step(rack, plan, tx, labels, shardings=(shardings, replicated(mesh)))
+  memory = step.lower(state, example).compile().memory_analysis()
+  return memory.argument_size_in_bytes + memory.temp_size_in_bytes
+
+
 def main(corpus, out, workdir):
-  report = {"devices": jax.device_count()}
+  report = {"devices": jax.device_count(),
+            "device_bytes": {"data-parallel": device_bytes(8, 1), "fsdp": device_bytes(1, 8)}}
   for trunk, fields in TRUNKS.items():
     single, _ = train(config_for(corpus, 1, 1, **fields), devices=jax.devices()[:1])
     sharded, state = train(config_for(corpus, 2, 4, **fields))

@@ -1,18 +1,24 @@
 """Sharded training (design §11) on 8 forced CPU devices: the losses of one device, params and
-optimizer state really split, checkpoints that move between mesh shapes. The 8-device runs happen
-in one subprocess (`sharded_run.py`): XLA's device count is fixed when jax starts."""
+optimizer state really split, far fewer bytes a device under FSDP, checkpoints that move between
+mesh shapes. The 8-device runs happen in one subprocess (`sharded_run.py`): XLA's device count is
+fixed when jax starts. In this process: logical axes declared where every param is created."""
 import json
 import os
 import subprocess
 import sys
 
+from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import REPO, micro_config, write_corpus
 from stackwise_jax import ConfigError
-from stackwise_jax.sharding import logical_axes, make_mesh
+from stackwise_jax.model import Stack
+from stackwise_jax.progressive import ProgressiveRackBuilder
+from stackwise_jax.sharding import make_mesh, param_axes
+from stackwise_jax.trees import key_path
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +62,14 @@ def test_params_and_optimizer_state_are_split_over_fsdp(sharded, trunk):
     assert params["stacks/stack_0/blocks/0/attn/q/adapter/lora_a"] == "P('fsdp', None)"
 
 
+def test_fsdp_step_holds_far_fewer_bytes_a_device_than_data_parallel(sharded):
+  # Params, Adam's moments and gradients dominate this step. Data parallelism holds all of them on
+  # every device; FSDP an eighth of params and moments, the block it runs and (on XLA:CPU) the
+  # whole gradient, all-reduced before it is split.
+  held = sharded["device_bytes"]
+  assert held["fsdp"] < 0.5 * held["data-parallel"], held
+
+
 def test_checkpoint_from_a_1x8_mesh_resumes_on_4x2_with_the_same_losses(sharded):
   run = sharded["restore"]
   assert run["mesh"] == {"data": 4, "fsdp": 2}
@@ -82,10 +96,47 @@ def test_mesh_sizes_and_batch_are_checked_naming_the_field():
   assert dict(make_mesh(config, jax.devices()[:1]).shape) == {"data": 1, "fsdp": 1}
 
 
-def test_logical_axes_of_each_kind_of_leaf():
-  stack = "stacks/stack_0/blocks/0"
-  assert logical_axes(f"{stack}/attn/q/kernel", 2) == ("embed", "hidden")
-  assert logical_axes(f"{stack}/ffn/down/kernel/array/qvalue", 2) == ("hidden", "embed")
-  assert logical_axes(f"{stack}/attn/o/kernel_packed", 2) == ("embed", "hidden")
-  assert logical_axes(f"mu/{stack}/ffn/up/adapter/lora_a", 2) == ("embed", None)
-  assert logical_axes(f"{stack}/attn_norm/scale", 1) == (None,)
+def _axes_of(trunk_fields):
+  """{key path: (shape, logical axes)} of a 2-stack rack whose first stack is trunk."""
+  builder = ProgressiveRackBuilder(micro_config(progressive_qlora=True, quant_block_size=16,
+                                                **trunk_fields))
+  builder.add_stack()
+  builder.trained.add("stack_0")
+  if trunk_fields.get("trunk_strategy") == "qlora":
+    builder.freeze_all_but_qlora()
+  else:
+    builder.freeze_trunk()
+  builder.add_stack()
+  rack = builder.build_rack()
+  shapes = {key_path(path): np.shape(x) for path, x in jax.tree_util.tree_leaves_with_path(rack.params)}
+  axes = rack.axes()
+  assert set(axes) == set(shapes)   # every leaf, and no other
+  assert all(len(axes[path]) == len(shape) for path, shape in shapes.items())
+  return axes
+
+
+def test_every_kind_of_param_declares_its_logical_axes_where_it_is_created():
+  block = "stacks/stack_0/blocks/0"
+  axes = _axes_of(dict(trunk_strategy="qlora", qlora_enabled=True))
+  assert axes["embed_head/embed/embedding"] == ("vocab", "embed")
+  assert axes[f"{block}/attn_norm/scale"] == ("norm",)
+  assert axes["stacks/stack_1/blocks/0/attn/q/kernel"] == ("embed", "hidden")
+  # int4 (qwix carries the kernel's axes over) and both adapters.
+  assert axes[f"{block}/ffn/down/kernel/array/qvalue"] == ("hidden", "embed")
+  assert axes[f"{block}/ffn/down/kernel/array/scale"] == ("hidden", "embed")
+  assert axes[f"{block}/attn/q/kernel_lora_a"] == ("embed", None)
+  assert axes[f"{block}/ffn/up/adapter/lora_a"] == ("embed", None)
+  assert axes[f"{block}/ffn/down/adapter/lora_b"] == (None, "embed")
+  # nvfp4 stores the kernel [in, out] transposed.
+  axes = _axes_of(dict(new_stack_precision="nvfp4"))
+  assert axes[f"{block}/attn/o/kernel_packed"] == ("embed", "hidden")
+  assert axes[f"{block}/attn/q/kernel_scales"] == ("hidden", "embed")
+  assert axes[f"{block}/attn/q/kernel_tensor_scale"] == ()
+
+
+def test_a_param_without_logical_axes_is_an_error_naming_it():
+  stack = Stack(micro_config().model, n_blocks=1, dtype=jnp.float32, causal=True, time_dim=None,
+                rngs=nnx.Rngs(0))
+  stack.blocks[0].ffn.extra = nnx.Param(jnp.zeros(3))
+  with pytest.raises(ValueError, match=r"param blocks/0/ffn/extra has no logical axes"):
+    param_axes(stack)

@@ -37,21 +37,38 @@ def collective_bytes(hlo: str) -> dict[str, float]:
   return totals
 
 
+# Where params dominate a device's memory: all 8 stacks of a d_model-1024 model train at once, on
+# a small batch (FSDP's per-device bytes against data parallelism's).
+PARAMS_HEAVY = [*MODES["end-to-end"], "model.d_model=1024", "model.n_blocks_per_stack=1",
+                "training.batch_size=8", "training.seq_len=32"]
+# FSDP's bytes per device at most this fraction of data parallelism's (PARAMS_HEAVY). Not 1/8:
+# XLA:CPU all-reduces every block's gradient whole (no reduce-scatter) and combines those
+# all-reduces into one, so a device holds the whole gradient twice at the end of the backward.
+FSDP_MAX_DEVICE_FRACTION = 0.5
+
+
 def worker(config_path, overrides, devices) -> list[dict]:
   """Stage 1 (embedding + first stack train) and stage 2 (cached frozen trunk, the new stack
-  trains) compiled on a devices x 1 (data-parallel) and a 1 x devices (FSDP) mesh."""
+  trains), and PARAMS_HEAVY's 8 stacks, compiled on a devices x 1 (data-parallel) and a
+  1 x devices (FSDP) mesh. Per device: the compiled step's argument and temporary bytes."""
   rows = []
   for name, (data, fsdp) in {"data-parallel": (devices, 1), "fsdp": (1, devices)}.items():
-    config = load_config(config_path, [*overrides, *MODES["cached"], f"mesh.data={data}",
-                                       f"mesh.fsdp={fsdp}"])
-    for k in (1, 2):
-      stage = build_stage(config, k)
+    mesh = [f"mesh.data={data}", f"mesh.fsdp={fsdp}"]
+    for case, k, fields in [("stage 1", 1, MODES["cached"]), ("stage 2", 2, MODES["cached"]),
+                            ("8 stacks, d_model 1024", 8, PARAMS_HEAVY)]:
+      stage = build_stage(load_config(config_path, [*overrides, *fields, *mesh]), k)
       trainable = sum(x.nbytes for x, label in zip(jax.tree.leaves(stage.state["params"]),
                                                    jax.tree.leaves(stage.labels))
                       if label == TRAINABLE)
-      totals = collective_bytes(stage.lowered.compile().as_text())
-      rows.append({"mesh": name, "shape": [data, fsdp], "stage": k, "trainable_bytes": trainable,
-                   "total_bytes": sum(totals.values()), **totals})
+      compiled = stage.lowered.compile()
+      totals = collective_bytes(compiled.as_text())
+      memory = compiled.memory_analysis()
+      rows.append({"mesh": name, "shape": [data, fsdp], "case": case, "stage": stage.number,
+                   "trainable_bytes": trainable, "total_bytes": sum(totals.values()), **totals,
+                   "argument_bytes": memory.argument_size_in_bytes,
+                   "temp_bytes": memory.temp_size_in_bytes,
+                   "device_bytes": memory.argument_size_in_bytes + memory.temp_size_in_bytes})
+      del stage, compiled   # the data-parallel 8 stacks hold ~4 GiB on the forced devices
   return rows
 
 
@@ -64,11 +81,22 @@ def run(args, s):
   for r in rows:
     if r["mesh"] == "data-parallel" and not r["all-reduce"] >= r["trainable_bytes"]:
       fail(f"all-reduce {r['all-reduce']} B < gradients {r['trainable_bytes']} B in {r}")
+  heavy = {r["mesh"]: r["device_bytes"] for r in rows if r["case"] == "8 stacks, d_model 1024"}
+  if heavy["fsdp"] > FSDP_MAX_DEVICE_FRACTION * heavy["data-parallel"]:
+    fail(f"FSDP holds {heavy['fsdp']} B a device, over {FSDP_MAX_DEVICE_FRACTION} of data "
+         f"parallelism's {heavy['data-parallel']} B")
   for r in rows:
-    r.update({f"{key}_mib": r[key] / 2**20 for key in ("trainable_bytes", "total_bytes", *COLLECTIVES)})
-  summary = {f"{r['mesh']}/stage{r['stage']}": r["total_bytes"] for r in rows}
-  columns = [("mesh", "mesh", "{}"), ("stage", "stage", "{}"),
+    r.update({f"{key}_mib": r[key] / 2**20
+              for key in ("trainable_bytes", "total_bytes", *COLLECTIVES, "argument_bytes",
+                          "temp_bytes", "device_bytes")})
+  summary = {f"{r['mesh']}/{r['case']}": r["total_bytes"] for r in rows}
+  summary.update({f"{mesh}/device_bytes": b for mesh, b in heavy.items()})
+  summary["fsdp/data-parallel device bytes"] = heavy["fsdp"] / heavy["data-parallel"]
+  columns = [("mesh", "mesh", "{}"), ("step", "case", "{}"),
              ("trainable grads MiB", "trainable_bytes_mib", "{:.2f}"),
              ("total MiB", "total_bytes_mib", "{:.2f}"),
-             *[(c, f"{c}_mib", "{:.2f}") for c in COLLECTIVES]]
+             *[(c, f"{c}_mib", "{:.2f}") for c in COLLECTIVES],
+             ("args MiB/device", "argument_bytes_mib", "{:.1f}"),
+             ("temp MiB/device", "temp_bytes_mib", "{:.1f}"),
+             ("args + temp MiB/device", "device_bytes_mib", "{:.1f}")]
   return columns, rows, summary

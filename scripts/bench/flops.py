@@ -24,7 +24,7 @@ def block_lora_params(m, rank: int) -> int:
   return rank * sum(i + o for i, o in ((d, d), (d, kv), (d, kv), (d, d), (d, ff), (d, ff), (ff, d)))
 
 
-def model_flops(config, rack, labels, plan) -> tuple[float, float]:
+def model_flops(config, rack, labels, plan, fsdp: bool) -> tuple[float, float]:
   """Model FLOPs of one train step of a stage and of one batch through its frozen prefix.
 
   2 FLOPs per multiply-add. A matmul whose weights train costs 3x its forward (forward, input
@@ -33,7 +33,8 @@ def model_flops(config, rack, labels, plan) -> tuple[float, float]:
   when cached (the cache build pays it once per batch: the second number). Attention adds
   2·2·d_model per scored (query, key) pair per block forward (QK^T and PV; `attention_scores`:
   seq² or, chunked causal attention on CPU, about half), 3x with its backward. The tied LM head
-  is one more matmul.
+  is one more matmul. Under FSDP (`fsdp`: the mesh splits params) the backward recomputes each
+  differentiated block's and the head's forward (sharding.gathered_call): one more forward.
   Norms, softmax, RoPE and the optimizer are left out (XLA counts them: FLOP_TOLERANCE).
   """
   m, t = config.model, config.training
@@ -49,10 +50,11 @@ def model_flops(config, rack, labels, plan) -> tuple[float, float]:
       continue
     base_trains = any(label == TRAINABLE and not is_adapter_path(path) for path, label in
                       jax.tree_util.tree_leaves_with_path(labels["stacks"][spec.name]))
-    step += spec.n_blocks * ((3 if base_trains else 2) * dense + 3 * attention + 3 * lora(spec))
+    step += spec.n_blocks * ((3 if base_trains else 2) * dense + 3 * attention + 3 * lora(spec)
+                             + fsdp * (dense + attention + lora(spec)))
   e = labels["embed_head"]
   head_trains = (e["embed"]["embedding"] if m.tie_embeddings else e["head"]["kernel"]) == TRAINABLE
-  step += (3 if head_trains else 2) * 2 * tokens * m.d_model * m.vocab_size
+  step += ((3 if head_trains else 2) + fsdp) * 2 * tokens * m.d_model * m.vocab_size
   return step + (0 if plan.cached else prefix), prefix
 
 

@@ -23,6 +23,7 @@ from bench.flops import check_flops, model_flops, xla_flops
 class Stage:
   """Stage k's jitted train step on a real batch, with its FLOP counts."""
   config: Any
+  number: int             # the stage (1-based)
   rack: Any
   labels: Any
   plan: Any
@@ -50,7 +51,7 @@ def build_stage(config, k: int) -> Stage:
   plan = plan_stage(rack, frozen, t.progressive.cache_activations)
   tx = make_optimizer(t, labels, t.steps_per_stack)
   state = init_train_state(rack.params, tx, plan)
-  shardings = tree_shardings(mesh, state)
+  shardings = tree_shardings(mesh, state, rack.axes())
   state = jax.device_put(state, shardings)
   batch = global_batch(mesh, next(make_dataloader(config).train_iter()))
   example = builder.masking.generate_masks_for_stack(batch, stack_idx=new_specs[-1].index, salt=stage)
@@ -64,11 +65,11 @@ def build_stage(config, k: int) -> Stage:
   # XLA's count of the step as traced (before optimization: compiling here would compile twice,
   # and an AOT-compiled step refuses the int4 layouts its own outputs have).
   lowered = step.lower(state, example)
-  flops, prefix_flops = model_flops(config, rack, labels, plan)
+  flops, prefix_flops = model_flops(config, rack, labels, plan, mesh.shape["fsdp"] > 1)
   xla = xla_flops(lowered)
   check_flops(f"stage {stage} ({k} stacks, {plan.activation_mode})", flops, xla)
-  return Stage(config, rack, labels, plan, step, lowered, state, example, flops, xla, prefix,
-               prefix_flops)
+  return Stage(config, stage, rack, labels, plan, step, lowered, state, example, flops, xla,
+               prefix, prefix_flops)
 
 
 def time_stage(stage: Stage, steps: int) -> tuple[list[float], list[float]]:

@@ -2,7 +2,7 @@
 
 Kernels are `Linear` (an `nnx.Linear`) so that qwix can intercept their `dot_general` for int4 and
 the stack LoRA (model/lora.py). Every layer takes a compute `dtype`; params keep their own storage
-dtype.
+dtype. Each param declares the logical axes of its dims where it is created (sharding.py).
 """
 import math
 
@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from stackwise_jax.quant import FORMATS, Format
+from stackwise_jax.sharding import axes, kernel_leaf_axes
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -36,14 +37,17 @@ class Linear(nnx.Linear):
   """A bias-free `nnx.Linear` that can carry a progressive LoRA adapter (design §6) and compute
   with its kernel in a stored format that quantizes itself (design §5, `quant.Format.quantize`).
 
+  `kernel_axes`: the logical axes of the kernel's (in, out) dims (sharding.py).
   `adapter` is a flax `nnx.LoRA` (B = 0 at init, so adding it changes nothing) whose output is
   scaled by alpha / rank; it is attached by `add_adapter` when the stack becomes trunk.
   `stored_format` is None, or (format name, stored): a trainable kernel fake-quantized at every
   call, or (frozen) `kernel` replaced by the format's leaves, dequantized at compute.
   """
 
-  def __init__(self, in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs):
-    super().__init__(in_features, out_features, use_bias=False, dtype=dtype, rngs=rngs)
+  def __init__(self, in_features: int, out_features: int, kernel_axes: tuple, *, dtype,
+               rngs: nnx.Rngs):
+    super().__init__(in_features, out_features, use_bias=False, dtype=dtype,
+                     kernel_metadata=axes(*kernel_axes), rngs=rngs)
     self.adapter = nnx.data(None)
     self.adapter_scale = 0.0
     self.stored_format = None
@@ -53,7 +57,7 @@ class Linear(nnx.Linear):
     self.stored_format = (fmt.name, stored)
     if stored:
       for leaf, value in fmt.quantize(self.kernel[...]).items():
-        setattr(self, leaf, nnx.Param(value))
+        setattr(self, leaf, nnx.Param(value, **kernel_leaf_axes(leaf, self._kernel_axes())))
       self.kernel = nnx.data(None)
 
   def _kernel(self) -> jax.Array:
@@ -64,9 +68,13 @@ class Linear(nnx.Linear):
       return fmt.dequantize({leaf: getattr(self, leaf)[...] for leaf in fmt.leaves}, self.dtype)
     return fmt.fake_quantize(self.kernel[...]).astype(self.dtype)
 
+  def _kernel_axes(self) -> tuple:
+    return self.kernel.get_metadata()["out_sharding"]
+
   def add_adapter(self, rank: int, alpha: float, rngs: nnx.Rngs) -> None:
     self.adapter = nnx.LoRA(self.in_features, rank, self.out_features, dtype=self.dtype,
-                            rngs=rngs)
+                            a_metadata=kernel_leaf_axes("lora_a", self._kernel_axes()),
+                            b_metadata=kernel_leaf_axes("lora_b", self._kernel_axes()), rngs=rngs)
     self.adapter_scale = alpha / rank
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -124,11 +132,11 @@ class Attention(nnx.Module):
     self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
     self.head_dim = d_model // n_heads
     self.rope_theta, self.causal = rope_theta, causal
-    linear = lambda i, o: Linear(i, o, dtype=dtype, rngs=rngs)
-    self.q = linear(d_model, n_heads * self.head_dim)
-    self.k = linear(d_model, n_kv_heads * self.head_dim)
-    self.v = linear(d_model, n_kv_heads * self.head_dim)
-    self.o = linear(n_heads * self.head_dim, d_model)
+    linear = lambda i, o, kernel_axes: Linear(i, o, kernel_axes, dtype=dtype, rngs=rngs)
+    self.q = linear(d_model, n_heads * self.head_dim, ("embed", "hidden"))
+    self.k = linear(d_model, n_kv_heads * self.head_dim, ("embed", "hidden"))
+    self.v = linear(d_model, n_kv_heads * self.head_dim, ("embed", "hidden"))
+    self.o = linear(n_heads * self.head_dim, d_model, ("hidden", "embed"))
 
   def __call__(self, x: jax.Array, cache: dict | None = None, pos=0):
     """x: [batch, seq, d_model] -> [batch, seq, d_model].
@@ -160,8 +168,10 @@ class SwiGLU(nnx.Module):
   """Feed-forward: down(silu(gate(x)) * up(x))."""
 
   def __init__(self, d_model: int, d_ff: int, *, dtype, rngs: nnx.Rngs):
-    linear = lambda i, o: Linear(i, o, dtype=dtype, rngs=rngs)
-    self.gate, self.up, self.down = linear(d_model, d_ff), linear(d_model, d_ff), linear(d_ff, d_model)
+    linear = lambda i, o, kernel_axes: Linear(i, o, kernel_axes, dtype=dtype, rngs=rngs)
+    self.gate = linear(d_model, d_ff, ("embed", "hidden"))
+    self.up = linear(d_model, d_ff, ("embed", "hidden"))
+    self.down = linear(d_ff, d_model, ("hidden", "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
@@ -180,7 +190,8 @@ class TimeEmbedding(nnx.Module):
 
   def __init__(self, num_time_steps: int, dim: int, encoding: str, *, rngs: nnx.Rngs):
     self.dim, self.encoding = dim, encoding
-    self.table = nnx.Embed(num_time_steps, dim, rngs=rngs) if encoding == "learned" else None
+    self.table = (nnx.Embed(num_time_steps, dim, embedding_metadata=axes(None, "time"), rngs=rngs)
+                  if encoding == "learned" else None)
 
   def __call__(self, time_step: jax.Array) -> jax.Array:
     if self.table is not None:

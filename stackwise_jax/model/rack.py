@@ -19,6 +19,7 @@ from stackwise_jax.model.lora import ADAPTED_KERNELS, LoraSetting, apply_qwix
 from stackwise_jax.model.stack import COMPUTE_DTYPES, Stack
 from stackwise_jax.objectives import OBJECTIVES
 from stackwise_jax.quant import Format, stack_format
+from stackwise_jax.sharding import axes, gathered_call, param_axes
 
 Params = dict[str, Any]
 
@@ -56,12 +57,14 @@ class EmbedHead(nnx.Module):
     m, p = config.model, config.training.progressive
     # Small init: with a tied head, unit-variance rows would give logits of size sqrt(d_model).
     self.embed = nnx.Embed(m.vocab_size, m.d_model, embedding_init=nnx.initializers.normal(0.02),
-                           rngs=rngs)
+                           embedding_metadata=axes("vocab", "embed"), rngs=rngs)
     self.time_embed = (TimeEmbedding(p.num_time_steps, p.time_embedding_dim, p.time_encoding_type,
                                      rngs=rngs)
                        if p.time_interpretation == "input" else None)
-    self.final_norm = nnx.RMSNorm(m.d_model, epsilon=m.norm_eps, rngs=rngs)
+    self.final_norm = nnx.RMSNorm(m.d_model, epsilon=m.norm_eps, scale_metadata=axes("norm"),
+                                  rngs=rngs)
     self.head = None if m.tie_embeddings else nnx.Linear(m.d_model, m.vocab_size, use_bias=False,
+                                                        kernel_metadata=axes("embed", "vocab"),
                                                         rngs=rngs)
 
   def time_embedding(self, time_step):
@@ -104,11 +107,24 @@ class Rack:
     """Hashable: equal for racks whose pure functions compute the same thing."""
     return tuple(sorted(self.graphdefs.items(), key=lambda item: item[0]))
 
+  def axes(self) -> dict[str, tuple]:
+    """{key path: logical axes} of every params leaf, as its module declared them (the
+    graphdefs keep them; sharding.py)."""
+    modules = {"embed_head": ("embed_head", self.params["embed_head"]),
+               **{f"stacks/{name}": (name, tree) for name, tree in self.params["stacks"].items()}}
+    return {f"{prefix}/{path}": names for prefix, (key, tree) in modules.items()
+            for path, names in param_axes(nnx.merge(self.graphdefs[key], tree)).items()}
+
+  def _embed_head(self, method: str, params: Params, *args):
+    """EmbedHead.`method`(*args), its params gathered under a mesh (sharding.gathered_call)."""
+    return gathered_call(nnx.merge(self.graphdefs["embed_head"], params["embed_head"]), *args,
+                         method=method)
+
   def embed(self, params: Params, tokens, time_step=None):
-    return nnx.merge(self.graphdefs["embed_head"], params["embed_head"]).embed_tokens(tokens, time_step)
+    return self._embed_head("embed_tokens", params, tokens, time_step)
 
   def time_embedding(self, params: Params, time_step):
-    return nnx.merge(self.graphdefs["embed_head"], params["embed_head"]).time_embedding(time_step)
+    return self._embed_head("time_embedding", params, time_step)
 
   def apply_stacks(self, params: Params, names, h, time_emb=None, dropout_key=None):
     """Runs the named stacks in the given order. h: [batch, seq, d_model] fp32."""
@@ -119,7 +135,7 @@ class Rack:
     return h
 
   def logits(self, params: Params, h):
-    return nnx.merge(self.graphdefs["embed_head"], params["embed_head"]).logits(h)
+    return self._embed_head("logits", params, h)
 
   def init_cache(self, batch: int, max_len: int) -> dict:
     """An empty KV cache for `decode`: per stack, per block {"k", "v"} zeros

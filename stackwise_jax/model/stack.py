@@ -5,6 +5,7 @@ import jax.numpy as jnp
 
 from stackwise_jax.model.layers import Attention, SwiGLU, dropout
 from stackwise_jax.quant import FORMATS
+from stackwise_jax.sharding import axes, gathered_call, split_batch
 
 # Compute dtype of each precision. Params stay fp32 while trainable (master weights); a frozen
 # stack stores its float params in this dtype (bf16/fp16 stacks drop their fp32 master copy).
@@ -23,12 +24,15 @@ class Block(nnx.Module):
   def __init__(self, model_config, *, causal: bool, dtype, time_dim: int | None, rngs: nnx.Rngs):
     m = model_config
     self.dropout_rate = m.dropout
-    self.attn_norm = nnx.RMSNorm(m.d_model, epsilon=m.norm_eps, dtype=dtype, rngs=rngs)
+    norm = lambda: nnx.RMSNorm(m.d_model, epsilon=m.norm_eps, dtype=dtype,
+                               scale_metadata=axes("norm"), rngs=rngs)
+    self.attn_norm = norm()
     self.attn = Attention(m.d_model, m.n_heads, m.n_kv_heads, rope_theta=m.rope_theta,
                           causal=causal, dtype=dtype, rngs=rngs)
-    self.ffn_norm = nnx.RMSNorm(m.d_model, epsilon=m.norm_eps, dtype=dtype, rngs=rngs)
+    self.ffn_norm = norm()
     self.ffn = SwiGLU(m.d_model, m.d_ff, dtype=dtype, rngs=rngs)
-    self.time_proj = (nnx.Linear(time_dim, m.d_model, use_bias=False, dtype=dtype, rngs=rngs)
+    self.time_proj = (nnx.Linear(time_dim, m.d_model, use_bias=False, dtype=dtype,
+                                 kernel_metadata=axes("time", "embed"), rngs=rngs)
                       if time_dim else None)
 
   def __call__(self, x, time_emb=None, dropout_key=None, cache=None, pos=0):
@@ -46,7 +50,9 @@ class Block(nnx.Module):
 
 class Stack(nnx.Module):
   """`n_blocks` blocks with one precision. Input and output are fp32 [batch, seq, d_model];
-  inside, the residual stream runs in the stack's compute dtype."""
+  inside, the residual stream runs in the stack's compute dtype. In a step traced under a
+  multi-device mesh (sharding.py) each block runs with its params gathered, on its share of the
+  batch."""
 
   def __init__(self, model_config, *, n_blocks: int, dtype, causal: bool, time_dim: int | None,
                rngs: nnx.Rngs):
@@ -62,7 +68,7 @@ class Stack(nnx.Module):
     x = x.astype(self.dtype)
     if caches is None:
       for block, key in zip(self.blocks, keys):
-        x = block(x, time_emb, key)
+        x = gathered_call(block, split_batch(x), time_emb, key)
       return x.astype(jnp.float32)
     updated = []
     for block, cache in zip(self.blocks, caches):

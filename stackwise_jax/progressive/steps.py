@@ -8,6 +8,7 @@ cannot be differentiated, frozen ones need not be); frozen leaves get zero updat
 `optax.multi_transform`.
 """
 import dataclasses
+import functools
 
 from flax.training.dynamic_scale import DynamicScale
 import jax
@@ -16,6 +17,7 @@ import optax
 
 from stackwise_jax.model import Rack
 from stackwise_jax.progressive.builder import FROZEN, TRAINABLE
+from stackwise_jax.sharding import use_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +142,8 @@ def make_train_step(rack: Rack, plan: StagePlan, tx, labels, shardings=None):
   `example` holds inputs/targets/loss_mask/time_step and, for a cached stage, `h`: the prefix
   output [B, T, d_model]. `shardings`: (the state's
   NamedShardings, a replicated one) from sharding.py; the state keeps its shardings from step to
-  step, the example's follow it, params are gathered (replicated) for the forward."""
+  step, the example's follow it. The step is traced under their mesh: each block gathers its
+  params when it runs (sharding.gathered_call), never the whole model at once."""
 
   def loss_fn(params, h, example, dropout_key):
     if h is None:
@@ -151,21 +154,15 @@ def make_train_step(rack: Rack, plan: StagePlan, tx, labels, shardings=None):
     return masked_cross_entropy(rack.logits(params, h), example["targets"], example["loss_mask"])
 
   def step(state, example):
-    params = full = state["params"]
-    if shardings is not None:
-      # FSDP: the forward uses gathered params (the backward of this constraint reduces the
-      # gradients back onto the split); the optimizer updates the split ones. Left to itself,
-      # GSPMD keeps kernels split along d_model and all-reduces partial activations instead,
-      # which moves far more data.
-      full = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, shardings[1]), params)
+    params = state["params"]
     if plan.cached:
       h = example["h"]
     elif plan.prefix:
-      h = prefix_activations(rack, plan.prefix, full, example)
+      h = prefix_activations(rack, plan.prefix, params, example)
     else:
       h = None
     dropout_key = jax.random.fold_in(jax.random.key(state["dropout_seed"]), state["step"])
-    trainable, frozen = split_by_label(full, labels)
+    trainable, frozen = split_by_label(params, labels)
     grad_fn = lambda trainable: loss_fn(join(trainable, frozen), h, example, dropout_key)
     if plan.loss_scaling:
       dyn_scale, _, loss, grads = state["dyn_scale"].value_and_grad(grad_fn)(trainable)
@@ -186,7 +183,13 @@ def make_train_step(rack: Rack, plan: StagePlan, tx, labels, shardings=None):
   if shardings is None:
     return jax.jit(step, donate_argnums=0)
   state_shardings, loss_sharding = shardings
-  return jax.jit(step, in_shardings=(state_shardings, None),
+
+  @functools.wraps(step)
+  def traced_under_mesh(state, example):
+    with use_mesh(loss_sharding.mesh):
+      return step(state, example)
+
+  return jax.jit(traced_under_mesh, in_shardings=(state_shardings, None),
                  out_shardings=(state_shardings, loss_sharding), donate_argnums=0)
 
 

@@ -191,8 +191,9 @@ class ProgressiveTrainer:
     started = time.perf_counter()
     with clock("compile"):   # set-up is counted with compilation: both are paid once a stage
       frozen = set_labels(builder)
-      builder.update_params(jax.device_put(builder.params,
-                                           tree_shardings(self.mesh, builder.params)))
+      params_axes = builder.build_rack().axes()   # as declared where the params were created
+      builder.update_params(jax.device_put(
+          builder.params, tree_shardings(self.mesh, builder.params, params_axes)))
       rack, labels = builder.build_rack(), builder.labels()
       plan = plan_stage(rack, frozen, t.progressive.cache_activations)
       self._say_why_not_cached(builder, plan)
@@ -311,7 +312,7 @@ class ProgressiveTrainer:
       opt = restore_into({k: v for k, v in state.items() if k != "params"}, resume.opt,
                          "optimizer state")
       state = {**state, **opt}
-    shardings = tree_shardings(self.mesh, state)
+    shardings = tree_shardings(self.mesh, state, step_rack.axes())
     state = jax.device_put(state, shardings)
     key = (step_rack.structure(), step_plan, jax.tree.structure(step_labels),
            tuple(jax.tree.leaves(step_labels)), tuple(jax.tree.leaves(shardings)))
