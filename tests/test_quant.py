@@ -12,7 +12,6 @@ from stackwise_jax import ProgressiveRackBuilder, validate
 from stackwise_jax.config import ConfigError
 from stackwise_jax.model import COMPUTE_DTYPES
 from stackwise_jax.quant import FORMATS, nvfp4
-from stackwise_jax.sharding import logical_axes
 from stackwise_jax.trees import leaf_bytes
 
 BLOCK = 16   # quant_block_size of the int4 stacks here
@@ -31,7 +30,8 @@ DIMS_OUT = {"in": "hidden", "out": "embed"}
 
 
 def _frozen_stack(fmt):
-  """(float params of a stack, the same stack frozen and stored in `fmt`), built as a run would:
+  """(float params of a stack, the same stack frozen and stored in `fmt`, the logical axes its
+  params declare by key path (`Rack.axes`)), built as a run would:
   a float trunk quantized under trunk_strategy="qlora" (int4), or a stack of the format's
   precision frozen after training (nvfp4)."""
   config = micro_config(quant_block_size=BLOCK, progressive_qlora=True, trunk_strategy="qlora")
@@ -41,13 +41,13 @@ def _frozen_stack(fmt):
   before = builder.params["stacks"]["stack_0"]
   builder.trained.add("stack_0")
   (builder.freeze_all_but_qlora if fmt.qwix_rule else builder.freeze_trunk)()
-  return before, builder.params["stacks"]["stack_0"]
+  return before, builder.params["stacks"]["stack_0"], builder.build_rack().axes()
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_each_row_says_what_a_frozen_stack_stores(name):
   fmt = FORMATS[name]
-  before, after = _frozen_stack(fmt)
+  before, after, declared = _frozen_stack(fmt)
   flat = {"/".join(map(str, p)): x for p, x in traverse_util.flatten_dict(after).items()}
   float_kernels = traverse_util.flatten_dict(before)
   for layer, (n_in, n_out) in KERNELS.items():
@@ -58,10 +58,11 @@ def test_each_row_says_what_a_frozen_stack_stores(name):
     assert {leaf: x.dtype.name for leaf, x in stored.items()} == {
         leaf: dtype for leaf, (dtype, _) in fmt.leaves.items()}, layer
     assert sum(leaf_bytes(x) for x in stored.values()) == KERNEL_BYTES[name](n_in, n_out)
-    # Sharding: the row's "in"/"out" dims are the kernel's.
+    # Sharding: the axes the leaves declare are the row's "in"/"out" dims, the kernel's.
     dims = DIMS_OUT if layer in ("attn/o", "ffn/down") else DIMS
     for leaf, (_, axes) in fmt.leaves.items():
-      assert logical_axes(prefix + leaf, len(axes)) == tuple(dims.get(a) for a in axes), leaf
+      got = declared[f"stacks/stack_0/{prefix}{leaf}"]
+      assert got == tuple(dims.get(a) for a in axes), leaf
     # Values: the stored leaves are the format's encoding of the float kernel, computed here
     # independently, and the row's dequantize gives the kernel back within its rounding.
     kernel = np.asarray(float_kernels[("blocks", 0) + tuple(layer.split("/")) + ("kernel",)])

@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import qwix
 
-# Leaves qwix stores for a kernel [in, out], with their dtypes and dims; qwix's scales are not
-# split across devices.
+# Leaves qwix stores for a kernel [in, out], with their dtypes and dims: qwix copies the kernel's
+# logical axes onto both (the scale's first dim counts blocks of `in`; sharding.py splits it where
+# the mesh axis divides it).
 LEAVES = {"kernel/array/qvalue": ("int4", ("in", "out")),
-          "kernel/array/scale": ("bfloat16", (None, None))}
+          "kernel/array/scale": ("bfloat16", ("in", "out"))}
 
 
 def qwix_rule(block: int) -> dict:
