@@ -24,7 +24,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from stackwise_jax.config import ConfigError, from_yaml, stage_steps, to_yaml, validate
+from stackwise_jax.config import (ConfigError, check_saveable, from_yaml, stage_steps, to_yaml,
+                                  validate)
 from stackwise_jax.files import directory_bytes, require_free_space
 from stackwise_jax.trees import key_path
 from stackwise_jax.report import strict_json
@@ -90,6 +91,7 @@ class RunCheckpoints:
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, fresh: bool = False,
                log=print):
+    check_saveable(config)   # before any training, not at the first save
     self.config, self.log = config, log
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if fresh and os.path.isdir(self.directory) and os.listdir(self.directory):

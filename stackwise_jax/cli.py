@@ -6,7 +6,7 @@ import contextlib
 import os
 import sys
 
-from stackwise_jax.config import ConfigError, load_config, to_yaml
+from stackwise_jax.config import ConfigError, check_saveable, load_config, to_yaml
 from stackwise_jax.files import WorkdirBusy, describe_file_error, file_error
 
 _OVERRIDE_PREFIX = "--config."
@@ -96,6 +96,7 @@ def _prepare_train(args, overrides, cleanup):
   config = load_config(args.config, overrides)
   config.training.workdir = args.workdir
   TimeStepMasking(config)   # a custom time mapping must be registered (e.g. by the config file)
+  check_saveable(config)    # the run saves its config and checkpoints
   if args.distributed or os.environ.get("STACKWISE_DISTRIBUTED") == "1":
     _initialize_distributed(args)
   make_mesh(config)   # mesh sizes and batch size against the devices there are

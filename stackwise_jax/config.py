@@ -87,7 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
   p.time_encoding_type = "sinusoidal"   # "sinusoidal" | "learned"
   p.stack_time_mapping = "linear"   # "linear" | "exponential" | "custom"
   p.time_per_stack = 4
-  p.custom_time_mapping = ""        # a name registered with progressive.masking.register_time_mapping
+  # A name registered with progressive.masking.register_time_mapping or, from Python only (it
+  # cannot be saved), a callable (stack level, max_stacks, num_time_steps) -> time step.
+  p.custom_time_mapping = ml_collections.FieldReference("", field_type=object)
   # Dual LoRA (design §6). Stack LoRA: adapters on every stack's attention/FFN kernels.
   p.qlora_enabled = False
   p.qlora_rank = 8
@@ -185,7 +187,9 @@ def _field_paths(node: ml_collections.ConfigDict, prefix: str = ""):
 
 
 def to_yaml(config: ml_collections.ConfigDict) -> str:
-  """Returns `config` as YAML nested like design §2; `load_config` reads it back unchanged."""
+  """Returns `config` as YAML nested like design §2; `load_config` reads it back unchanged.
+  ConfigError for a field holding a callable (`check_saveable`)."""
+  check_saveable(config)
 
   def plain(x):
     # safe_dump has no tag for tuples; lists load back as tuples through the default's type.
@@ -196,6 +200,16 @@ def to_yaml(config: ml_collections.ConfigDict) -> str:
     return x
 
   return yaml.safe_dump(plain(config.to_dict()), sort_keys=False, default_flow_style=False)
+
+
+def check_saveable(config: ml_collections.ConfigDict) -> None:
+  """ConfigError if a field holds a callable: a config or checkpoint cannot store one."""
+  for path in _CALLABLES:
+    value = functools.reduce(getattr, path.split("."), config)
+    if callable(value):
+      raise ConfigError(f"{path}={value!r}: a callable cannot be saved in a config or checkpoint; "
+                        "allowed when saving: a name registered with "
+                        "@stackwise_jax.progressive.masking.register_time_mapping(name)")
 
 
 def _load_py(path: str) -> ml_collections.ConfigDict:
@@ -270,6 +284,8 @@ def from_yaml(text: str, source: str = "<yaml>") -> ml_collections.ConfigDict:
 
 # Fields whose value is a mapping with free keys (not a group of named fields).
 _MAPPINGS = ("training.progressive.qlora_configs",)
+# Fields that may hold a callable instead of their default's type (Python API only).
+_CALLABLES = ("training.progressive.custom_time_mapping",)
 
 
 def _apply_mapping(node: ml_collections.ConfigDict, data: Any, prefix: str) -> None:
@@ -494,7 +510,8 @@ _CHECKS = [
      "an int in [0, model.vocab_size) = [0, {c.model.vocab_size})"),
     ("training.progressive.custom_time_mapping",
      lambda v, c: c.training.progressive.stack_time_mapping != "custom" or bool(v),
-     "a registered time-mapping name when training.progressive.stack_time_mapping='custom'"),
+     "a registered time-mapping name, or a callable (stack level, max_stacks, num_time_steps) -> "
+     "time step, when training.progressive.stack_time_mapping='custom'"),
     ("training.progressive.time_embedding_dim",
      lambda v, c: v % 2 == 0 or c.training.progressive.time_interpretation != "input"
      or c.training.progressive.time_encoding_type != "sinusoidal",
@@ -595,5 +612,7 @@ def _check_schema(node: Any, schema: ml_collections.ConfigDict, prefix: str) -> 
         raise ConfigError(f"{path}={node[key]!r}: expected a mapping")
     elif isinstance(schema[key], ml_collections.ConfigDict):
       _check_schema(node[key], schema[key], path)
+    elif path in _CALLABLES and callable(node[key]):
+      continue
     elif not _type_ok(node[key], schema[key]):
       raise ConfigError(f"{path}={node[key]!r}: expected {_type_name(schema[key])}")

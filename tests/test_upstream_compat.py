@@ -501,3 +501,25 @@ def test_a_trained_stack_keeps_its_time_step_and_stages_mask_at_the_stacks_own()
   np.testing.assert_array_equal(example["time_step"], [12, 12])
   assert masking.mask_ratio_at(12) == pytest.approx(
       masking.min_ratio + (1 - masking.min_ratio) * 12 / (masking.num_time_steps - 1))
+
+
+def test_custom_time_mapping_may_be_a_callable_but_is_never_saved(tmp_path):
+  from stackwise_jax.checkpoint import RunCheckpoints
+  from stackwise_jax.config import to_yaml, validate
+  config = default_config()
+  p = config.training.progressive
+  p.time_interpretation, p.stack_time_mapping, p.target_stacks = "depth", "custom", 3
+  p.custom_time_mapping = lambda level, n_stacks, num_time_steps: 5 * level + 1
+  validate(config)
+  masking = TimeStepMasking(config)
+  # append mode: stack k sits at level target_stacks - 1 - k; the function's value, clipped to N-1
+  assert [masking.get_time_step_for_stack(stack_idx=k) for k in range(3)] == [11, 6, 1]
+  builder = ProgressiveRackBuilder(config)
+  assert [builder.add_stack().time_step for _ in range(3)] == [11, 6, 1]
+  for save in (lambda: to_yaml(config), lambda: RunCheckpoints(str(tmp_path), config)):
+    with pytest.raises(ConfigError, match="custom_time_mapping=.*a callable cannot be saved"):
+      save()
+  assert not (tmp_path / "checkpoints").exists()
+  p.custom_time_mapping = 42   # neither a name nor a function
+  with pytest.raises(ConfigError, match="custom_time_mapping=42: expected a string"):
+    validate(config)

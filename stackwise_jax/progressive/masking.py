@@ -130,12 +130,13 @@ class TimeStepMasking:
     self._custom = None
     if self.stack_time_mapping == "custom":
       # Fail at construction, not at the first stage boundary hours later.
-      name = p.custom_time_mapping
-      if name not in _TIME_MAPPINGS:
-        raise ConfigError(f"training.progressive.custom_time_mapping={name!r}: not a registered time "
-                          f"mapping; registered: {sorted(_TIME_MAPPINGS) or 'none'} (register one with "
-                          "@stackwise_jax.progressive.masking.register_time_mapping(name))")
-      self._custom = _TIME_MAPPINGS[name]
+      mapping = p.custom_time_mapping   # a registered name, or (Python API) the function itself
+      if not callable(mapping) and mapping not in _TIME_MAPPINGS:
+        raise ConfigError(f"training.progressive.custom_time_mapping={mapping!r}: not a registered "
+                          f"time mapping; registered: {sorted(_TIME_MAPPINGS) or 'none'} (register "
+                          "one with @stackwise_jax.progressive.masking.register_time_mapping(name), "
+                          "or set the function itself)")
+      self._custom = mapping if callable(mapping) else _TIME_MAPPINGS[mapping]
 
   def level_of_stack(self, stack_idx: int) -> int:
     """A stack's building index (0 = first built) -> its level (0 = nearest the head)."""
