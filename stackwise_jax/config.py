@@ -151,7 +151,8 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   return validate(config)
 
 
-def with_fields(config: ml_collections.ConfigDict | None = None, **fields) -> ml_collections.ConfigDict:
+def with_fields(config: ml_collections.ConfigDict | None = None,
+                **fields) -> ml_collections.ConfigDict:
   """A validated copy of `config` (default: `default_config()`) with fields set by their own
   names, the original StackWise's keyword style: `with_fields(d_model=256, n_heads=8)` sets
   model.d_model and model.n_heads. Each name must be the last part of exactly one field's path."""

@@ -523,3 +523,111 @@ def test_custom_time_mapping_may_be_a_callable_but_is_never_saved(tmp_path):
   p.custom_time_mapping = 42   # neither a name nor a function
   with pytest.raises(ConfigError, match="custom_time_mapping=42: expected a string"):
     validate(config)
+
+
+# --- dataloaders: any re-iterable of batch dicts, ours or the original's keys ------------------
+
+
+def test_original_batch_keys_become_ours_with_padding_left_out_of_the_loss():
+  from stackwise_jax.data import PAD_ID
+  from stackwise_jax.data.iterable import as_batch
+  ids = np.arange(12, dtype=np.int64).reshape(2, 6) + 100
+  attention = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+  batch = as_batch({"input_ids": ids, "target_ids": ids + 1, "attention_mask": attention},
+                   first_example=8, shape=(2, 6))
+  np.testing.assert_array_equal(batch["tokens"], np.where(attention == 1, ids, PAD_ID))
+  np.testing.assert_array_equal(batch["targets"], np.where(attention == 1, ids + 1, PAD_ID))
+  np.testing.assert_array_equal(batch["example_id"], [8, 9])
+  assert batch["tokens"].dtype == np.int32
+  with pytest.raises(ConfigError, match=r"shape \(2, 6\): allowed: .* = \(2, 8\)"):
+    as_batch({"input_ids": ids}, first_example=0, shape=(2, 8))
+  with pytest.raises(ConfigError, match="'tokens' or 'input_ids'"):
+    as_batch({"ids": ids}, first_example=0, shape=(2, 6))
+
+
+def test_a_list_of_batches_trains_exactly_as_the_loader_it_came_from(text_corpus):
+  from conftest import micro_config
+  from stackwise_jax import ProgressiveTrainer
+  from stackwise_jax.data import make_dataloader
+  config = micro_config()
+  config.data.source, config.data.paths = "text", (text_corpus,)
+  t = config.training
+  stream = make_dataloader(config).train_iter()
+  batches = [next(stream) for _ in range(2 * t.steps_per_stack)]   # what 2 stages draw
+  losses = []
+  for loader in (make_dataloader(config), batches):
+    results = ProgressiveTrainer(config, progress=False).train_progressively(
+        ProgressiveRackBuilder(config), loader, target_stacks=2)
+    losses.append([s["losses"] for s in results["stages"]])
+  assert losses[0] == losses[1]
+
+
+def test_a_torch_dataloader_of_original_batches_trains(text_corpus):
+  torch = pytest.importorskip("torch")
+  from conftest import micro_config
+  from stackwise_jax import ProgressiveTrainer
+  config = micro_config(training_objective="mlm")
+  t = config.training
+  g = torch.Generator().manual_seed(0)
+  ids = torch.randint(0, 256, (6 * t.batch_size, t.seq_len), generator=g)
+  mask = torch.ones_like(ids)
+  mask[:, -3:] = 0   # right padding
+  rows = [{"input_ids": i, "attention_mask": m} for i, m in zip(ids, mask)]
+  loader = torch.utils.data.DataLoader(rows, batch_size=t.batch_size)
+  results = ProgressiveTrainer(config, progress=False).train_progressively(
+      ProgressiveRackBuilder(config), loader, target_stacks=2)
+  assert all(np.isfinite(s["loss_end"]) and np.isfinite(s["eval_loss"]) for s in results["stages"])
+
+
+def test_resuming_an_iterable_skips_the_batches_it_gave():
+  from stackwise_jax.data.iterable import IterableLoader
+  config = default_config()
+  config.training.batch_size, config.training.seq_len = 2, 4
+  batches = [{"tokens": np.full((2, 4), i)} for i in range(5)]
+  loader = IterableLoader(lambda: iter(batches), config)   # a generator function works too
+  it = loader.train_iter()
+  seen = [int(next(it)["tokens"][0, 0]) for _ in range(7)]
+  assert seen == [0, 1, 2, 3, 4, 0, 1]   # endless: the source again from its start
+  resumed = loader.train_iter()
+  resumed.set_state(it.get_state())
+  nxt = next(resumed)
+  assert int(nxt["tokens"][0, 0]) == 2 and list(nxt["example_id"]) == [14, 15]
+  with pytest.raises(ConfigError, match="one-shot iterator"):
+    IterableLoader(iter(batches), config)
+
+
+def test_a_run_on_a_list_of_batches_resumes_where_it_stopped(text_corpus, tmp_path):
+  """Stopped after stage 2 and resumed for stage 3, a run on a plain list draws the same batches
+  (the checkpoint holds how many it had taken) and gives stage 3's losses of an unbroken run."""
+  from conftest import micro_config
+  from stackwise_jax import ProgressiveTrainer
+  from stackwise_jax.checkpoint import RunCheckpoints
+  from stackwise_jax.data import make_dataloader
+  config = micro_config()
+  config.data.source, config.data.paths = "text", (text_corpus,)
+  config.training.checkpoint_every = 0
+  stream = make_dataloader(config).train_iter()
+  batches = [{"input_ids": b["tokens"]} for b in (next(stream) for _ in range(30))]
+
+  def run(workdir, target):
+    checkpoints = RunCheckpoints(str(workdir), config, log=lambda _: None)
+    results = ProgressiveTrainer(config, progress=False, log=lambda _: None,
+                                 checkpoints=checkpoints).train_progressively(
+        ProgressiveRackBuilder(config), batches, target_stacks=target)
+    checkpoints.close()
+    return results["stages"]
+
+  unbroken = run(tmp_path / "unbroken", 3)
+  run(tmp_path / "broken", 2)
+  resumed = run(tmp_path / "broken", 3)
+  assert [s["losses"] for s in resumed] == [s["losses"] for s in unbroken]
+
+
+def test_the_readme_snippet_for_your_own_batches_runs():
+  readme = (REPO / "README.md").read_text()
+  begin = readme.index("```python\n", readme.index("- Or pass any re-iterable of batch dicts")) + 10
+  code = readme[begin:readme.index("```\n", begin)]
+  scope = {}
+  exec(textwrap.dedent(code), scope)
+  stages = scope["results"]["stages"]
+  assert len(stages) == 2 and all(np.isfinite(s["eval_loss"]) for s in stages)

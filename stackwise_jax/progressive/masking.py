@@ -132,10 +132,11 @@ class TimeStepMasking:
       # Fail at construction, not at the first stage boundary hours later.
       mapping = p.custom_time_mapping   # a registered name, or (Python API) the function itself
       if not callable(mapping) and mapping not in _TIME_MAPPINGS:
-        raise ConfigError(f"training.progressive.custom_time_mapping={mapping!r}: not a registered "
-                          f"time mapping; registered: {sorted(_TIME_MAPPINGS) or 'none'} (register "
-                          "one with @stackwise_jax.progressive.masking.register_time_mapping(name), "
-                          "or set the function itself)")
+        raise ConfigError(
+            f"training.progressive.custom_time_mapping={mapping!r}: not a registered time "
+            f"mapping; registered: {sorted(_TIME_MAPPINGS) or 'none'} (register one with "
+            "@stackwise_jax.progressive.masking.register_time_mapping(name), or set the function "
+            "itself)")
       self._custom = mapping if callable(mapping) else _TIME_MAPPINGS[mapping]
 
   def level_of_stack(self, stack_idx: int) -> int:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from stackwise_jax import xla_cache
 from stackwise_jax.checkpoint import RunCheckpoints, restore_into
 from stackwise_jax.config import stage_steps, validate
+from stackwise_jax.data.iterable import as_dataloader
 from stackwise_jax.evaluate import eval_example, evaluate_with
 from stackwise_jax.model.lora import is_adapter_path
 from stackwise_jax.objectives import OBJECTIVES
@@ -107,9 +108,11 @@ class ProgressiveTrainer:
 
     Stacks already in the builder that were never trained are trained together in the first
     stage. `dataloader` has `train_iter()` (yielding {"tokens": [B, T], "example_id": [B]}) and
-    `eval_batches(n)`.
+    `eval_batches(n)`, or is any re-iterable of batch dicts (data/iterable.py: a list, a torch
+    DataLoader, a generator function; the original StackWise's keys too).
     """
     p = self.config.training.progressive
+    dataloader = as_dataloader(dataloader, self.config)
     target = p.target_stacks if target_stacks is None else target_stacks
     if not len(rack_builder.specs) <= target <= p.max_stacks:
       raise ValueError(f"target_stacks={target}: must be between the rack's current "
@@ -366,7 +369,8 @@ class ProgressiveTrainer:
     with the one stack the prefix gained since."""
     return kept is not None and kept[0] in (plan.prefix, plan.prefix[:-1])
 
-  def _train_activations(self, rack, plan, number, make_examples, extend) -> caching.ActivationCache:
+  def _train_activations(self, rack, plan, number, make_examples,
+                         extend) -> caching.ActivationCache:
     """This host's share of the prefix activations of the stage's examples: with `extend`, the
     previous stage's cache extended by the stack added to the prefix since; else built from
     `make_examples()` (prepared, global)."""
