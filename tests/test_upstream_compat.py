@@ -631,3 +631,32 @@ def test_the_readme_snippet_for_your_own_batches_runs():
   exec(textwrap.dedent(code), scope)
   stages = scope["results"]["stages"]
   assert len(stages) == 2 and all(np.isfinite(s["eval_loss"]) for s in stages)
+
+
+def test_progressive_dataloader_yields_the_stages_examples_and_caches_the_trunk():
+  from stackwise_jax.progressive import ProgressiveDataLoader
+  config = default_config()
+  config.training.progressive.training_objective = "mlm"
+  masking = TimeStepMasking(config)
+  ids = np.random.default_rng(0).integers(0, 256, (3, 2, 16))
+  batches = [{"input_ids": x} for x in ids]
+  calls = []
+
+  def trunk(example):
+    calls.append(1)
+    return np.asarray(example["inputs"], np.float32)[..., None] * 2
+
+  loader = ProgressiveDataLoader(batches, masking, stack_idx=1, trunk_activations=trunk)
+  for _ in range(2):
+    examples = list(loader)
+  assert len(calls) == 3   # the second pass read the cached activations
+  for n, ex in enumerate(examples):
+    ours = {"tokens": ids[n].astype(np.int32), "example_id": np.arange(2 * n, 2 * n + 2,
+                                                                       dtype=np.int32)}
+    want = masking.generate_masks_for_stack(ours, 1)
+    for key in want:
+      np.testing.assert_array_equal(ex[key], want[key])
+    np.testing.assert_array_equal(ex["h"], np.asarray(want["inputs"], np.float32)[..., None] * 2)
+  by_position = ProgressiveDataLoader(batches, masking, 1,
+                                      trunk_activations={0: "a", 1: "b", 2: "c"})
+  assert [ex["h"] for ex in by_position] == ["a", "b", "c"]

@@ -31,8 +31,8 @@ class IterableLoader:
   """The trainer's dataloader interface over a re-iterable of batch dicts (module docstring)."""
 
   def __init__(self, batches, config, eval_batches=None):
-    self._batches = _restartable(batches, "dataloader")
-    self._eval = None if eval_batches is None else _restartable(eval_batches, "eval_batches")
+    self._batches = restartable(batches, "dataloader")
+    self._eval = None if eval_batches is None else restartable(eval_batches, "eval_batches")
     t = config.training
     self.shape = (t.batch_size, t.seq_len)
 
@@ -79,14 +79,16 @@ class BatchIterator:
       next(self)
 
 
-def as_batch(raw: dict, first_example: int, shape: tuple[int, int]) -> dict:
-  """One batch dict, our keys or the original's, as the trainer reads it (module docstring)."""
+def as_batch(raw: dict, first_example: int, shape: tuple[int, int] | None = None) -> dict:
+  """One batch dict, our keys or the original's, as the trainer reads it (module docstring);
+  `shape`: the [batch, seq] it must have (None: its own)."""
   keys = [k for k in _TOKENS if k in raw]
   if not keys:
     raise ConfigError(f"dataloader batch with keys {sorted(raw)}: allowed: a dict with 'tokens' "
                       "or 'input_ids' [batch, seq] (and 'attention_mask', 'targets' / "
                       "'target_ids', 'example_id' if it has them)")
   tokens = np.asarray(raw[keys[0]], np.int32)
+  shape = tokens.shape if shape is None else shape
   if tokens.shape != shape:
     raise ConfigError(f"dataloader batch {keys[0]!r} of shape {tokens.shape}: allowed: "
                       f"(training.batch_size, training.seq_len) = {shape}")
@@ -103,7 +105,7 @@ def as_batch(raw: dict, first_example: int, shape: tuple[int, int]) -> dict:
   return batch
 
 
-def _restartable(batches, name: str) -> Callable:
+def restartable(batches, name: str) -> Callable:
   """A function giving a fresh iterator over `batches` each call."""
   if callable(batches):
     return batches   # a generator function
