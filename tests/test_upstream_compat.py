@@ -503,6 +503,65 @@ def test_a_trained_stack_keeps_its_time_step_and_stages_mask_at_the_stacks_own()
       masking.min_ratio + (1 - masking.min_ratio) * 12 / (masking.num_time_steps - 1))
 
 
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("mode, operations", [("append", ["append", "append", "append"]),
+                                              ("prepend", ["prepend", "prepend"]),
+                                              ("append", ["append", "prepend"])])
+def test_stacks_trained_together_each_train_at_their_own_time_step(mode, operations):
+  """Untrained stacks trained in one stage: each example trains one of them, masked at its time
+  step, on the rack that stack would have met in a stage of its own (the stacks built after it
+  left out). The stage's first loss is recomputed here example by example with plain forwards
+  through exactly those stacks."""
+  from conftest import micro_config
+  from stackwise_jax import ProgressiveTrainer
+  from stackwise_jax.data.iterable import as_dataloader
+  config = micro_config(training_objective="mlm", building_mode=mode, time_interpretation="depth",
+                        target_stacks=len(operations), time_per_stack=4)
+  config.training.steps_per_stack, config.training.batch_size = 1, 8
+  rng = np.random.default_rng(0)
+  batches = [{"tokens": rng.integers(0, 256, (8, 16)).astype(np.int32)} for _ in range(3)]
+
+  def built():
+    builder = ProgressiveRackBuilder(config)
+    for op in operations:
+      getattr(builder, f"{op}_stack")()
+    return builder
+
+  results = ProgressiveTrainer(config, progress=False).train_progressively(
+      built(), batches, target_stacks=len(operations))
+  builder = built()   # the same initial params
+  specs, masking = builder.specs, builder.masking
+  stage = results["stages"][0]
+  assert stage["new_stacks"] == [s.name for s in specs]
+  assert stage["time_steps"] == [s.time_step for s in specs]
+  assert len(set(stage["time_steps"])) == len(specs)   # distinct steps: the test can tell them apart
+
+  batch = next(as_dataloader(batches, config).train_iter())
+  example = masking.stage_example(batch, specs, specs, salt=1)   # stage 1's salt
+  time_steps = np.asarray(example["time_step"])
+  assert set(time_steps) == set(stage["time_steps"])   # every new stack trains
+  # masked as at its own time step
+  again = masking.example(batch, time_steps)
+  for key in ("inputs", "targets", "loss_mask"):
+    np.testing.assert_array_equal(example[key], again[key])
+  rack = builder.build_rack()
+  by_step = {s.time_step: s for s in specs}
+  loss_sum = tokens = 0.0
+  for b, t in enumerate(time_steps):
+    runs = [s.name for s in specs if s.index <= by_step[t].index]   # forward order
+    one = lambda key: jnp.asarray(example[key])[b:b + 1]
+    h, _ = rack.embed(rack.params, one("inputs"))
+    logits = np.asarray(rack.logits(rack.params, rack.apply_stacks(rack.params, runs, h)))
+    nll = -np.take_along_axis(_log_softmax(logits), np.asarray(one("targets"))[..., None], -1)
+    loss_sum += float((nll[..., 0] * np.asarray(one("loss_mask"))).sum())
+    tokens += float(np.asarray(one("loss_mask")).sum())
+  assert stage["loss_start"] == pytest.approx(loss_sum / tokens, rel=1e-5)
+
+
 def test_custom_time_mapping_may_be_a_callable_but_is_never_saved(tmp_path):
   from stackwise_jax.checkpoint import RunCheckpoints
   from stackwise_jax.config import to_yaml, validate

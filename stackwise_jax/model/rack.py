@@ -126,12 +126,15 @@ class Rack:
   def time_embedding(self, params: Params, time_step):
     return self._embed_head("time_embedding", params, time_step)
 
-  def apply_stacks(self, params: Params, names, h, time_emb=None, dropout_key=None):
-    """Runs the named stacks in the given order. h: [batch, seq, d_model] fp32."""
+  def apply_stacks(self, params: Params, names, h, time_emb=None, dropout_key=None, active=None):
+    """Runs the named stacks in the given order. h: [batch, seq, d_model] fp32. `active`: bool
+    [batch, len(names)], or None (all run): where False, the example passes that stack unchanged
+    (and sends it no gradient)."""
     keys = (jax.random.split(dropout_key, max(len(names), 1)) if dropout_key is not None
             else [None] * len(names))
-    for name, key in zip(names, keys):
-      h = nnx.merge(self.graphdefs[name], params["stacks"][name])(h, time_emb, key)
+    for i, (name, key) in enumerate(zip(names, keys)):
+      out = nnx.merge(self.graphdefs[name], params["stacks"][name])(h, time_emb, key)
+      h = out if active is None else jnp.where(active[:, i, None, None], out, h)
     return h
 
   def logits(self, params: Params, h):

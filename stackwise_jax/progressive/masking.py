@@ -45,18 +45,21 @@ def combined_masks(*masks) -> jax.Array:
   return out
 
 
-TIME_STREAM = 0x7157   # any constant; see sample_time_steps
+TIME_STREAM = 0x7157    # any constants; see sample_time_steps
+STACK_STREAM = 0x57AC
 
 
-def sample_time_steps(example_ids, *, seed: int, salt: int, num_time_steps: int) -> jax.Array:
+def sample_time_steps(example_ids, *, seed: int, salt: int, num_time_steps: int,
+                      stream: int = TIME_STREAM) -> jax.Array:
   """Time as input: int32 [B], t = floor(u * N) with u ~ U[0, 1) per example.
 
-  u comes from fold_in(fold_in(fold_in(key(seed), TIME_STREAM), salt), example_id): fixed for a
+  u comes from fold_in(fold_in(fold_in(key(seed), stream), salt), example_id): fixed for a
   fixed (seed, salt, id), so the trainer (salt = stage index) and evaluation (a fixed salt) can
-  redraw the same steps. TIME_STREAM keeps these keys apart from the mask keys
-  fold_in(fold_in(key(seed), id), t), which would otherwise coincide for salt == id.
+  redraw the same steps. The stream keeps these keys apart from the mask keys
+  fold_in(fold_in(key(seed), id), t), which would otherwise coincide for salt == id, and from
+  other per-example draws (STACK_STREAM: which new stack an example trains).
   """
-  base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), TIME_STREAM), salt)
+  base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stream), salt)
   u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(base, i)))(
       jnp.asarray(example_ids, jnp.int32))
   # min() guards float rounding of u * N up to N.
@@ -190,6 +193,29 @@ class TimeStepMasking:
         batch, time_steps, objective=self.objective, seed=self.seed,
         num_time_steps=self.num_time_steps, min_ratio=self.min_ratio,
         mask_token_id=self.mask_token_id)
+
+  def stage_example(self, batch, new_specs, body_specs, salt: int) -> dict:
+    """The training example of the stage that trains `new_specs` (StackSpecs), whose step runs
+    `body_specs` (forward order) after the frozen prefix.
+
+    Time as depth with several new stacks trained together: each example trains one of them,
+    drawn uniformly from its id. It is masked at that stack's time step, and the new stacks built
+    after that one are skipped for it (`"active"`: bool [B, len(body_specs)]), so it meets the
+    rack that stack would have trained on in a stage of its own; each new stack keeps its own
+    time step. Otherwise every example is masked at the last new stack's step (depth) or at a
+    sampled step (input), and every stack runs."""
+    depth = self.time_interpretation == "depth"
+    if not depth or len(new_specs) == 1:
+      return self.example(batch, self.time_steps_at(
+          batch, new_specs[-1].time_step if depth else None, salt))
+    choice = sample_time_steps(batch["example_id"], seed=self.seed, salt=salt,
+                               num_time_steps=len(new_specs), stream=STACK_STREAM)
+    time_steps = jnp.asarray([s.time_step for s in new_specs], jnp.int32)[choice]
+    built = jnp.asarray([s.index for s in new_specs], jnp.int32)[choice]
+    new = {s.name for s in new_specs}
+    # A trained stack always runs (-1); a new one once the example's stack was built after it.
+    built_at = jnp.asarray([s.index if s.name in new else -1 for s in body_specs], jnp.int32)
+    return {**self.example(batch, time_steps), "active": built_at[None, :] <= built[:, None]}
 
   def generate_masks_for_stack(self, batch, stack_idx: int, salt: int = 0) -> dict:
     """The training example of the stage that trains stack `stack_idx` (its building index):

@@ -139,8 +139,9 @@ def make_train_step(rack: Rack, plan: StagePlan, tx, labels, shardings=None):
   """(state, example) -> (state, {"loss", "finite"}). `finite` is False when the step diverged:
   its loss or gradients are NaN or Inf (with fp16 loss scaling, only its loss: overflowing
   gradients are routine there and the scale backs off); such an update is never applied.
-  `example` holds inputs/targets/loss_mask/time_step and, for a cached stage, `h`: the prefix
-  output [B, T, d_model]. `shardings`: (the state's
+  `example` holds inputs/targets/loss_mask/time_step, for a cached stage `h`: the prefix
+  output [B, T, d_model], and where new stacks train together at their own time steps
+  `active` (`TimeStepMasking.stage_example`). `shardings`: (the state's
   NamedShardings, a replicated one) from sharding.py; the state keeps its shardings from step to
   step, the example's follow it. The step is traced under their mesh: each block gathers its
   params when it runs (sharding.gathered_call), never the whole model at once."""
@@ -150,7 +151,7 @@ def make_train_step(rack: Rack, plan: StagePlan, tx, labels, shardings=None):
       h, time_emb = rack.embed(params, example["inputs"], example["time_step"])
     else:   # the embedding only feeds the body through the (gradient-free) prefix
       time_emb = rack.time_embedding(params, example["time_step"])
-    h = rack.apply_stacks(params, plan.body, h, time_emb, dropout_key)
+    h = rack.apply_stacks(params, plan.body, h, time_emb, dropout_key, example.get("active"))
     return masked_cross_entropy(rack.logits(params, h), example["targets"], example["loss_mask"])
 
   def step(state, example):

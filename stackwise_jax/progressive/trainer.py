@@ -203,8 +203,7 @@ class ProgressiveTrainer:
     with clock("cache"):
       stage_start = data.get_state()   # where a fresh cached stage's data resumes from
       example_at, prefetch, eval_examples = self._examples(builder, rack, labels, plan, number,
-                                                           new_specs[-1].time_step, data,
-                                                           eval_examples)
+                                                           new_specs, data, eval_examples)
     with clock("compile"):
       stage = self._setup(builder, new_specs, number, rack, labels, plan, example_at, prefetch,
                           resume)
@@ -328,9 +327,9 @@ class ProgressiveTrainer:
     return Stage(number, new_specs, rack, labels, plan, view, state, train_step, eval_step, steps,
                  example_at, prefetch)
 
-  def _examples(self, builder, rack, labels, plan, number, time_step, data, eval_examples):
-    """-> (step index -> example on the device, whether that is by index, eval examples);
-    masks at `time_step` (the stage's last new stack's; None with time as input).
+  def _examples(self, builder, rack, labels, plan, number, new_specs, data, eval_examples):
+    """-> (step index -> example on the device, whether that is by index, eval examples) of the
+    stage training `new_specs` (masked as `TimeStepMasking.stage_example` says).
 
     A cached stage reads its trunk activations from a cache, extended from the previous stage's
     where the trunk's input did not change (design §8), else built; eval examples likewise."""
@@ -338,8 +337,8 @@ class ProgressiveTrainer:
     masking = builder.masking
     pool = t.data_reuse == "pool"
     salt = POOL_SALT if pool else number
-    prepare = jax.jit(lambda batch: masking.example(batch, masking.time_steps_at(batch, time_step,
-                                                                                  salt)))
+    body = [s for s in rack.specs if s.name in plan.body]
+    prepare = jax.jit(lambda batch: masking.stage_example(batch, new_specs, body, salt))
     order = pool_order(t, number) if pool else None
     if not plan.cached:
       self._drop_caches()
@@ -458,6 +457,7 @@ class ProgressiveTrainer:
         "stack_order": list(stage.rack.order),
         "building_mode": builder.building_mode,
         "time_step": stage.new_specs[-1].time_step,
+        "time_steps": [s.time_step for s in stage.new_specs],
         "mask_ratio": builder.masking.mask_ratio_at(stage.new_specs[-1].time_step),
         "steps": stage.steps,
         "epochs": t.epochs_per_stack,
