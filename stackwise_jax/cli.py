@@ -194,6 +194,7 @@ def _prepare_eval(args):
   checkpoints = open_run(args.workdir)   # a workdir without a readable checkpoint fails here
   check_writable(args.workdir)
   config = checkpoints.config
+  config.training.workdir = args.workdir   # a trained BPE is read from there
   dataloader = make_dataloader(config)
   available = max(dataloader.num_val_records // config.training.batch_size, 1)
   batches = args.batches or config.training.eval_batches
@@ -221,6 +222,7 @@ def _eval(args, checkpoints, dataloader, batches) -> int:
 def _prepare_sample(args):
   """Loads the rack, then checks the options against it before anything is generated."""
   from stackwise_jax.checkpoint import open_run
+  from stackwise_jax.data.tokenizer import load_tokenizer
   from stackwise_jax.progressive.stages import rack_from_checkpoint
   from stackwise_jax.sample import prompt_batch
   checkpoints = open_run(args.workdir)
@@ -231,15 +233,17 @@ def _prepare_sample(args):
     ckpt = checkpoints.latest if args.step is None else checkpoints.read(args.step)
   finally:
     checkpoints.close()
+  config = checkpoints.config
+  config.training.workdir = args.workdir   # a trained BPE is read from there
+  tokenizer = load_tokenizer(config)
   options = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed, steps=args.steps)
-  batch = prompt_batch(checkpoints.config, prompt=args.prompt, infill=args.infill,
+  batch = prompt_batch(config, prompt=args.prompt, infill=args.infill, tokenizer=tokenizer,
                        max_new_tokens=args.max_new_tokens, num_samples=args.num_samples, **options)
-  rack = rack_from_checkpoint(checkpoints.config, ckpt)
-  return lambda: _sample(rack, batch, args.max_new_tokens, options)
+  rack = rack_from_checkpoint(config, ckpt)
+  return lambda: _sample(rack, batch, args.max_new_tokens, options, tokenizer.decode)
 
 
-def _sample(rack, batch, max_new_tokens, options) -> int:
-  from stackwise_jax.data.tokenizer import decode
+def _sample(rack, batch, max_new_tokens, options, decode) -> int:
   from stackwise_jax.sample import complete
   rows = complete(rack, batch, max_new_tokens, **options)
   for i, row in enumerate(rows):
@@ -285,18 +289,23 @@ def _prepare_export(args):
   """Reads the workdir's latest checkpoint (refusing a missing or unreadable one); returns the
   export."""
   from stackwise_jax.checkpoint import open_run
+  from stackwise_jax.data.tokenizer import load_tokenizer
   from stackwise_jax.files import check_writable
   checkpoints = open_run(args.workdir)
   checkpoints.close()
   out = args.out or os.path.join(args.workdir, "export")
   check_writable(out)
-  return lambda: _export(args, checkpoints.config, checkpoints.latest, out)
+  config = checkpoints.config
+  config.training.workdir = args.workdir   # a trained BPE is read from there
+  tokenizer = load_tokenizer(config)
+  return lambda: _export(args, config, checkpoints.latest, out, tokenizer)
 
 
-def _export(args, config, ckpt, out) -> int:
+def _export(args, config, ckpt, out, tokenizer) -> int:
   from stackwise_jax.export import export_rack
   from stackwise_jax.progressive.stages import rack_from_checkpoint
-  path = export_rack(rack_from_checkpoint(config, ckpt), ckpt.meta["stage"], out, args.format)
+  path = export_rack(rack_from_checkpoint(config, ckpt), ckpt.meta["stage"], out, args.format,
+                     tokenizer)
   print(f"exported: {path} and {os.path.join(out, 'manifest.json')}")
   return 0
 

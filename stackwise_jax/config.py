@@ -19,6 +19,7 @@ from stackwise_jax.model.lora import RANK_PATTERNS
 from stackwise_jax.model.stack import COMPUTE_DTYPES
 from stackwise_jax.objectives import OBJECTIVES
 from stackwise_jax.quant import BY_PRECISION, FORMATS, QLORA_TRUNK
+from stackwise_jax.data import tokenizer   # after ConfigError: data/ imports this module
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -79,7 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
   p.cache_activations = True
   p.cache_max_bytes = 2 * 1024**3   # beyond this the cache spills to disk
   p.training_objective = "clm"      # "mlm" | "clm" | "custom"
-  p.mask_token_id = 257
+  p.mask_token_id = None            # None: the tokenizer's mask id (bytes: 257)
   p.mlm_min_ratio = 0.15            # mask ratio at the lowest noise level
   p.time_interpretation = "depth"   # "input" | "depth"
   p.num_time_steps = 16
@@ -107,7 +108,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "builtin"         # "builtin" | "text"
   c.data.paths = ()                 # files or globs for source="text"
-  c.data.tokenizer = "bytes"
+  c.data.tokenizer = "bytes"        # "bytes" | "bpe:N" | a tokenizer.json | a SentencePiece .model
   c.data.val_fraction = 0.05
   c.data.shuffle_seed = 0
   c.data.num_workers = 0
@@ -449,7 +450,6 @@ _CHOICES = {
     "training.progressive.time_encoding_type": ("sinusoidal", "learned"),
     "training.progressive.stack_time_mapping": ("linear", "exponential", "custom"),
     "data.source": ("builtin", "text"),
-    "data.tokenizer": ("bytes",),
 }
 
 _POSITIVE = (
@@ -507,8 +507,13 @@ _CHECKS = [
     ("model.norm_eps", lambda v, c: 0 < v < math.inf, "a finite float > 0"),
     ("training.progressive.mlm_min_ratio", lambda v, c: 0 <= v <= 1, "a float in [0, 1]"),
     ("data.val_fraction", lambda v, c: 0 < v < 1, "a float in (0, 1)"),
-    ("training.progressive.mask_token_id", lambda v, c: 0 <= v < c.model.vocab_size,
-     "an int in [0, model.vocab_size) = [0, {c.model.vocab_size})"),
+    ("training.progressive.mask_token_id",
+     lambda v, c: v is None or (_type_ok(v, 1) and 0 <= v < c.model.vocab_size),
+     "None (the tokenizer's mask id) or an int in [0, model.vocab_size) = "
+     "[0, {c.model.vocab_size})"),
+    ("data.tokenizer", lambda v, c: tokenizer.is_valid_name(v),
+     "'bytes', 'bpe:N' (N >= 260), or the path of an existing tokenizer.json or SentencePiece "
+     ".model file"),
     ("training.progressive.custom_time_mapping",
      lambda v, c: c.training.progressive.stack_time_mapping != "custom" or bool(v),
      "a registered time-mapping name, or a callable (stack level, max_stacks, num_time_steps) -> "

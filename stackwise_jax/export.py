@@ -5,7 +5,9 @@
 bfloat16 as uint16, float8_e4m3fn as uint8, int4 (qwix's int4 kernels) as int8 holding the same
 values. `DIR/manifest.json` says how to read them back: the config (YAML), the stack order, each
 stack's spec (precision, int4 / packed NVFP4, adapters), and per array its dtype, shape and the
-dtype it is stored as. `load_export` rebuilds the rack from these two files alone.
+dtype it is stored as. `load_export` rebuilds the rack from these two files alone. A run whose
+tokenizer is a file (a tokenizer.json, a trained BPE, a SentencePiece model) has that file copied
+next to them, named in the manifest's "tokenizer" (`tokenizer.load_file` reads it).
 """
 import json
 import os
@@ -30,9 +32,10 @@ _STORED_AS = {"bfloat16": "uint16", **{dtype: plain for fmt in quant.FORMATS.val
                                        for dtype, plain in fmt.export_as.items()}}
 
 
-def export_rack(rack, n_stages: int, directory: str, fmt: str) -> str:
+def export_rack(rack, n_stages: int, directory: str, fmt: str, tokenizer=None) -> str:
   """Writes `rack`'s params and manifest into `directory` (created); returns the params file.
-  `n_stages`: how many stages built the rack (the loader replays them)."""
+  `n_stages`: how many stages built the rack (the loader replays them); `tokenizer`: the run's
+  (data/tokenizer.py), whose file is copied there too."""
   if fmt not in FORMATS:
     raise ValueError(f"--format={fmt!r}: allowed: {', '.join(FORMATS)}")
   os.makedirs(directory, exist_ok=True)
@@ -48,7 +51,9 @@ def export_rack(rack, n_stages: int, directory: str, fmt: str) -> str:
     safetensors.numpy.save_file(arrays, path)
   else:
     np.savez(path, **arrays)
+  saved = tokenizer.save(directory) if tokenizer is not None else None
   manifest = {"format": fmt, "config": to_yaml(rack.config), "stages": n_stages,
+              "tokenizer": saved and os.path.basename(saved),
               "stack_order": list(rack.order),
               "stacks": stack_specs(rack.specs),
               "params": entries}

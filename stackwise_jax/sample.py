@@ -3,7 +3,7 @@
 How a rack samples is its objective's `sampling` (stackwise_jax/objectives.py). "generate" racks
 (clm) generate left to right with a KV cache (`Rack.decode`): the prompt fills the cache in one
 call, then every new token costs one position. "unmask" racks (mlm) generate by iterative unmasking
-of the positions holding the run's `training.progressive.mask_token_id`, never touching any other
+of the positions holding the run's mask id (`tokenizer.special_ids`), never touching any other
 token:
   time as input  `steps` denoising steps, t going from 1 to 0; at step s the rack sees time step
                  (N-1)(1 - s/steps) and reveals its most confident predictions until the masks
@@ -23,16 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from stackwise_jax.config import ConfigError
-from stackwise_jax.data.tokenizer import encode
+from stackwise_jax.data import tokenizer as tokenizers
 from stackwise_jax.model.rack import Rack
 from stackwise_jax.objectives import OBJECTIVES
 
-_BYTES = 256   # samples are bytes: special ids (pad, mask, bos, eos) are never chosen
-
-
-def pick(logits, key, temperature: float, top_k: int):
-  """logits [..., vocab] -> token ids [...]: greedy (temperature 0) or a top-k draw."""
-  logits = logits[..., :_BYTES]
+def pick(logits, key, temperature: float, top_k: int, choices=(256, ())):
+  """logits [..., vocab] -> token ids [...]: greedy (temperature 0) or a top-k draw among
+  `choices` = (n, excluded): ids below n less the excluded (`tokenizer.sampled_ids`: special ids
+  are never chosen)."""
+  logits = _choosable(logits, choices)
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / temperature
@@ -55,8 +54,10 @@ def _objectives(sampling: str) -> str:
 def _check(temperature: float, top_k: int, length: int, config) -> None:
   if not (math.isfinite(temperature) and temperature >= 0):
     raise ConfigError(f"--temperature={temperature}: allowed: a finite number >= 0 (0 = greedy)")
-  if not 0 <= top_k <= _BYTES:
-    raise ConfigError(f"--top-k={top_k}: allowed: 0 (all) to {_BYTES}")
+  n, excluded = tokenizers.sampled_ids(config)
+  if not 0 <= top_k <= n - len(excluded):
+    raise ConfigError(f"--top-k={top_k}: allowed: 0 (all) to {n - len(excluded)}, the tokens a "
+                      "sample may hold")
   if length > config.model.max_seq_len:
     raise ConfigError(f"a sample of {length} tokens: allowed: at most model.max_seq_len="
                       f"{config.model.max_seq_len} (shorten the prompt or --max-new-tokens)")
@@ -74,8 +75,9 @@ def generate(rack: Rack, prompt, max_new_tokens: int, *, temperature: float = 0.
   (b, p), total = prompt.shape, prompt.shape[1] + max_new_tokens
   _check(temperature, top_k, total, rack.config)
   time_step = jnp.zeros((b,), jnp.int32)   # a clm rack with time as input is trained at t=0
-  key = jax.random.key(seed)
-  choose = lambda logits, pos: pick(logits, jax.random.fold_in(key, pos), temperature, top_k)
+  key, choices = jax.random.key(seed), tokenizers.sampled_ids(rack.config)
+  choose = lambda logits, pos: pick(logits, jax.random.fold_in(key, pos), temperature, top_k,
+                                    choices)
   tokens = jnp.zeros((b, total), jnp.int32).at[:, :p].set(prompt)
   if use_cache:
     step = jax.jit(lambda params, tokens, cache, pos: rack.decode(params, tokens, cache, pos,
@@ -102,17 +104,24 @@ def _reveal(masked, confidence, keep_masked):
   return masked & (rank < n_reveal[:, None])
 
 
-def _predict(logits, key, temperature, top_k):
+def _choosable(logits, choices):
+  """The logits of the ids a sample may hold: the first n, with the excluded ones at -inf."""
+  n, excluded = choices
+  logits = logits[..., :n]
+  return logits.at[..., list(excluded)].set(-jnp.inf) if excluded else logits
+
+
+def _predict(logits, key, temperature, top_k, choices):
   """(tokens, their probability) per position."""
-  tokens = pick(logits, key, temperature, top_k)
-  probs = jax.nn.softmax(logits[..., :_BYTES], axis=-1)
+  tokens = pick(logits, key, temperature, top_k, choices)
+  probs = jax.nn.softmax(_choosable(logits, choices), axis=-1)
   return tokens, jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
 
 
 def unmask(rack: Rack, tokens, *, steps: int = 8, temperature: float = 0.0, top_k: int = 0,
            seed: int = 0, stop_after: int | None = None) -> np.ndarray:
   """Fills every position of `tokens` (int [batch, seq]) holding the run's
-  training.progressive.mask_token_id with a masked-LM rack; other tokens stay as they are.
+  the run's mask id (`tokenizer.special_ids`) with a masked-LM rack; other tokens stay as they are.
   `steps` applies to time as input (time as depth takes one pass); `stop_after` returns the partly
   unmasked tokens after that many of them. Returns int32 [batch, seq]."""
   p, sampling = rack.config.training.progressive, _sampling(rack.config)
@@ -124,18 +133,19 @@ def unmask(rack: Rack, tokens, *, steps: int = 8, temperature: float = 0.0, top_
     raise ConfigError(f"--steps={steps}: allowed: >= 1")
   tokens = jnp.asarray(tokens, jnp.int32)
   _check(temperature, top_k, tokens.shape[1], rack.config)
-  mask_id = p.mask_token_id
+  mask_id, choices = tokenizers.special_ids(rack.config).mask, tokenizers.sampled_ids(rack.config)
   n0 = (tokens == mask_id).sum(-1)
   key = jax.random.key(seed)
   if p.time_interpretation == "depth":
-    return np.asarray(_one_pass(rack, tokens, mask_id, n0, key, temperature, top_k))
+    return np.asarray(_one_pass(rack, tokens, mask_id, n0, key, temperature, top_k, choices))
   n = p.num_time_steps
 
   @jax.jit
   def step(params, tokens, s):
     t = jnp.round((n - 1) * (1.0 - s / steps)).astype(jnp.int32)
     logits = rack(params, tokens, jnp.full((tokens.shape[0],), t))
-    predicted, confidence = _predict(logits, jax.random.fold_in(key, s), temperature, top_k)
+    predicted, confidence = _predict(logits, jax.random.fold_in(key, s), temperature, top_k,
+                                     choices)
     keep = n0 * (steps - 1 - s) // steps
     reveal = _reveal(tokens == mask_id, confidence, keep)
     return jnp.where(reveal, predicted, tokens)
@@ -145,7 +155,7 @@ def unmask(rack: Rack, tokens, *, steps: int = 8, temperature: float = 0.0, top_
   return np.asarray(tokens)
 
 
-def _one_pass(rack, tokens, mask_id, n0, key, temperature, top_k):
+def _one_pass(rack, tokens, mask_id, n0, key, temperature, top_k, choices):
   """Time as depth: each stack, in forward order, reveals its share of the masks."""
   params, names = rack.params, rack.order
   h, _ = rack.embed(params, tokens)
@@ -153,7 +163,7 @@ def _one_pass(rack, tokens, mask_id, n0, key, temperature, top_k):
   for i, name in enumerate(names):
     h = rack.apply_stacks(params, [name], h)
     predicted, confidence = _predict(rack.logits(params, h), jax.random.fold_in(key, i),
-                                     temperature, top_k)
+                                     temperature, top_k, choices)
     reveal = _reveal(tokens == mask_id, confidence, n0 * (len(names) - 1 - i) // len(names))
     tokens = jnp.where(reveal, predicted, tokens)
     revealed = rack.embed(params, predicted)[0]
@@ -164,27 +174,27 @@ def _one_pass(rack, tokens, mask_id, n0, key, temperature, top_k):
 _MASK_PATTERN = re.compile(r"\[MASK(?::(\d+))?\]")
 
 
-def parse_infill(text: str, mask_id: int) -> np.ndarray:
-  """'The [MASK:3] sat' -> byte ids with 3 `mask_id`s in place of the marker ([MASK] = one byte).
-  `mask_id`: the run's training.progressive.mask_token_id."""
+def parse_infill(text: str, mask_id: int, tokenizer=tokenizers.BYTES) -> np.ndarray:
+  """'The [MASK:3] sat' -> the ids of the text between markers (by `tokenizer`), with 3
+  `mask_id`s in place of the marker ([MASK] = one). `mask_id`: the run's mask id."""
   if not _MASK_PATTERN.search(text):
     raise ConfigError(f"--infill {text!r}: no [MASK] or [MASK:n] marker to fill")
   ids, end = [], 0
   for match in _MASK_PATTERN.finditer(text):
-    ids.append(encode(text[end:match.start()]))
+    ids.append(tokenizer.encode(text[end:match.start()]))
     ids.append(np.full(int(match.group(1) or 1), mask_id, np.int32))
     end = match.end()
-  ids.append(encode(text[end:]))
+  ids.append(tokenizer.encode(text[end:]))
   return np.concatenate(ids)
 
 
 def prompt_batch(config, *, prompt: str | None = None, infill: str | None = None,
                  max_new_tokens: int = 64, num_samples: int = 1, temperature: float = 0.0,
-                 top_k: int = 0, steps: int = 8, seed: int = 0) -> np.ndarray:
+                 top_k: int = 0, steps: int = 8, seed: int = 0, tokenizer=None) -> np.ndarray:
   """The `sample` command's input, checked against the run's config before any rack is built:
   int32 [num_samples, len] token ids of `prompt` (masked racks: followed by `max_new_tokens`
-  masks) or of `infill` with its masks (masked racks only). Raises ConfigError naming the
-  option."""
+  masks) or of `infill` with its masks (masked racks only), by `tokenizer` (default: the run's,
+  `tokenizer.load_tokenizer`). Raises ConfigError naming the option."""
   del seed   # any int will do
   if (prompt is None) == (infill is None):
     raise ConfigError("sample: give exactly one of --prompt and --infill")
@@ -200,16 +210,18 @@ def prompt_batch(config, *, prompt: str | None = None, infill: str | None = None
     raise ConfigError(f"--num-samples={num_samples}: allowed: >= 1")
   if steps < 1:
     raise ConfigError(f"--steps={steps}: allowed: >= 1")
+  tokenizer = tokenizers.load_tokenizer(config) if tokenizer is None else tokenizer
+  mask_id = tokenizers.special_ids(config).mask
   if infill is not None:
-    ids = parse_infill(infill, p.mask_token_id)
+    ids = parse_infill(infill, mask_id, tokenizer)
   else:
-    ids = encode(prompt)
+    ids = tokenizer.encode(prompt)
     if not len(ids):
       raise ConfigError("--prompt '': allowed: at least one character")
     if max_new_tokens < 1:
       raise ConfigError(f"--max-new-tokens={max_new_tokens}: allowed: >= 1")
     if not causal:
-      ids = np.concatenate([ids, np.full(max_new_tokens, p.mask_token_id, np.int32)])
+      ids = np.concatenate([ids, np.full(max_new_tokens, mask_id, np.int32)])
   length = len(ids) + (max_new_tokens if causal else 0)
   _check(temperature, top_k, length, config)
   return np.tile(ids, (num_samples, 1))

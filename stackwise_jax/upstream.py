@@ -114,7 +114,7 @@ def _mask_id(fallback: bool) -> Rule:
       return
     if isinstance(value, int) and 0 <= value < PAD_ID:   # its tokenizer's id, a byte in ours
       conv.not_reproduced.append(f"{key}={value!r} (a byte under data.tokenizer='bytes'; the mask "
-                                 f"id stays {conv.ours.training.progressive.mask_token_id})")
+                                 "id stays the tokenizer's)")
     else:
       conv.set("training.progressive.mask_token_id", value, key, fallback)
   return rule
@@ -299,7 +299,7 @@ ORIGINAL: dict[str, str | Rule | None] = {
     "data.dataset_path": _dataset_path,
     "data.use_dummy_data": _use_dummy_data,
     "data.num_samples": IGNORED,                # the size of the original's random data set
-    "data.tokenizer_path": _one_of(None, why=" (we tokenize bytes: data.tokenizer)"),
+    "data.tokenizer_path": _unless_null("data.tokenizer"),   # a tokenizer.json or .model
     "data.max_length": _fallback("training.seq_len"),
     "data.padding": IGNORED,                    # we pack documents: no padding
     "data.num_workers": "data.num_workers",

@@ -12,6 +12,7 @@ from stackwise_jax.config import default_config
 from stackwise_jax.data import (BOS_ID, EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE, DataLoader, decode,
                                 encode, make_dataloader)
 from stackwise_jax.data import corpus
+from stackwise_jax.data.tokenizer import special_ids
 from stackwise_jax.progressive import TimeStepMasking
 
 SEQ_LEN, BATCH = 16, 4
@@ -83,7 +84,8 @@ def test_special_ids_match_config_defaults():
   c = default_config()
   assert sorted({PAD_ID, MASK_ID, BOS_ID, EOS_ID}) == [256, 257, 258, 259]
   assert VOCAB_SIZE == c.model.vocab_size == 260
-  assert MASK_ID == c.training.progressive.mask_token_id
+  assert c.training.progressive.mask_token_id is None   # None: the tokenizer's, MASK_ID here
+  assert special_ids(c).mask == MASK_ID
 
 
 def test_masked_inputs_carry_a_configured_mask_token_id(loader, pattern):

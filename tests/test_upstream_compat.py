@@ -17,6 +17,7 @@ from stackwise_jax.cli import main
 from stackwise_jax.config import ConfigError, default_config, load_config
 from stackwise_jax.upstream import IGNORED
 from stackwise_jax.upstream import ORIGINAL
+from stackwise_jax.data.tokenizer import special_ids
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "upstream"
 
@@ -241,7 +242,8 @@ def test_values_run_differently_are_named_in_the_warning(tmp_path, capsys):
   for fragment in ("model.freeze_up_proj=True", "training.optimizer.betas=[0.9, 0.95]",
                    "training.max_mask_fraction=0.9", "model.special_mask_id=4 (a byte"):
     assert fragment in warning
-  assert config.training.progressive.mask_token_id == 257   # a byte id is never the mask
+  assert config.training.progressive.mask_token_id is None   # a byte id is never the mask
+  assert special_ids(config).mask == 257
 
 
 def test_original_names_are_in_the_readme():
@@ -336,7 +338,6 @@ def test_attention_custom_is_ignored_unless_the_preset_is_custom(tmp_path, capsy
      "training.time_step_mask_fractions=[0.1, 0.5, 0.6]"),
     ("training:\n  strategy: end_to_end\n  end_to_end_scope: stackwise\n",
      "training.end_to_end_scope='stackwise'"),
-    ("data:\n  tokenizer_path: tok.json\n", "data.tokenizer_path='tok.json'"),
     ("model:\n  attention_preset: gpt_style\n", "model.attention_preset='gpt_style' (causal"),
     ("training:\n  min_mask_fraction: 0.1\n  time_step_mask_fractions: [0.2, 0.6, 1.0]\n",
      "training.min_mask_fraction=0.1"),   # two keys set mlm_min_ratio differently
@@ -345,6 +346,16 @@ def test_values_we_do_not_implement_are_config_errors(tmp_path, text, needle):
   with pytest.raises(ConfigError) as e:
     load_config(_write(tmp_path, text))
   assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_tokenizer_path_is_our_tokenizer(tmp_path):
+  from stackwise_jax.data.tokenizer import train_bpe
+  train_bpe(["some text to learn from " * 20], 300).save(str(tmp_path))
+  path = tmp_path / "tokenizer.json"
+  config = load_config(_write(tmp_path, f"data:\n  tokenizer_path: {path}\n"))
+  assert config.data.tokenizer == str(path)
+  with pytest.raises(ConfigError, match="data.tokenizer='tok.json': allowed: .*an existing"):
+    load_config(_write(tmp_path, "data:\n  tokenizer_path: tok.json\n"))
 
 
 def test_an_unimplemented_value_exits_2_from_the_cli(tmp_path, capsys):

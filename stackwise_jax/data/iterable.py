@@ -3,8 +3,8 @@ generator function. Batch keys may be ours or the original StackWise's.
 
 A batch becomes {"tokens": int32 [B, T], "example_id": int32 [B]} (plus "targets" for a custom
 objective): `tokens` from "tokens" or "input_ids"; positions where "attention_mask" is 0 hold
-`PAD_ID`, which the loss leaves out; `targets` from "targets" or "target_ids"; `example_id` as
-given, else the batch's running position in the stream (so masks stay a pure function of it).
+the tokenizer's pad id, which the loss leaves out; `targets` from "targets" or "target_ids";
+`example_id` as given, else the batch's running position in the stream (so masks stay a pure function of it).
 Such a source has no held-out split: `eval_batches(n)` are its first n batches unless an eval
 source is given. The iterator's state is the number of batches it has given; a resumed run skips
 that many, so a source must yield the same batches in the same order each time it is iterated.
@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from stackwise_jax.data.tokenizer import PAD_ID
+from stackwise_jax.data.tokenizer import PAD_ID, special_ids
 from stackwise_jax.errors import ConfigError
 
 _TOKENS, _TARGETS = ("tokens", "input_ids"), ("targets", "target_ids")
@@ -34,13 +34,13 @@ class IterableLoader:
     self._batches = restartable(batches, "dataloader")
     self._eval = None if eval_batches is None else restartable(eval_batches, "eval_batches")
     t = config.training
-    self.shape = (t.batch_size, t.seq_len)
+    self.shape, self.pad_id = (t.batch_size, t.seq_len), special_ids(config).pad
 
   def train_iter(self) -> "BatchIterator":
-    return BatchIterator(self._batches, self.shape)
+    return BatchIterator(self._batches, self.shape, self.pad_id)
 
   def eval_batches(self, n: int) -> list[dict]:
-    it = BatchIterator(self._eval or self._batches, self.shape)
+    it = BatchIterator(self._eval or self._batches, self.shape, self.pad_id)
     return [next(it) for _ in range(max(n, 0))]
 
 
@@ -48,8 +48,8 @@ class BatchIterator:
   """Endless: the source again from its start when it ends. `get_state()` / `set_state()` as
   grain's iterators, so checkpoints save and restore it the same way."""
 
-  def __init__(self, source: Callable, shape: tuple[int, int]):
-    self._source, self._shape = source, shape
+  def __init__(self, source: Callable, shape: tuple[int, int], pad_id: int = PAD_ID):
+    self._source, self._shape, self._pad_id = source, shape, pad_id
     self._given, self._it = 0, iter(source())
 
   def __iter__(self):
@@ -65,7 +65,8 @@ class BatchIterator:
       except StopIteration:
         raise ConfigError("dataloader: yields no batches (a generator object runs only once: "
                           "pass a list, a DataLoader or the generator function)") from None
-    batch = as_batch(raw, first_example=self._given * self._shape[0], shape=self._shape)
+    batch = as_batch(raw, first_example=self._given * self._shape[0], shape=self._shape,
+                     pad_id=self._pad_id)
     self._given += 1
     return batch
 
@@ -79,7 +80,8 @@ class BatchIterator:
       next(self)
 
 
-def as_batch(raw: dict, first_example: int, shape: tuple[int, int] | None = None) -> dict:
+def as_batch(raw: dict, first_example: int, shape: tuple[int, int] | None = None,
+             pad_id: int = PAD_ID) -> dict:
   """One batch dict, our keys or the original's, as the trainer reads it (module docstring);
   `shape`: the [batch, seq] it must have (None: its own)."""
   keys = [k for k in _TOKENS if k in raw]
@@ -93,7 +95,7 @@ def as_batch(raw: dict, first_example: int, shape: tuple[int, int] | None = None
     raise ConfigError(f"dataloader batch {keys[0]!r} of shape {tokens.shape}: allowed: "
                       f"(training.batch_size, training.seq_len) = {shape}")
   kept = np.asarray(raw.get("attention_mask", np.ones(shape))) != 0
-  pad = lambda x: np.where(kept, x, PAD_ID).astype(np.int32)   # the loss leaves PAD_ID out
+  pad = lambda x: np.where(kept, x, pad_id).astype(np.int32)   # the loss leaves the pad id out
   example_id = (np.asarray(raw["example_id"], np.int32) if "example_id" in raw
                 else np.arange(first_example, first_example + shape[0], dtype=np.int32))
   batch = {"tokens": pad(tokens), "example_id": example_id}

@@ -223,6 +223,15 @@ def kind(name: str) -> str:
                     "tokenizer.json path, or a SentencePiece .model path")
 
 
+def is_valid_name(name) -> bool:
+  """Whether `data.tokenizer`=`name` names a tokenizer (a file is only checked to exist)."""
+  try:
+    how = kind(name)
+    return bpe_size(name) > 0 if how == "bpe" else how == "bytes" or os.path.isfile(name)
+  except ConfigError:
+    return False
+
+
 @functools.lru_cache(maxsize=8)
 def load_file(path: str) -> Tokenizer:
   """The tokenizer in `path` (a tokenizer.json or a SentencePiece .model). An empty, missing or
@@ -315,6 +324,21 @@ def _bpe(config, n: int, train_texts, log) -> Tokenizer:
     tok.save(workdir)
     load_file.cache_clear()
   return tok
+
+
+def sampled_ids(config) -> tuple[int, tuple[int, ...]]:
+  """(n, excluded): sampling chooses among ids 0..n-1 less `excluded` (the special ids, the run's
+  mask id included). Bytes: (256, ()), the specials come after the bytes."""
+  name, mask = config.data.tokenizer, special_ids(config).mask
+  how = kind(name)
+  if how == "bytes":
+    n, excluded = 256, set()
+  elif how == "bpe":
+    n, excluded = bpe_size(name), set(range(len(BPE_SPECIALS)))
+  else:
+    tok = load_file(name)
+    n, excluded = tok.vocab_size, {int(i) for i in np.flatnonzero(tok.token_bytes == 0)}
+  return n, tuple(sorted(excluded | ({mask} if mask < n else set())))
 
 
 def special_ids(config) -> SpecialIds:

@@ -25,7 +25,7 @@ class ProgressiveDataLoader:
   def __iter__(self):
     first_example = 0
     for position, raw in enumerate(self._batches()):
-      batch = as_batch(raw, first_example)
+      batch = as_batch(raw, first_example, pad_id=self.masking_strategy.pad_id)
       first_example += batch["tokens"].shape[0]
       example = self.masking_strategy.generate_masks_for_stack(batch, self.stack_idx)
       if self.trunk_activations is not None:

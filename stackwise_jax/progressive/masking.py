@@ -67,7 +67,8 @@ def sample_time_steps(example_ids, *, seed: int, salt: int, num_time_steps: int,
 
 
 def make_training_example(batch: dict, time_steps, *, objective: str, seed: int, num_time_steps: int,
-                          min_ratio: float, mask_token_id: int) -> dict:
+                          min_ratio: float, mask_token_id: int,
+                          pad_id: int = tokenizer.PAD_ID) -> dict:
   """Turns a token batch into what the train step consumes, by `objective`'s row of `OBJECTIVES`.
 
   Args:
@@ -77,11 +78,12 @@ def make_training_example(batch: dict, time_steps, *, objective: str, seed: int,
     objective: a name in `OBJECTIVES`. This and the other keyword arguments are Python values
       (static under jit).
     seed, num_time_steps, min_ratio: see `objectives.mlm_mask`.
-    mask_token_id: the token that replaces masked inputs (`training.progressive.mask_token_id`).
+    mask_token_id: the token that replaces masked inputs (`tokenizer.special_ids(config).mask`).
+    pad_id: the tokenizer's pad id; targets equal to it never count in the loss.
 
   Returns:
     {"inputs": int32 [B, T], "targets": int32 [B, T], "loss_mask": float32 [B, T],
-     "time_step": int32 [B]}. Targets equal to the tokenizer's PAD_ID never count in the loss.
+     "time_step": int32 [B]}.
   """
   if objective not in OBJECTIVES:
     raise ConfigError(f"training.progressive.training_objective={objective!r}: allowed: "
@@ -93,7 +95,7 @@ def make_training_example(batch: dict, time_steps, *, objective: str, seed: int,
       tokens, batch, time_steps, seed=seed, num_time_steps=num_time_steps, min_ratio=min_ratio,
       mask_token_id=mask_token_id)
   return {"inputs": inputs.astype(jnp.int32), "targets": targets,
-          "loss_mask": combined_masks(rule, targets != tokenizer.PAD_ID), "time_step": time_steps}
+          "loss_mask": combined_masks(rule, targets != pad_id), "time_step": time_steps}
 
 
 def check_objective_data(objective: str, batch: dict) -> None:
@@ -124,7 +126,8 @@ class TimeStepMasking:
     self.time_interpretation = p.time_interpretation
     self.num_time_steps = p.num_time_steps
     self.min_ratio = p.mlm_min_ratio
-    self.mask_token_id = p.mask_token_id
+    special = tokenizer.special_ids(config)
+    self.mask_token_id, self.pad_id = special.mask, special.pad
     self.stack_time_mapping = p.stack_time_mapping
     self.time_per_stack = p.time_per_stack
     self.max_stacks = p.max_stacks
@@ -192,7 +195,7 @@ class TimeStepMasking:
     return make_training_example(
         batch, time_steps, objective=self.objective, seed=self.seed,
         num_time_steps=self.num_time_steps, min_ratio=self.min_ratio,
-        mask_token_id=self.mask_token_id)
+        mask_token_id=self.mask_token_id, pad_id=self.pad_id)
 
   def stage_example(self, batch, new_specs, body_specs, salt: int) -> dict:
     """The training example of the stage that trains `new_specs` (StackSpecs), whose step runs
