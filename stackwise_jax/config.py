@@ -74,6 +74,10 @@ def default_config() -> ml_collections.ConfigDict:
   p.building_mode = "append"        # "append" | "prepend"
   p.trunk_strategy = "frozen"       # "frozen" | "qlora"
   p.new_stack_precision = "full"    # "full" | "bfloat16" | "half" | "nvfp4" | "qlora"
+  # How a new stack starts: its own random init, a copy of the trained stack next to it, a copy
+  # by progressive stacking (stack j copies j - 2^floor(log2 j)), or as the identity (zeroed
+  # residual writes). See ProgressiveRackBuilder._start.
+  p.new_stack_init = "random"       # "random" | "copy_last" | "stack" | "identity"
   # Once a trunk exists: "auto" freezes the token/time embedding (it feeds the frozen trunk) and
   # trains the head side (final norm, untied head) in append mode only; "trainable" | "frozen": all.
   p.embedding_training = "auto"
@@ -431,6 +435,7 @@ def _join(prefix: str, key: Any) -> str:
 
 # Building modes: progressive/builder.py grows the rack by them (it imports config, hence here).
 BUILDING_MODES = ("append", "prepend")
+NEW_STACK_INITS = ("random", "copy_last", "stack", "identity")
 
 # Names the code implements today; design §2 lists more (hf/array_record sources) that join these
 # sets with their implementations.
@@ -445,6 +450,7 @@ _CHOICES = {
     "training.progressive.qlora_rank_pattern": RANK_PATTERNS,
     "training.progressive.qlora_alpha_pattern": RANK_PATTERNS,
     "training.progressive.embedding_training": ("auto", "trainable", "frozen"),
+    "training.progressive.new_stack_init": NEW_STACK_INITS,
     "training.progressive.training_objective": tuple(OBJECTIVES),
     "training.progressive.time_interpretation": ("input", "depth"),
     "training.progressive.time_encoding_type": ("sinusoidal", "learned"),
@@ -551,6 +557,11 @@ _CHECKS = [
        f"a multiple of {f.block}, as model.d_model ({{c.model.d_model}}), when "
        f"training.progressive.new_stack_precision={f.precision!r} (the {f.name} block)")
       for f in FORMATS.values()],
+    ("training.progressive.new_stack_init", lambda v, c: _copied_stacks_are_float(c),
+     "'random' or 'identity' with new_stack_precision={c.training.progressive.new_stack_precision!r}"
+     " and trunk_strategy={c.training.progressive.trunk_strategy!r}: a copy needs a float source, "
+     "and these store the stacks it would copy quantized (copy_last copies the stack trained "
+     "last, before it becomes trunk; stack also copies older trunk stacks)"),
     ("data.paths", lambda v, c: all(isinstance(p, str) and p for p in v),
      "a list of non-empty file paths or globs"),
     *[(p, lambda v, c: v == -1 or v > 0, "a positive int, or -1 for the remaining devices")
@@ -571,6 +582,18 @@ def _lora_entry_ok(key: Any, entry: Any) -> bool:
 def _uses_stack_lora(c) -> bool:
   p = c.training.progressive
   return p.qlora_enabled or p.new_stack_precision == "qlora"
+
+
+def _copied_stacks_are_float(c) -> bool:
+  """Whether the stacks new_stack_init copies are float when copied: a "qlora" stack is int4 from
+  its creation; a trunk stack is int4 (qlora trunk) or packed (nvfp4) once it is trunk."""
+  p = c.training.progressive
+  if p.new_stack_init not in ("copy_last", "stack"):
+    return True
+  if p.new_stack_precision == "qlora":
+    return False
+  return p.new_stack_init == "copy_last" or (p.trunk_strategy != "qlora"
+                                             and p.new_stack_precision != "nvfp4")
 
 
 def _stored_formats(c) -> list:

@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 
 from stackwise_jax.model.layers import Linear, TimeEmbedding
-from stackwise_jax.model.lora import ADAPTED_KERNELS, LoraSetting, apply_qwix
+from stackwise_jax.model.lora import ADAPTED_KERNELS, LoraSetting, apply_qwix, is_adapter_path
 from stackwise_jax.model.stack import COMPUTE_DTYPES, Stack
 from stackwise_jax.objectives import OBJECTIVES
 from stackwise_jax.quant import Format, stack_format
 from stackwise_jax.sharding import axes, gathered_call, param_axes
+from stackwise_jax.trees import key_path
 
 Params = dict[str, Any]
 
@@ -210,6 +211,20 @@ def init_stack(config, spec: StackSpec, old_params: Params | None = None):
     _carry_over(module, old_params)   # leaves qwix made: stack LoRA, int4 kernels
   graphdef, state = nnx.split(module, nnx.Param)
   return graphdef, nnx.to_pure_dict(state)
+
+
+# The kernels through which a block writes to the residual stream: attention and FFN outputs, and
+# the time embedding's projection (time as input).
+RESIDUAL_WRITES = r"blocks/\d+/(attn/o|ffn/down|time_proj)/.*"
+
+
+def zero_residual_writes(params: Params) -> Params:
+  """A stack's params (plain dicts) with every kernel and bias that writes to the residual stream
+  zeroed: the stack then computes the identity (its blocks add nothing), and the first gradients
+  reach those kernels (new_stack_init="identity", function-preserving growth)."""
+  zero = lambda path, x: (jnp.zeros_like(x) if re.fullmatch(RESIDUAL_WRITES, key_path(path))
+                          and not is_adapter_path(path) else x)
+  return jax.tree_util.tree_map_with_path(zero, params)
 
 
 def _adapted_linears(module: nnx.Module) -> list[Linear]:

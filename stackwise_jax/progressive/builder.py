@@ -4,12 +4,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from stackwise_jax.config import validate, with_fields
+from stackwise_jax.config import ConfigError, validate, with_fields
 from stackwise_jax.model import EmbedHead, Rack, StackSpec, init_module
 from stackwise_jax.model.lora import LoraSetting, is_adapter_path, stack_lora_setting
 from stackwise_jax.quant import BY_PRECISION, is_stored_leaf
 from stackwise_jax.trees import plain_keys
-from stackwise_jax.model.rack import init_stack
+from stackwise_jax.model.rack import init_stack, zero_residual_writes
 from stackwise_jax.progressive.masking import TimeStepMasking
 
 # Leaf labels for optax.multi_transform.
@@ -46,6 +46,7 @@ class ProgressiveRackBuilder:
     self.masking = TimeStepMasking(config)
     self.specs: list[StackSpec] = []           # forward order: embedding side first
     self.trained: set[str] = set()             # stacks that finished at least one stage
+    self.init_sources: dict[str, str | None] = {}   # stack -> the stack it started as a copy of
     graphdef, params = init_module(lambda rngs: EmbedHead(config, rngs=rngs), config.training.seed,
                                    _EMBED_STREAM)
     self._graphdefs = {"embed_head": graphdef}
@@ -55,13 +56,13 @@ class ProgressiveRackBuilder:
   # --- growing ---------------------------------------------------------------------------------
   def append_stack(self, n_blocks: int | None = None, precision: str | None = None) -> StackSpec:
     """Adds a stack after the existing ones (nearest the head)."""
-    self.specs.append(self._new_stack(n_blocks, precision))
+    self.specs.append(self._new_stack(n_blocks, precision, "append"))
     self._place_time_steps()
     return self.specs[-1]
 
   def prepend_stack(self, n_blocks: int | None = None, precision: str | None = None) -> StackSpec:
     """Adds a stack before the existing ones (nearest the embedding)."""
-    self.specs.insert(0, self._new_stack(n_blocks, precision))
+    self.specs.insert(0, self._new_stack(n_blocks, precision, "prepend"))
     self._place_time_steps()
     return self.specs[0]
 
@@ -70,7 +71,7 @@ class ProgressiveRackBuilder:
     add = self.append_stack if self.building_mode == "append" else self.prepend_stack
     return add(n_blocks, precision)
 
-  def _new_stack(self, n_blocks, precision) -> StackSpec:
+  def _new_stack(self, n_blocks, precision, where: str) -> StackSpec:
     p, m = self.config.training.progressive, self.config.model
     if len(self.specs) >= p.max_stacks:
       raise ValueError(f"training.progressive.max_stacks={p.max_stacks}: the rack already has "
@@ -93,9 +94,48 @@ class ProgressiveRackBuilder:
       for trunk in self.specs:
         if trunk.progressive_lora is None:
           self._respec(trunk, progressive_lora=progressive)
-    self._set_stack(spec)
+    self._set_stack(spec, self._start(spec, where))
     self._labels[spec.name] = ADAPTERS_ONLY if spec.quantized else TRAINABLE
     return spec
+
+  def _start(self, spec: StackSpec, where: str):
+    """The float params a new stack starts from by `training.progressive.new_stack_init` (None:
+    its own random init), fed to `init_stack` as its previous params, so a quantized stack
+    stores them as it would its own. Records the copied stack in `init_sources`."""
+    how = self.config.training.progressive.new_stack_init
+    source = self._copy_source(spec, how, where) if how in ("copy_last", "stack") else None
+    self.init_sources[spec.name] = source and source.name
+    if how == "identity":
+      _, params = init_stack(self.config, dataclasses.replace(spec, quantized=False))
+      return zero_residual_writes(params)
+    if source is None:
+      return None
+    if source.quantized or source.packed or source.n_blocks != spec.n_blocks:
+      raise ConfigError(
+          f"training.progressive.new_stack_init={how!r}: {spec.name} would start as a copy of "
+          f"{source.name} ({source.n_blocks} blocks, precision {source.precision}"
+          f"{', stored ' + source.format.name if source.quantized or source.packed else ''}); "
+          f"allowed: a float source of {spec.n_blocks} blocks, or new_stack_init='random' or "
+          "'identity'")
+    # Fresh buffers (jnp.array copies): a train step donates the new stack's, never its source's.
+    as_master = lambda x: jnp.array(x, jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating)
+                                    else x.dtype)
+    return jax.tree.map(as_master, self.params["stacks"][source.name])
+
+  def _copy_source(self, spec: StackSpec, how: str, where: str) -> StackSpec | None:
+    """The trained stack a new one copies (None: none is trained yet). copy_last: the one next
+    to where it is added (`where`: "append" or "prepend"). stack: the stack built 2^k places before it, k as large as possible
+    (stack j copies stack j - 2^floor(log2 j)), so whenever the rack reaches a power of two
+    stacks its later half began as a copy of its earlier half: progressive stacking (Gong et
+    al. 2019), G_stack with growth factor 2 (Du et al. 2024), one stack a stage."""
+    trained = [s for s in self.specs if s.name in self.trained]
+    if not trained:
+      return None
+    if how == "copy_last":
+      return trained[-1] if where == "append" else trained[0]
+    j = spec.index
+    wanted = j - 2 ** (j.bit_length() - 1)
+    return next((s for s in trained if s.index == wanted), None)
 
   def _set_stack(self, spec: StackSpec, old_params=None) -> None:
     error = spec.format and spec.format.block_error(self.config, spec.precision)

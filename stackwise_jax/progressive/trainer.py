@@ -454,6 +454,8 @@ class ProgressiveTrainer:
         "stage": stage.number,
         "stack_index": k,
         "new_stacks": [s.name for s in stage.new_specs],
+        "new_stack_init": self.config.training.progressive.new_stack_init,
+        "init_from": {s.name: builder.init_sources.get(s.name) for s in stage.new_specs},
         "stack_order": list(stage.rack.order),
         "building_mode": builder.building_mode,
         "time_step": stage.new_specs[-1].time_step,
