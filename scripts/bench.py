@@ -2,7 +2,8 @@
 plus the quantization error of the trunk formats and the bytes moved by collectives.
 
   python scripts/bench.py {depth,mfu,memory,quality,torch,quant,comm,job} [--quick] [--out FILE.json]
-      [--config FILE] [--stages N] [--steps N] [--seeds S ...] [--depths K ...] [config overrides]
+      [--config FILE] [--stages N] [--steps N] [--seeds S ...] [--depths K ...] [--methods M ...]
+      [config overrides]
 
 Each sub-benchmark writes FILE.json ({"benchmark", "date", "machine", "command", "config",
 "settings", "rows", "summary"}; default bench_results/NAME.json) and FILE.md (the same table in
@@ -49,6 +50,7 @@ def main():
   for name in ("seeds", "depths"):
     parser.add_argument(f"--{name}", type=int, nargs="+")
   parser.add_argument("--modes", nargs="+", choices=list(MODES))
+  parser.add_argument("--methods", nargs="+", help="quality: e.g. end-to-end identity+final")
   parser.add_argument("--cells", nargs="+", metavar="NxSxE",
                       help="job: only these cells, e.g. 4x40x1 8x300x3 (stacks x steps x epochs)")
   parser.add_argument("overrides", nargs="*", help="config overrides, e.g. training.batch_size=8")
@@ -66,7 +68,7 @@ def main():
       parser.error(f"--cells {' '.join(args.cells)}: allowed: cells like 4x40x1")
     if any(len(cell) != 3 or min(cell) < 1 for cell in args.grid):
       parser.error(f"--cells {' '.join(args.cells)}: allowed: three positive ints per cell")
-  for name in ("stages", "steps", "devices", "seeds", "depths", "modes", "grid"):
+  for name in ("stages", "steps", "devices", "seeds", "depths", "modes", "methods", "grid"):
     value = getattr(args, name, None)
     if value is not None:
       if name not in full:
