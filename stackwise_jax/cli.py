@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--process-id", type=int)
   train.add_argument("--fresh", action="store_true",
                      help="start over: move the workdir's checkpoints aside instead of resuming")
-  evaluate = commands.add_parser("eval", help="loss, perplexity, accuracy of each stage's rack")
+  evaluate = commands.add_parser("eval", help="loss, perplexity, accuracy, bits per byte of each "
+                                                 "stage's rack")
   evaluate.add_argument("--workdir", required=True, help="a train command's workdir")
   evaluate.add_argument("--batches", type=int, help="eval batches (default: the run's)")
   sample = commands.add_parser("sample", help="generate or fill masks with a trained rack")

@@ -1,19 +1,23 @@
-"""Evaluation of a trained run (design §12): loss, perplexity and masked-token accuracy on the
-held-out split, for the rack every stage produced (a prefix of the final rack in append mode, a
-suffix in prepend mode) and for the rack of the latest checkpoint.
+"""Evaluation of a trained run (design §12): loss, perplexity, masked-token accuracy and bits per
+byte on the held-out split, for the rack every stage produced (a prefix of the final rack in append
+mode, a suffix in prepend mode) and for the rack of the latest checkpoint.
 
 The examples are the trainer's own evaluation examples (same batches, same masks and time steps),
-so a stage's loss here is the `eval_loss` its training reported.
+so a stage's loss and bits per byte here are the `eval_loss` and `eval_bits_per_byte` its training
+reported.
 """
 import math
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from stackwise_jax.checkpoint import RunCheckpoints
 from stackwise_jax.config import stage_steps
 from stackwise_jax.data import make_dataloader
+from stackwise_jax.data.tokenizer import BYTES, kind
 from stackwise_jax.progressive.masking import TimeStepMasking
 from stackwise_jax.progressive.stages import rack_from_checkpoint
 from stackwise_jax.progressive.steps import make_eval_step
@@ -27,35 +31,64 @@ def eval_example(masking, batch) -> dict:
   return masking.example(batch, masking.sample_time_steps(batch["example_id"], EVAL_SALT))
 
 
-def evaluate(rack, examples, bar=None) -> dict:
+def evaluate(rack, examples, bar=None, token_bytes=None) -> dict:
   """Loss (nats per loss token), perplexity and accuracy (argmax = target) over the loss tokens
-  of `examples` (dicts as `eval_example` makes them). `bar`: a tqdm bar to advance by one per
-  example."""
-  return evaluate_with(make_eval_step(rack), rack.params, examples, bar)
+  of `examples` (dicts as `eval_example` makes them), and bits per byte where `token_bytes` is
+  given (see `evaluate_with`). `bar`: a tqdm bar to advance by one per example."""
+  return evaluate_with(make_eval_step(rack), rack.params, examples, bar, token_bytes)
 
 
-def evaluate_with(eval_step, params, examples, bar=None) -> dict:
+def evaluate_with(eval_step, params, examples, bar=None, token_bytes=None) -> dict:
   """`evaluate` with a compiled eval step (`steps.make_eval_step`) and its params: the trainer's
   evaluation during training (where a cached stage's step takes the trunk's activations) and
-  this module's are this one function."""
-  sums = []
+  this module's are this one function.
+
+  Returns {"loss", "perplexity", "accuracy", "tokens", "bits_per_byte"}. `token_bytes`: int
+  [tokenizer vocab] UTF-8 bytes per id (`Tokenizer.token_bytes`; ids past it count 0 bytes).
+  bits_per_byte = (sum of loss-token losses, nats) / ln 2 / (bytes their targets stand for), so
+  runs with different tokenizers compare; None without `token_bytes` or when the loss tokens stand
+  for no bytes (e.g. all EOS)."""
+  sums, byte_counts = [], []
+  table = None if token_bytes is None else np.asarray(token_bytes, np.float32)
   for ex in examples:
     sums.append(np.asarray(eval_step(params, ex)))
+    if table is not None:
+      byte_counts.append(_loss_bytes(table, ex["targets"], ex["loss_mask"]))
     if bar is not None:
       bar.update(1)
   loss_sum, tokens, correct = np.sum(sums, 0)
+  n_bytes = float(np.sum([np.asarray(b, np.float64) for b in byte_counts]))
   tokens = max(tokens, 1.0)
   loss = float(loss_sum / tokens)
   return {"loss": loss, "perplexity": math.exp(loss), "accuracy": float(correct / tokens),
-          "tokens": int(tokens)}
+          "tokens": int(tokens),
+          "bits_per_byte": float(loss_sum / math.log(2) / n_bytes) if n_bytes > 0 else None}
+
+
+@jax.jit
+def _loss_bytes(table, targets, loss_mask):
+  """Bytes the loss tokens stand for: sum over [B, T] of table[targets] * loss_mask (ids outside
+  the table count 0). Jitted, so it takes a run's global (sharded) examples as they are."""
+  return jnp.sum(jnp.take(table, targets, mode="fill", fill_value=0) * loss_mask)
+
+
+def token_bytes_of(dataloader, config) -> np.ndarray | None:
+  """int32 [vocab]: UTF-8 bytes per token id of the run's tokenizer: the dataloader's `tokenizer`
+  where it has one, else the byte tokenizer's when `data.tokenizer` is "bytes"; else None (no
+  bits per byte: the ids' bytes are unknown)."""
+  tokenizer = getattr(dataloader, "tokenizer", None)
+  if tokenizer is None and kind(config.data.tokenizer) == "bytes":
+    tokenizer = BYTES
+  return None if tokenizer is None else tokenizer.token_bytes
 
 
 def evaluate_run(checkpoints: RunCheckpoints, n_batches: int | None = None, dataloader=None,
                  progress: bool = False) -> list[dict]:
   """One row per stage end kept in a run's checkpoints (`checkpoint.open_run`), plus the latest
   checkpoint if it was taken mid-stage: {"stage", "step", "stacks" (forward order), loss,
-  perplexity, accuracy, tokens}. `dataloader`: the run's (default: made from its config);
-  `progress`: a progress bar over racks x batches."""
+  perplexity, accuracy, tokens, bits_per_byte}. `dataloader`: the run's (default: made from its
+  config; its tokenizer gives the bytes per token, `token_bytes_of`); `progress`: a progress bar
+  over racks x batches."""
   config, latest = checkpoints.config, checkpoints.latest
   steps = [s for s in checkpoints.steps() if s % stage_steps(config) == 0]
   if latest.step not in steps:
@@ -64,6 +97,7 @@ def evaluate_run(checkpoints: RunCheckpoints, n_batches: int | None = None, data
   batches = dataloader.eval_batches(n_batches or config.training.eval_batches)
   masking = TimeStepMasking(config)
   examples = [eval_example(masking, b) for b in batches]
+  token_bytes = token_bytes_of(dataloader, config)
   rows = []
   with tqdm(total=len(steps) * len(examples), desc="eval", disable=not progress,
             dynamic_ncols=True, file=sys.stderr) as bar:
@@ -71,5 +105,5 @@ def evaluate_run(checkpoints: RunCheckpoints, n_batches: int | None = None, data
       ckpt = latest if step == latest.step else checkpoints.read(step)
       rack = rack_from_checkpoint(config, ckpt)
       rows.append({"stage": ckpt.meta["stage"], "step": step, "stacks": list(rack.order),
-                   **evaluate(rack, examples, bar)})
+                   **evaluate(rack, examples, bar, token_bytes)})
   return rows

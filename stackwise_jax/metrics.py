@@ -1,9 +1,9 @@
 """TensorBoard event files of a run (design §12), written with tensorboardX as training goes.
 
-Tags: `train/loss` every `training.log_every` steps and `eval/loss` at every evaluation, against
-the run's global step ((stage - 1) * steps_per_stack + step); `stage/*` (eval loss, tokens/s, step
-time, trainable params, memory) once per stage, against the stage number, so the last plot is
-eval loss against depth.
+Tags: `train/loss` every `training.log_every` steps, `eval/loss` and `eval/bits_per_byte` at every
+evaluation, against the run's global step ((stage - 1) * steps_per_stack + step); `stage/*` (eval
+loss, eval bits per byte, tokens/s, step time, trainable params, memory) once per stage, against
+the stage number, so the last plot is eval loss against depth.
 """
 import sys
 
@@ -37,7 +37,9 @@ class TensorBoard:
     """A finished stage's figures (a `ProgressiveTrainer` stage result)."""
     memory = sum(m["base_bytes"] + m["adapter_bytes"] + m["optimizer_bytes"]
                  for m in result["memory"].values())
-    figures = {"eval_loss": result["eval_loss"], "tokens_per_s": result["tokens_per_s"],
+    figures = {"eval_loss": result["eval_loss"],
+               "eval_bits_per_byte": result.get("eval_bits_per_byte"),
+               "tokens_per_s": result["tokens_per_s"],
                "step_seconds": result["step_seconds"], "trainable_params": result["trainable_params"],
                "params_and_optimizer_mib": memory / 2**20}
     for name, value in figures.items():

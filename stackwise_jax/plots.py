@@ -1,5 +1,6 @@
 """PNG views of a run (design §12) from its results (results.json or a checkpoint's): the loss
-curve with stage boundaries, eval loss against depth, and each stage's memory and speed. Written
+curve with stage boundaries, eval loss (and bits per byte) against depth, and each stage's memory
+and speed. Written
 by the train command at the end of a run and by `stackwise-jax plot --workdir DIR`."""
 import os
 
@@ -49,11 +50,20 @@ def _loss(stages):
 
 
 def _eval_by_depth(stages):
+  """Eval loss (nats / token, left axis) and, where results have it, eval bits per byte (right
+  axis: comparable across tokenizers) at the end of each stage, against its number of stacks."""
   fig, ax = plt.subplots(figsize=(5, 4))
   depth = [len(s["stack_order"]) for s in stages]
-  ax.plot(depth, [s["eval_loss"] for s in stages], "o-")
-  ax.set(xlabel="stacks in the rack", ylabel="eval loss (end of stage)", title="eval loss by depth",
-         xticks=depth)
+  ax.plot(depth, [s["eval_loss"] for s in stages], "o-", label="eval loss")
+  ax.set(xlabel="stacks in the rack", ylabel="eval loss (nats / token, end of stage)",
+         title="eval loss by depth", xticks=depth)
+  bpb = [(d, s["eval_bits_per_byte"]) for d, s in zip(depth, stages)
+         if s.get("eval_bits_per_byte") is not None]   # results from before it have none
+  if bpb:
+    right = ax.twinx()
+    right.plot(*zip(*bpb), "s--", color="tab:orange", label="bits per byte")
+    right.set_ylabel("eval bits per byte (end of stage)")
+    ax.legend(handles=ax.get_lines() + right.get_lines(), fontsize=7)
   return fig
 
 

@@ -21,6 +21,7 @@ _COLUMNS = (
     ("loss start", "loss_start", "{:.3f}"),
     ("loss end", "loss_end", "{:.3f}"),
     ("eval loss", "eval_loss", "{:.3f}"),
+    ("bits/byte", "eval_bits_per_byte", "{:.3f}"),   # eval loss in bits per UTF-8 byte
     ("tokens/s", "tokens_per_s", "{:,.0f}"),
     ("seconds", "seconds", "{:.1f}"),
     ("compile", "compile", "{:.1f}"),   # the parts of `seconds` (seconds_by_phase)
@@ -69,16 +70,18 @@ def memory_table(memory: dict) -> list[str]:
 
 
 def summary_table(results: dict) -> str:
-  """A plain-text table, one row per stage; the final eval loss; the last stage's memory per
-  stack."""
+  """A plain-text table, one row per stage; the final eval loss and bits per byte; the last stage's
+  memory per stack."""
   columns = _COLUMNS
   if any(s.get("skipped_steps") for s in results["stages"]):   # training.nonfinite="skip"
     columns += (("skipped", "skipped_steps", "{}"),)
   rows = [[h for h, _, _ in columns]]
   rows += [[_cell(s, key, fmt) for _, key, fmt in columns] for s in results["stages"]]
   lines = _table(rows)
-  final = results.get("final_eval_loss")
-  lines.append(f"final eval loss: {final:.4f}" if final is not None else "final eval loss: -")
+  for name, key in (("final eval loss", "final_eval_loss"),
+                    ("final eval bits per byte", "final_eval_bits_per_byte")):
+    final = results.get(key)
+    lines.append(f"{name}: {final:.4f}" if final is not None else f"{name}: -")
   if results["stages"] and results["stages"][-1].get("memory"):
     lines += ["", "memory per stack (last stage):", *memory_table(results["stages"][-1]["memory"])]
   return "\n".join(lines)
@@ -105,7 +108,9 @@ def write_json(path: str, payload: dict) -> None:
 
 def eval_table(rows: list[dict]) -> str:
   """`evaluate_run`'s rows: one line per evaluated rack."""
-  table = [["stage", "step", "stacks", "loss", "perplexity", "accuracy", "tokens"]]
+  bpb = lambda r: "-" if r.get("bits_per_byte") is None else f"{r['bits_per_byte']:.4f}"
+  table = [["stage", "step", "stacks", "loss", "perplexity", "accuracy", "bits/byte", "tokens"]]
   table += [[str(r["stage"]), str(r["step"]), " ".join(r["stacks"]), f"{r['loss']:.4f}",
-             f"{r['perplexity']:.2f}", f"{r['accuracy']:.4f}", f"{r['tokens']:,}"] for r in rows]
+             f"{r['perplexity']:.2f}", f"{r['accuracy']:.4f}", bpb(r), f"{r['tokens']:,}"]
+            for r in rows]
   return "\n".join(_table(table))

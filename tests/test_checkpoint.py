@@ -51,6 +51,9 @@ def _assert_same_run(a, b):
   (results_a, params_a), (results_b, params_b) = a, b
   assert [s["losses"] for s in results_a["stages"]] == [s["losses"] for s in results_b["stages"]]
   assert [s["eval_curve"] for s in results_a["stages"]] == [s["eval_curve"] for s in results_b["stages"]]
+  assert ([s["eval_bits_per_byte"] for s in results_a["stages"]]
+          == [s["eval_bits_per_byte"] for s in results_b["stages"]])
+  assert results_a["final_eval_bits_per_byte"] == results_b["final_eval_bits_per_byte"] is not None
   jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
 
 

@@ -10,8 +10,9 @@ from conftest import REPO
 from stackwise_jax.cli import main
 
 RESULT_KEYS = {"stage", "stack_index", "building_mode", "time_step", "mask_ratio", "steps",
-               "loss_start", "loss_end", "eval_loss", "tokens_per_s", "seconds", "trainable_params",
-               "frozen_params", "lora_params", "cache_bytes", "activation_mode"}
+               "loss_start", "loss_end", "eval_loss", "eval_bits_per_byte", "tokens_per_s",
+               "seconds", "trainable_params", "frozen_params", "lora_params", "cache_bytes",
+               "activation_mode"}
 MICRO = ["--config.model.d_model=32", "--config.model.n_heads=2", "--config.model.n_kv_heads=2",
          "--config.model.d_ff=64", "--config.training.batch_size=4", "--config.training.seq_len=16",
          "--config.training.steps_per_stack=6", "--config.training.eval_batches=1",
@@ -30,8 +31,11 @@ def test_train_writes_results_json_and_prints_summary(text_corpus, tmp_path, cap
   assert [s["stage"] for s in results["stages"]] == [1, 2]
   assert all(RESULT_KEYS <= s.keys() for s in results["stages"])
   assert results["final_eval_loss"] == results["stages"][-1]["eval_loss"]
+  final_bpb = results["final_eval_bits_per_byte"]
+  assert final_bpb == results["stages"][-1]["eval_bits_per_byte"] and final_bpb > 0
   out = capsys.readouterr().out
-  assert "loss start" in out and "final eval loss" in out
+  assert "loss start" in out and "final eval loss" in out and "bits/byte" in out
+  assert f"final eval bits per byte: {final_bpb:.4f}" in out
   assert (tmp_path / "run" / "config.yaml").exists()
 
 

@@ -2,6 +2,7 @@
 back into a rack with identical params and logits; every stage's rack is evaluated as its training
 did. (The npz export of a packed NVFP4 trunk is in test_checkpoint.py.)"""
 import json
+import math
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from stackwise_jax import load_rack
 from stackwise_jax.cli import main
 from stackwise_jax.data import make_dataloader
+from stackwise_jax.data.tokenizer import BYTES
 from stackwise_jax.evaluate import eval_example
 from stackwise_jax.export import export_rack, load_export
 from stackwise_jax.progressive import ProgressiveRackBuilder, TimeStepMasking
@@ -76,14 +78,24 @@ def test_eval_reports_each_stage_rack_as_its_training_did(trained, capsys):
   for row, stage in zip(rows, results["stages"]):   # the trainer evaluated the same examples
     np.testing.assert_allclose(row["loss"], stage["eval_loss"], rtol=1e-5)
     np.testing.assert_allclose(row["perplexity"], np.exp(row["loss"]), rtol=1e-6)
-  # Accuracy counted by hand for the final rack.
+    np.testing.assert_allclose(row["bits_per_byte"], stage["eval_bits_per_byte"], rtol=1e-5)
+  # Accuracy and bytes (the byte tokenizer: one per byte id, none for EOS) counted by hand.
   rack, masking = load_rack(str(workdir)), TimeStepMasking(config)
-  hits = total = 0
+  hits = total = n_bytes = 0
   for batch in make_dataloader(config).eval_batches(config.training.eval_batches):
     ex = eval_example(masking, batch)
     predicted = np.argmax(np.asarray(rack(rack.params, ex["inputs"], ex["time_step"])), -1)
-    mask = np.asarray(ex["loss_mask"]) > 0
-    hits += int(np.sum((predicted == np.asarray(ex["targets"])) & mask))
+    mask, targets = np.asarray(ex["loss_mask"]) > 0, np.asarray(ex["targets"])
+    hits += int(np.sum((predicted == targets) & mask))
     total += int(mask.sum())
+    n_bytes += int(np.sum((targets < 256) & mask))
   assert rows[-1]["tokens"] == total and rows[-1]["accuracy"] == pytest.approx(hits / total)
-  assert "perplexity" in capsys.readouterr().out
+  # Every loss token of the byte tokenizer stands for one byte, or none (EOS).
+  assert 0 < n_bytes <= total and np.all(BYTES.token_bytes == (np.arange(260) < 256))
+  for stage in results["stages"]:
+    assert stage["eval_bits_per_byte"] == pytest.approx(
+        stage["eval_loss"] / math.log(2) * total / n_bytes, rel=1e-5)
+  assert results["final_eval_bits_per_byte"] == results["stages"][-1]["eval_bits_per_byte"]
+  out = capsys.readouterr().out
+  assert "perplexity" in out and "bits/byte" in out
+  assert f"{rows[-1]['bits_per_byte']:.4f}" in out

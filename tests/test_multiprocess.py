@@ -72,6 +72,12 @@ def test_two_hosts_give_the_losses_of_one_process_with_all_devices(runs):
   one, two = _losses(runs["tmp"] / "one"), _losses(runs["tmp"] / "two")
   assert [len(s) for s in two] == [6, 6]
   np.testing.assert_allclose(two, one, rtol=1e-5)
+  # Bits per byte counts the bytes of every host's share of the eval examples.
+  bpb = [[s["eval_bits_per_byte"] for s in json.loads((runs["tmp"] / run / "results.json")
+                                                      .read_text())["stages"]]
+         for run in ("one", "two")]
+  assert None not in bpb[0]
+  np.testing.assert_allclose(bpb[1], bpb[0], rtol=1e-5)
 
 
 def test_each_host_reads_its_own_data_shard_and_one_writes_the_results(runs):

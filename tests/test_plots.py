@@ -53,7 +53,13 @@ def test_tensorboard_holds_the_losses_of_the_results(run):
   evals = [(x, v) for x, v in first["eval_curve"]] + [(6 + x, v) for x, v in second["eval_curve"]]
   assert [s for s, _ in scalars["eval/loss"]] == [3, 6, 9, 12]
   np.testing.assert_allclose([v for _, v in scalars["eval/loss"]], [v for _, v in evals], rtol=1e-6)
+  assert [s for s, _ in scalars["eval/bits_per_byte"]] == [3, 6, 9, 12]
+  # The last evaluation of a stage is the stage's bits per byte.
+  np.testing.assert_allclose([v for s, v in scalars["eval/bits_per_byte"] if s in (6, 12)],
+                             [first["eval_bits_per_byte"], second["eval_bits_per_byte"]], rtol=1e-6)
   assert [s for s, _ in scalars["stage/eval_loss"]] == [1, 2]
+  np.testing.assert_allclose([v for _, v in scalars["stage/eval_bits_per_byte"]],
+                             [s["eval_bits_per_byte"] for s in results["stages"]], rtol=1e-6)
   np.testing.assert_allclose([v for _, v in scalars["stage/tokens_per_s"]],
                              [s["tokens_per_s"] for s in results["stages"]], rtol=1e-6)
 
@@ -85,9 +91,14 @@ def test_plots_draw_the_results(run):
   np.testing.assert_allclose(curves["stage 1 eval"].get_ydata(), [v for _, v in stages[0]["eval_curve"]])
   boundaries = [line for line in ax.get_lines() if line.get_label().startswith("_")]
   assert [line.get_xdata()[0] for line in boundaries] == [6]
-  (depth,) = _eval_by_depth(stages).axes[0].get_lines()
-  assert list(depth.get_xdata()) == [1, 2]
+  loss_axis, bpb_axis = _eval_by_depth(stages).axes   # bits per byte on a second axis
+  (depth,), (bpb,) = loss_axis.get_lines(), bpb_axis.get_lines()
+  assert list(depth.get_xdata()) == [1, 2] and list(bpb.get_xdata()) == [1, 2]
   np.testing.assert_allclose(depth.get_ydata(), [s["eval_loss"] for s in stages])
+  np.testing.assert_allclose(bpb.get_ydata(), [s["eval_bits_per_byte"] for s in stages])
+  # Results from before bits per byte: eval loss alone.
+  old = [{k: v for k, v in s.items() if k != "eval_bits_per_byte"} for s in stages]
+  assert len(_eval_by_depth(old).axes) == 1
   memory, wall = _stage_cost(stages).axes
   # Stacked by phase, stage by stage: the bars of a stage add up to its seconds.
   heights = np.array([bar.get_height() for bar in wall.patches]).reshape(len(PHASES), len(stages))

@@ -22,7 +22,7 @@ from stackwise_jax import xla_cache
 from stackwise_jax.checkpoint import RunCheckpoints, restore_into
 from stackwise_jax.config import stage_steps, validate
 from stackwise_jax.data.iterable import as_dataloader
-from stackwise_jax.evaluate import eval_example, evaluate_with
+from stackwise_jax.evaluate import eval_example, evaluate_with, token_bytes_of
 from stackwise_jax.model.lora import is_adapter_path
 from stackwise_jax.objectives import OBJECTIVES
 from stackwise_jax.progressive import caching
@@ -94,13 +94,14 @@ class ProgressiveTrainer:
     xla_cache.enable(self.config)
     self.mesh = make_mesh(self.config, devices)
     self.state = None
-    self.results = {"stages": [], "final_eval_loss": None}
+    self.results = {"stages": [], "final_eval_loss": None, "final_eval_bits_per_byte": None}
     self._told = set()          # reasons already logged once
     self._stop_signal = None    # set by SIGINT/SIGTERM: save, then stop
     self._compiled = {}         # step functions by what they compute, shared by equal stages
     self._pool = None           # data_reuse="pool": the batches every stage trains on
     self._train_cache = None    # (prefix stack names, ActivationCache) kept for the next stage
     self._eval_cache = None     # (prefix stack names, [h per eval batch])
+    self._token_bytes = None    # UTF-8 bytes per token id, for bits per byte (None: not known)
 
   def train_progressively(self, rack_builder: ProgressiveRackBuilder, dataloader,
                           target_stacks: int | None = None) -> dict:
@@ -120,6 +121,7 @@ class ProgressiveTrainer:
                        f"{p.max_stacks}")
     eval_batches = dataloader.eval_batches(self.config.training.eval_batches)
     check_objective_data(p.training_objective, eval_batches[0])
+    self._token_bytes = token_bytes_of(dataloader, self.config)
     # The same held-out examples (masks and time steps included) at every stage.
     eval_examples = [eval_example(rack_builder.masking, global_batch(self.mesh, b))
                      for b in eval_batches]
@@ -210,19 +212,21 @@ class ProgressiveTrainer:
       if eval_examples:   # compiled here, so eval time is evaluation only
         stage.eval_step(stage.state["params"], eval_examples[0])[0].block_until_ready()
 
-    losses, eval_curve, guard, start = self._train_loop(builder, stage, target, data,
-                                                        eval_examples, resume, stage_start, clock)
+    losses, eval_curve, bits_per_byte, guard, start = self._train_loop(
+        builder, stage, target, data, eval_examples, resume, stage_start, clock)
     steady = max(stage.steps - start - 1, 1)
     step_seconds = clock.seconds["train"] / steady
     with clock("train"):   # the stage's bookkeeping
       builder.update_params(stage.full_params(builder.params))
       self.state = stage.state
       builder.trained.update(s.name for s in new_specs)
-      result = self._result(builder, stage, losses, eval_curve, guard.skipped, start)
+      result = self._result(builder, stage, losses, eval_curve, bits_per_byte, guard.skipped,
+                            start)
     result["step_seconds"] = step_seconds
     result["tokens_per_s"] = t.batch_size * t.seq_len / max(step_seconds, 1e-9)
     self.results["stages"].append(result)
     self.results["final_eval_loss"] = result["eval_loss"]
+    self.results["final_eval_bits_per_byte"] = result["eval_bits_per_byte"]
     def stamp():
       result["seconds"] = time.perf_counter() - started
       result["seconds_by_phase"] = dict(clock.seconds)
@@ -240,9 +244,11 @@ class ProgressiveTrainer:
   def _train_loop(self, builder, stage: Stage, target, data, eval_examples, resume, stage_start,
                   clock: PhaseClock):
     """The stage's steps, evals and mid-stage checkpoints (from `resume`'s step, if given).
-    Returns (losses, eval curve, the DivergenceGuard, the step it started from)."""
+    Returns (losses, eval curve, the last evaluation's bits per byte, the DivergenceGuard, the
+    step it started from). The stage's last step always evaluates, so that bits per byte is the
+    stage's end, resumed or not."""
     t, number, plan = self.config.training, stage.number, stage.plan
-    losses, eval_curve, start, skipped = [], [], 0, 0
+    losses, eval_curve, start, skipped, bits_per_byte = [], [], 0, 0, None
     if resume is not None:
       start = resume.meta["step"]
       progress = resume.meta["progress"]
@@ -273,11 +279,14 @@ class ProgressiveTrainer:
         if last or (t.eval_every and (i + 1) % t.eval_every == 0):
           guard.flush()   # waits for the steps queued so far: they are train time, not eval
           with clock("eval"):
-            loss_now = (evaluate_with(stage.eval_step, stage.state["params"], eval_examples)["loss"]
-                        if eval_examples else None)
-            eval_curve.append([i + 1, loss_now])
+            ev = (evaluate_with(stage.eval_step, stage.state["params"], eval_examples,
+                                token_bytes=self._token_bytes) if eval_examples else {})
+            eval_curve.append([i + 1, ev.get("loss")])
+            bits_per_byte = ev.get("bits_per_byte")
           bar.set_postfix(loss=f"{float(loss):.3f}", eval=f"{eval_curve[-1][1]:.3f}")
           self._metric("eval/loss", eval_curve[-1][1], first_step + i + 1)
+          if bits_per_byte is not None:
+            self._metric("eval/bits_per_byte", bits_per_byte, first_step + i + 1)
         elif (i + 1) % t.log_every == 0:
           bar.set_postfix(loss=f"{float(loss):.3f}")
         if (i + 1) % t.log_every == 0:
@@ -297,7 +306,7 @@ class ProgressiveTrainer:
     if first_done is not None:   # the loop after its first step, less its evals and checkpoints
       elsewhere = sum(clock.seconds[p] - in_loop[p] for p in ("eval", "checkpoint"))
       clock.seconds["train"] += time.perf_counter() - first_done - elsewhere
-    return losses, eval_curve, guard, start
+    return losses, eval_curve, bits_per_byte, guard, start
 
   def _setup(self, builder, new_specs, number, rack, labels, plan, example_at, prefetch,
              resume) -> Stage:
@@ -443,7 +452,8 @@ class ProgressiveTrainer:
       self._told.add(reason)
       self.log(message)
 
-  def _result(self, builder, stage: Stage, losses, eval_curve, skipped, start) -> dict:
+  def _result(self, builder, stage: Stage, losses, eval_curve, bits_per_byte, skipped,
+              start) -> dict:
     t = self.config.training
     k = stage.new_specs[-1].index
     losses = [float(x) for x in losses]
@@ -467,6 +477,7 @@ class ProgressiveTrainer:
         "loss_start": losses[0],
         "loss_end": _finite_mean(losses[-min(10, len(losses)):]),
         "eval_loss": eval_curve[-1][1] if eval_curve else None,
+        "eval_bits_per_byte": bits_per_byte,
         "trainable_params": counts["trainable"],
         "frozen_params": counts["frozen"],
         "lora_params": counts["lora"],
