@@ -157,7 +157,8 @@ def open_corpus(config, log=print) -> Corpus:
   theirs = manifest["tokenizer"]
   if tok.fingerprint != theirs["fingerprint"]:
     raise _tokenizer_differs(config, directory, theirs,
-                             f"fingerprint {tok.fingerprint[:12]} is not {theirs['fingerprint'][:12]}")
+                             f"fingerprint {theirs['fingerprint'][:12]}…, this one's "
+                             f"{tok.fingerprint[:12]}…")
   if config.data.val_fraction != manifest["val_fraction"]:
     raise ConfigError(f"data.val_fraction={config.data.val_fraction!r}: {directory} was prepared "
                       f"with data.val_fraction={manifest['val_fraction']!r} ({MANIFEST}); allowed: "
