@@ -12,6 +12,7 @@ from stackwise_jax.checkpoint import RunCheckpoints
 from stackwise_jax.cli import main
 from stackwise_jax.config import ConfigError, default_config
 from stackwise_jax.data import EOS_ID, make_dataloader
+from stackwise_jax.data import prepared
 from stackwise_jax.data.prepared import prepare
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
 
@@ -227,6 +228,14 @@ def test_prepared_shards_give_the_batches_of_the_source(tmp_path, source, tokeni
       assert (tmp_path / "prepared" / shard).stat().st_size >= n * SEQ_LEN * 2 / len(
           manifest["splits"][split]["shards"])
   assert "array_record" in prepared.describe()
+
+
+def test_records_spread_over_many_shards_read_back_in_order(tmp_path, monkeypatch):
+  monkeypatch.setattr(prepared, "SHARD_BYTES", 50 * SEQ_LEN * 2)   # 50 records a shard
+  config = _config("text", _write_source("text", tmp_path))
+  manifest = prepare(config, str(tmp_path / "prepared"), progress=False)
+  assert len(manifest["splits"]["train"]["shards"]) == -(-manifest["splits"]["train"]["records"] // 50) > 2
+  _assert_same_data(make_dataloader(config), make_dataloader(_prepared(config, tmp_path / "prepared")))
 
 
 def test_a_restored_array_record_iterator_continues_like_the_text_one(tmp_path):

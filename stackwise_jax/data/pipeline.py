@@ -159,9 +159,9 @@ def build_corpus(config: ml_collections.ConfigDict, progress: bool = False,
   tokenizer = load_tokenizer(
       config, lambda: (_head(t, share) for t, v in zip(docs.texts, in_val) if not v), log)
   sides = [[], []]
-  for text, v in zip(bar(docs.texts), in_val):
+  for text, v in zip(docs.texts, in_val):
     sides[v].append(text)
-  train, val = (encode_documents(side, tokenizer) for side in sides)
+  train, val = (encode_documents(bar(side), tokenizer) for side in sides)
   n_train, n_val = len(sides[0]), len(sides[1])
   by_tokens = not any(in_val)   # one document (or none): split by tokens
   if by_tokens:
