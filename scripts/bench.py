@@ -1,8 +1,9 @@
 """Benchmarks: step time per stage, MFU, memory, progressive vs end-to-end, against PyTorch (issue 8),
 plus the quantization error of the trunk formats and the bytes moved by collectives.
 
-  python scripts/bench.py {depth,mfu,memory,quality,torch,quant,comm,job} [--quick] [--out FILE.json]
-      [--config FILE] [--stages N] [--steps N] [--seeds S ...] [--depths K ...] [--methods M ...]
+  python scripts/bench.py {depth,mfu,memory,quality,torch,quant,comm,job,data} [--quick]
+      [--out FILE.json] [--config FILE] [--stages N] [--steps N] [--seeds S ...] [--depths K ...]
+      [--methods M ...]
       [config overrides]
 
 Each sub-benchmark writes FILE.json ({"benchmark", "date", "machine", "command", "config",
@@ -26,11 +27,11 @@ import json
 import os
 import sys
 
-from bench import REPO, comm, depth, job, memory, mfu, pytorch, quality, quant
+from bench import REPO, comm, data, depth, job, memory, mfu, pytorch, quality, quant
 from bench.common import MODES, write
 
 BENCHMARKS = {"depth": depth, "mfu": mfu, "memory": memory, "quality": quality, "torch": pytorch,
-              "quant": quant, "comm": comm, "job": job}
+              "quant": quant, "comm": comm, "job": job, "data": data}
 
 
 def main():
@@ -45,9 +46,9 @@ def main():
   parser.add_argument("--out", help="JSON file (default bench_results/BENCHMARK.json); "
                                     "the Markdown table goes next to it as .md")
   parser.add_argument("--config", help="default: the sub-benchmark's (CONFIG in its module)")
-  for name in ("stages", "steps", "devices"):
+  for name in ("stages", "steps", "devices", "files", "batches"):
     parser.add_argument(f"--{name}", type=int)
-  for name in ("seeds", "depths"):
+  for name in ("seeds", "depths", "workers"):
     parser.add_argument(f"--{name}", type=int, nargs="+")
   parser.add_argument("--modes", nargs="+", choices=list(MODES))
   parser.add_argument("--methods", nargs="+", help="quality: e.g. end-to-end identity+final")
@@ -68,7 +69,8 @@ def main():
       parser.error(f"--cells {' '.join(args.cells)}: allowed: cells like 4x40x1")
     if any(len(cell) != 3 or min(cell) < 1 for cell in args.grid):
       parser.error(f"--cells {' '.join(args.cells)}: allowed: three positive ints per cell")
-  for name in ("stages", "steps", "devices", "seeds", "depths", "modes", "methods", "grid"):
+  for name in ("stages", "steps", "devices", "files", "batches", "seeds", "depths", "workers",
+               "modes", "methods", "grid"):
     value = getattr(args, name, None)
     if value is not None:
       if name not in full:

@@ -1,6 +1,7 @@
 """Command line: `stackwise-jax train --config configs/tiny.py [--config.a.b=v ...] --workdir DIR`,
 `stackwise-jax eval --workdir DIR`, `stackwise-jax sample --workdir DIR --prompt TEXT`,
-`stackwise-jax export --workdir DIR --format safetensors|npz`."""
+`stackwise-jax export --workdir DIR --format safetensors|npz`,
+`stackwise-jax prepare --config configs/tiny.py [--config.a.b=v ...] --out DIR`."""
 import argparse
 import contextlib
 import os
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
   plot = commands.add_parser("plot", help="PNG plots of a run (loss, eval by depth, cost)")
   plot.add_argument("--workdir", required=True, help="a train command's workdir")
   plot.add_argument("--out", help="output directory (default: WORKDIR/plots)")
+  prepare = commands.add_parser(
+      "prepare", help="tokenize and pack the config's data once into ArrayRecord shards (train "
+                      "from them with data.source=array_record, data.paths=(DIR,))")
+  prepare.add_argument("--config", required=True, help="configs/*.py or a YAML file, as for train")
+  prepare.add_argument("--out", required=True, help="directory for the shards and manifest.json")
+  prepare.add_argument("--no-progress", action="store_true", help="no progress bars")
   export = commands.add_parser("export", help="write a trained rack's params and a manifest")
   export.add_argument("--workdir", required=True, help="a train command's workdir")
   export.add_argument("--format", required=True, choices=("safetensors", "npz"))
@@ -311,16 +318,44 @@ def _export(args, config, ckpt, out, tokenizer) -> int:
   return 0
 
 
+def _prepare_prepare(args, overrides):
+  """The config, checked, and a writable --out; the corpus is read when the command runs."""
+  from stackwise_jax.files import check_writable
+  config = load_config(args.config, overrides)
+  if not args.out.strip():
+    raise ConfigError(f"--out {args.out!r}: allowed: a directory path")
+  check_writable(args.out)
+  return lambda: _prepare_data(config, args)
+
+
+def _prepare_data(config, args) -> int:
+  from stackwise_jax.data.prepared import MANIFEST, prepare
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  try:
+    manifest = prepare(config, args.out, progress=not args.no_progress, log=log)
+  except ValueError as e:   # bad data found while reading it (ConfigError is a ValueError)
+    if file_error(e) is not None:
+      raise
+    print(f"stackwise-jax: error: {e}", file=sys.stderr)
+    return 2
+  splits = manifest["splits"]
+  skipped = "".join(f", skipped {n:,} {what} rows" for what, n in manifest["skipped"].items() if n)
+  print(f"prepared: {args.out}: train {splits['train']['records']:,} records, val "
+        f"{splits['val']['records']:,} records of {manifest['record_length']} tokens "
+        f"(tokenizer {manifest['tokenizer']['name']}{skipped}); {os.path.join(args.out, MANIFEST)}")
+  return 0
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   with contextlib.ExitStack() as cleanup:   # e.g. the workdir lock of a train command
     try:
       rest, overrides = _split_overrides(argv)
       args = _parser().parse_args(rest)
-      if not args.workdir.strip():
+      if args.command != "prepare" and not args.workdir.strip():
         raise ConfigError(f"--workdir {args.workdir!r}: allowed: a directory path (an empty one "
                           "would write into the current directory)")
-      if args.command != "train" and overrides:
+      if args.command not in ("train", "prepare") and overrides:
         raise ConfigError(f"{overrides[0]}: {args.command} takes no config overrides (the "
                           "workdir's config is used)")
       if args.command != "train":   # orbax warns that it opened the checkpoints read-only
@@ -328,7 +363,8 @@ def main(argv=None) -> int:
         logging.set_verbosity(logging.ERROR)
       prepare = {"train": lambda: _prepare_train(args, overrides, cleanup),
                  "eval": lambda: _prepare_eval(args), "export": lambda: _prepare_export(args),
-                 "sample": lambda: _prepare_sample(args), "plot": lambda: _prepare_plot(args)}
+                 "sample": lambda: _prepare_sample(args), "plot": lambda: _prepare_plot(args),
+                 "prepare": lambda: _prepare_prepare(args, overrides)}
       run = prepare[args.command]()
     except WorkdirBusy as e:
       print(f"stackwise-jax: error: {e}", file=sys.stderr)

@@ -110,8 +110,10 @@ def default_config() -> ml_collections.ConfigDict:
   p.quant_block_size = 64           # int4 block (values per scale) along the contraction axis
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "builtin"         # "builtin" | "text"
-  c.data.paths = ()                 # files or globs for source="text"
+  c.data.source = "builtin"         # one of DATA_SOURCES
+  c.data.paths = ()                 # files or globs; one directory for hf_disk and array_record
+  c.data.text_field = "text"        # the documents' field (jsonl, parquet, hf_disk)
+  c.data.skip_bad_records = False   # count and skip a bad jsonl line instead of stopping
   c.data.tokenizer = "bytes"        # "bytes" | "bpe:N" | a tokenizer.json | a SentencePiece .model
   c.data.val_fraction = 0.05
   c.data.shuffle_seed = 0
@@ -433,12 +435,14 @@ def _join(prefix: str, key: Any) -> str:
 
 # --- Validation: one flat table of checks. ---
 
+# data.source: where documents come from (data/sources.py); array_record reads `prepare`'s shards.
+DATA_SOURCES = ("builtin", "text", "jsonl", "parquet", "hf_disk", "array_record")
+
 # Building modes: progressive/builder.py grows the rack by them (it imports config, hence here).
 BUILDING_MODES = ("append", "prepend")
 NEW_STACK_INITS = ("random", "copy_last", "stack", "identity")
 
-# Names the code implements today; design §2 lists more (hf/array_record sources) that join these
-# sets with their implementations.
+# The allowed names of each choice field.
 _CHOICES = {
     "model.attention": ("mha", "gqa"),
     "training.nonfinite": ("stop", "skip"),
@@ -455,7 +459,7 @@ _CHOICES = {
     "training.progressive.time_interpretation": ("input", "depth"),
     "training.progressive.time_encoding_type": ("sinusoidal", "learned"),
     "training.progressive.stack_time_mapping": ("linear", "exponential", "custom"),
-    "data.source": ("builtin", "text"),
+    "data.source": DATA_SOURCES,
 }
 
 _POSITIVE = (
@@ -566,8 +570,11 @@ _CHECKS = [
      "a list of non-empty file paths or globs"),
     *[(p, lambda v, c: v == -1 or v > 0, "a positive int, or -1 for the remaining devices")
       for p in ("mesh.data", "mesh.fsdp")],
-    ("data.paths", lambda v, c: c.data.source != "text" or len(v) > 0,
-     "at least one file or glob when data.source='text'"),
+    ("data.paths", lambda v, c: c.data.source == "builtin" or len(v) > 0,
+     "at least one path when data.source={c.data.source!r}"),
+    ("data.paths", lambda v, c: c.data.source not in ("hf_disk", "array_record") or len(v) == 1,
+     "exactly one directory when data.source={c.data.source!r}"),
+    ("data.text_field", lambda v, c: bool(v), "a non-empty field name"),
 ]
 
 

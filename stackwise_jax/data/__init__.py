@@ -1,4 +1,5 @@
-"""Data (design §10): byte tokens, the corpus (builtin stdlib or text files) and grain pipelines."""
+"""Data (design §10): tokenizers, documents (builtin stdlib, text files, jsonl, parquet, `datasets`
+directories, prepared ArrayRecord shards) and grain pipelines."""
 from stackwise_jax.data.pipeline import DataLoader, make_dataloader
 from stackwise_jax.data.tokenizer import (BOS_ID, EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE, decode,
                                           encode)

@@ -82,23 +82,37 @@ def split_files(files: Sequence[pathlib.Path],
   Returns:
     (train_files, val_files), each in the order of `files`; disjoint, together all of `files`.
   """
-  if not 0 < val_fraction < 1:
-    raise ConfigError(f"data.val_fraction={val_fraction!r}: allowed: a float in (0, 1)")
   files = list(files)
   if len(files) < 2:
+    split_keys([], val_fraction)   # checks val_fraction
     return files, []
   absolute = [os.path.abspath(f) for f in files]
   # The root is the deepest common directory, so a corpus copied elsewhere splits the same way.
   root = os.path.commonpath([os.path.dirname(a) for a in absolute])
-  u = [_unit_hash(pathlib.Path(os.path.relpath(a, root)).as_posix()) for a in absolute]
-  in_val = [x < val_fraction for x in u]
-  if not any(in_val):
-    in_val[min(range(len(files)), key=u.__getitem__)] = True
-  if all(in_val):
-    in_val[max(range(len(files)), key=u.__getitem__)] = False
+  in_val = split_keys([pathlib.Path(os.path.relpath(a, root)).as_posix() for a in absolute],
+                      val_fraction)
   train = [f for f, v in zip(files, in_val) if not v]
   val = [f for f, v in zip(files, in_val) if v]
   return train, val
+
+
+def split_keys(keys: Sequence[str], val_fraction: float) -> list[bool]:
+  """Which of `keys` go to val: key k iff u(k) < val_fraction (the rule of `split_files`), with
+  one key moved to each side that came out empty when there are >= 2 keys.
+
+  Documents of jsonl, parquet and hf_disk sources are split by the key str(i), i their position
+  among the source's documents (data/sources.py)."""
+  if not 0 < val_fraction < 1:
+    raise ConfigError(f"data.val_fraction={val_fraction!r}: allowed: a float in (0, 1)")
+  if len(keys) < 2:
+    return [False] * len(keys)
+  u = [_unit_hash(k) for k in keys]
+  in_val = [x < val_fraction for x in u]
+  if not any(in_val):
+    in_val[min(range(len(keys)), key=u.__getitem__)] = True
+  if all(in_val):
+    in_val[max(range(len(keys)), key=u.__getitem__)] = False
+  return in_val
 
 
 def _unit_hash(key: str) -> float:

@@ -1,30 +1,45 @@
 """grain pipelines over a packed token stream: shuffled, repeating train batches and fixed eval batches.
 
-Packing is concat-then-split: every document's bytes followed by EOS_ID, all documents of a split in
-one flat array, cut into non-overlapping records of exactly seq_len tokens (the tail is dropped).
-Record i of a split is tokens[i * seq_len:(i + 1) * seq_len] and i is its example id, the key that
-makes masks deterministic (design §7). Ids are per split: train and val both start at 0.
+Packing is concat-then-split: every document's tokens followed by the tokenizer's EOS, all documents
+of a split in one flat array, cut into non-overlapping records of exactly seq_len tokens (the tail is
+dropped). Record i of a split is tokens[i * seq_len:(i + 1) * seq_len] and i is its example id, the
+key that makes masks deterministic (design §7). Ids are per split: train and val both start at 0.
+Tokens are stored as uint16 (uint32 for a vocabulary over 65,536 ids).
+
+Documents come from `data.source`: text files (builtin, text: a file is a document, split by file),
+rows (jsonl, parquet, hf_disk: data/sources.py, split by position), or the records `prepare` wrote
+(array_record: data/prepared.py), which give the same batches as the source they were prepared from.
 
 A batch is {"tokens": int32 [batch_size, seq_len], "example_id": int32 [batch_size]}.
 """
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+import dataclasses
 import pathlib
+from typing import Any
 
 from absl import flags
 import grain
 import ml_collections
 import numpy as np
+import tqdm
 
 from stackwise_jax.config import ConfigError
-from stackwise_jax.data import corpus
-from stackwise_jax.data.tokenizer import EOS_ID, VOCAB_SIZE
+from stackwise_jax.data import corpus, sources
+from stackwise_jax.data.tokenizer import BYTES, EOS_ID, ByteTokenizer, Tokenizer, load_tokenizer
 
 
-def read_tokens(files: Sequence[pathlib.Path]) -> np.ndarray:
-  """Returns the bytes of `files` in order, each file followed by EOS_ID: uint16 [total tokens].
+def token_dtype(vocab_size: int) -> np.dtype:
+  """uint16 where every id fits (it halves memory and shard size), else uint32."""
+  return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
-  uint16 halves the memory of the ~30 MB builtin corpus; records are widened to int32 when read.
-  """
+
+def read_tokens(files: Sequence[pathlib.Path], tokenizer: Tokenizer = BYTES) -> np.ndarray:
+  """Returns the tokens of `files` in order, each file followed by EOS: [total tokens] in
+  `token_dtype`. Bytes are read straight into the array; another tokenizer encodes each file's
+  UTF-8 text (undecodable bytes replaced)."""
+  if not isinstance(tokenizer, ByteTokenizer):
+    return encode_documents((pathlib.Path(f).read_text("utf-8", errors="replace") for f in files),
+                            tokenizer)
   blobs = [pathlib.Path(f).read_bytes() for f in files]   # each file is read once
   tokens = np.empty(sum(len(b) + 1 for b in blobs), dtype=np.uint16)
   start = 0
@@ -35,32 +50,138 @@ def read_tokens(files: Sequence[pathlib.Path]) -> np.ndarray:
   return tokens
 
 
+def encode_documents(texts: Iterable[str], tokenizer: Tokenizer) -> np.ndarray:
+  """Returns each text's ids followed by `tokenizer.special.eos`, concatenated: [total tokens] in
+  `token_dtype(tokenizer.vocab_size)`."""
+  dtype = token_dtype(tokenizer.vocab_size)
+  eos = np.array([tokenizer.special.eos], dtype)
+  parts = []
+  for text in texts:
+    parts += [tokenizer.encode(text).astype(dtype), eos]
+  return np.concatenate(parts) if parts else np.empty(0, dtype)
+
+
 def pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
   """Returns `tokens` [N] cut into records [N // seq_len, seq_len] (a view; the tail is dropped)."""
   n = len(tokens) // seq_len
   return tokens[:n * seq_len].reshape(n, seq_len)
 
 
-def split_tokens(files: Sequence[pathlib.Path], val_fraction: float):
+def _cut(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+  """One document's tokens split: the last round(val_fraction * n) are val."""
+  cut = len(tokens) - int(round(val_fraction * len(tokens)))
+  return tokens[:cut], tokens[cut:]
+
+
+def split_tokens(files: Sequence[pathlib.Path], val_fraction: float,
+                 tokenizer: Tokenizer = BYTES, bar: Callable = lambda files: files):
   """Returns (train_tokens, val_tokens, train_files, val_files) for the held-out split.
 
   With >= 2 files the split is by file (`corpus.split_files`). A single file is split by tokens:
-  its last round(val_fraction * n) tokens (n = its bytes + EOS) are val, the rest train; it is then
-  listed on both sides.
+  its last round(val_fraction * n) tokens (n = its tokens + EOS) are val, the rest train; it is then
+  listed on both sides. `bar` wraps each side's list of files as it is read (a progress bar).
   """
   train_files, val_files = corpus.split_files(files, val_fraction)
   if val_files:
-    return read_tokens(train_files), read_tokens(val_files), train_files, val_files
-  tokens = read_tokens(train_files)
-  cut = len(tokens) - int(round(val_fraction * len(tokens)))
-  return tokens[:cut], tokens[cut:], train_files, train_files
+    return (read_tokens(bar(train_files), tokenizer), read_tokens(bar(val_files), tokenizer),
+            train_files, val_files)
+  return (*_cut(read_tokens(bar(train_files), tokenizer), val_fraction), train_files, train_files)
+
+
+@dataclasses.dataclass
+class Split:
+  """One split of a corpus, packed.
+
+  Attributes:
+    records: random access to its records (len(); records[i]: ints [seq_len]), e.g. a NumPy
+      array [num_records, seq_len] or prepared ArrayRecord shards.
+    tokens: its tokens, EOS included, before packing dropped the tail.
+    documents: how many documents it holds (a document split by tokens counts on both sides).
+    files: the files they came from.
+  """
+  records: Any
+  tokens: int
+  documents: int
+  files: list
+
+
+@dataclasses.dataclass
+class Corpus:
+  """The packed train and val splits of a run's data, and how they were made.
+
+  Attributes:
+    source: the data.source they came from.
+    tokenizer: the tokenizer that made the tokens.
+    skipped: rows left out: {"bad": bad rows skipped (data.skip_bad_records), "empty": empty texts}.
+    by_tokens: one document, split by its tokens (else the documents were split).
+  """
+  train: Split
+  val: Split
+  source: str
+  tokenizer: Tokenizer
+  skipped: dict[str, int] = dataclasses.field(default_factory=lambda: {"bad": 0, "empty": 0})
+  by_tokens: bool = False
+
+
+def _text_corpus(files: Sequence[pathlib.Path], seq_len: int, val_fraction: float,
+                 tokenizer: Tokenizer, source: str = "text", bar: Callable = lambda f: f) -> Corpus:
+  train, val, train_files, val_files = split_tokens(files, val_fraction, tokenizer, bar)
+  return Corpus(Split(pack(train, seq_len), len(train), len(train_files), train_files),
+                Split(pack(val, seq_len), len(val), len(val_files), val_files),
+                source, tokenizer, by_tokens=train_files == val_files)
+
+
+def build_corpus(config: ml_collections.ConfigDict, progress: bool = False,
+                 log: Callable[[str], None] = print) -> Corpus:
+  """Reads, splits, tokenizes and packs the documents `config.data` names (any source but
+  array_record), with `config.training.seq_len`. Loads the run's tokenizer (`load_tokenizer`; a
+  "bpe:N" is trained on the train split's texts). `progress` shows a bar over the documents.
+
+  Raises:
+    ConfigError (a ValueError) naming the field: see `make_dataloader`.
+  """
+  data, seq_len = config.data, config.training.seq_len
+  bar = lambda xs: tqdm.tqdm(xs, desc="tokenizing", unit="doc", disable=not progress, leave=False)
+  if data.source in ("builtin", "text"):
+    files = corpus.builtin_corpus_files() if data.source == "builtin" else corpus.text_files(
+        data.paths)
+    train_files, val_files = corpus.split_files(files, data.val_fraction)
+    read = lambda f: pathlib.Path(f).read_text("utf-8", errors="replace")
+    share = 1 if val_files else 1 - data.val_fraction
+    tokenizer = load_tokenizer(config, lambda: (_head(read(f), share) for f in train_files), log)
+    return _text_corpus(files, seq_len, data.val_fraction, tokenizer, data.source, bar)
+  if data.source not in sources.ROW_SOURCES:
+    raise ConfigError(f"data.source={data.source!r}: allowed: 'builtin', 'text', "
+                      + ", ".join(map(repr, sources.ROW_SOURCES)) + ", 'array_record'")
+  docs = sources.read_documents(data)
+  in_val = corpus.split_keys([str(i) for i in range(len(docs.texts))], data.val_fraction)
+  share = 1 if any(in_val) else 1 - data.val_fraction
+  tokenizer = load_tokenizer(
+      config, lambda: (_head(t, share) for t, v in zip(docs.texts, in_val) if not v), log)
+  sides = [[], []]
+  for text, v in zip(docs.texts, in_val):
+    sides[v].append(text)
+  train, val = (encode_documents(bar(side), tokenizer) for side in sides)
+  n_train, n_val = len(sides[0]), len(sides[1])
+  by_tokens = not any(in_val)   # one document (or none): split by tokens
+  if by_tokens:
+    train, val = _cut(train, data.val_fraction)
+    n_val = n_train
+  return Corpus(Split(pack(train, seq_len), len(train), n_train, docs.files),
+                Split(pack(val, seq_len), len(val), n_val, docs.files),
+                data.source, tokenizer, {"bad": docs.bad, "empty": docs.empty}, by_tokens)
+
+
+def _head(text: str, share: float) -> str:
+  """The first `share` of `text`: a document split by tokens trains a BPE on its train part only."""
+  return text if share >= 1 else text[:int(len(text) * share)]
 
 
 class _Records:
   """A grain random-access source over packed records: item i is record i with its example id."""
 
-  def __init__(self, records: np.ndarray):
-    self._records = records   # [num_records, seq_len] uint16
+  def __init__(self, records):
+    self._records = records   # [num_records, seq_len] uint16 or uint32, or prepared shards
 
   def __len__(self) -> int:
     return len(self._records)
@@ -85,17 +206,23 @@ class DataLoader:
   Attributes:
     num_train_records, num_val_records: records of seq_len tokens per split (before sharding).
     train_tokens, val_tokens: tokens per split, EOS included, before packing drops the tail.
-    train_files, val_files: the documents of each split (the same one file on both sides when a
-      single file is split by tokens).
+    train_documents, val_documents: documents per split.
+    train_files, val_files: the files of each split (the same one file on both sides when a
+      single file is split by tokens; all of a row source's files on both sides).
+    tokenizer: the Tokenizer that made the tokens.
+    skipped: rows left out, {"bad": n, "empty": n} (see data/sources.py).
   """
 
-  def __init__(self, files: Sequence[pathlib.Path], *, seq_len: int, batch_size: int,
-               val_fraction: float, shuffle_seed: int = 0, num_workers: int = 0,
-               shard_index: int = 0, shard_count: int = 1, source: str = "text"):
-    """Reads and packs `files` once; the iterators then only index into memory.
+  def __init__(self, data: Sequence[pathlib.Path] | Corpus, *, seq_len: int, batch_size: int,
+               val_fraction: float = 0.05, shuffle_seed: int = 0, num_workers: int = 0,
+               shard_index: int = 0, shard_count: int = 1, source: str = "text",
+               tokenizer: Tokenizer = BYTES):
+    """Reads and packs the documents once; the iterators then only index into the records.
 
     Args:
-      files: the documents, in a fixed order.
+      data: text files, the documents in a fixed order, read and split here with `tokenizer`;
+        or a Corpus already packed into records of seq_len tokens (`build_corpus`,
+        `prepared.open_corpus`), whose source and tokenizer are then its own.
       seq_len, batch_size: record length in tokens and records per batch.
       val_fraction: the share held out, see `split_tokens`.
       shuffle_seed: seed of the train shuffle (epoch e is shuffled with seed shuffle_seed + e).
@@ -114,23 +241,27 @@ class DataLoader:
     if not 0 <= shard_index < shard_count:
       raise ValueError(f"shard_index={shard_index}: allowed: 0 <= shard_index < "
                        f"shard_count={shard_count}")
+    if not isinstance(data, Corpus):
+      data = _text_corpus(data, seq_len, val_fraction, tokenizer, source)
     self.seq_len, self.batch_size = seq_len, batch_size
     self.shuffle_seed, self.num_workers = shuffle_seed, num_workers
-    self.shard_index, self.shard_count, self.source = shard_index, shard_count, source
-    self.num_files = len(files)
-    train, val, self.train_files, self.val_files = split_tokens(files, val_fraction)
-    self.train_tokens, self.val_tokens = len(train), len(val)
-    self._train, self._val = pack(train, seq_len), pack(val, seq_len)
+    self.shard_index, self.shard_count, self.source = shard_index, shard_count, data.source
+    self.tokenizer, self.skipped, self.split_by_tokens = data.tokenizer, data.skipped, data.by_tokens
+    self.train_files, self.val_files = data.train.files, data.val.files
+    self.num_files = len({str(f) for f in self.train_files + self.val_files})
+    self.train_tokens, self.val_tokens = data.train.tokens, data.val.tokens
+    self.train_documents, self.val_documents = data.train.documents, data.val.documents
+    self._train, self._val = data.train.records, data.val.records
 
     if self.num_train_records < batch_size * shard_count:
       raise ConfigError(
           f"training.batch_size={batch_size * shard_count}: the train split has "
           f"{self.num_train_records} records of training.seq_len={seq_len} tokens "
-          f"({self.train_tokens} tokens from {len(self.train_files)} files); allowed: at most "
+          f"({self.train_tokens} tokens from {self.train_documents} documents); allowed: at most "
           f"{self.num_train_records}, or add data (data.paths)")
     if self.num_val_records == 0:
       raise ConfigError(
-          f"data.val_fraction={val_fraction!r}: the val split ({len(self.val_files)} files, "
+          f"data.val_fraction={val_fraction!r}: the val split ({self.val_documents} documents, "
           f"{self.val_tokens} tokens) holds no record of training.seq_len={seq_len} tokens; allowed: "
           f"a larger fraction, more data, or a shorter seq_len")
 
@@ -178,39 +309,40 @@ class DataLoader:
     return records.batch(self.batch_size, drop_remainder=True)[self.shard_index::self.shard_count]
 
   def describe(self) -> str:
-    """A one-line summary: source, files, tokens and records per split."""
-    by_tokens = " (one file, split by tokens)" if self.num_files == 1 else ""
+    """A one-line summary: source, files, documents, tokens and records per split, skipped rows."""
+    by_tokens = " (one document, split by tokens)" if self.split_by_tokens else ""
     shards = f", shard {self.shard_index}/{self.shard_count}" if self.shard_count > 1 else ""
+    skipped = "".join(f"; skipped {n:,} {what} rows" for what, n in self.skipped.items() if n)
     return (f"data: {self.source}, {self.num_files} files{by_tokens}; "
-            f"train {len(self.train_files)} files, {self.train_tokens:,} tokens, "
+            f"train {self.train_documents:,} documents, {self.train_tokens:,} tokens, "
             f"{self.num_train_records:,} records; "
-            f"val {len(self.val_files)} files, {self.val_tokens:,} tokens, "
+            f"val {self.val_documents:,} documents, {self.val_tokens:,} tokens, "
             f"{self.num_val_records:,} records; "
-            f"records of {self.seq_len} tokens, batches of {self.batch_size}{shards}")
+            f"records of {self.seq_len} tokens, batches of {self.batch_size}{shards}; "
+            f"tokenizer {self.tokenizer.name} ({self.tokenizer.vocab_size:,} ids){skipped}")
 
 
 def make_dataloader(config: ml_collections.ConfigDict, shard_index: int = 0,
-                    shard_count: int = 1) -> DataLoader:
-  """Builds the DataLoader that `config.data` and `config.training` describe.
+                    shard_count: int = 1, log: Callable[[str], None] = print) -> DataLoader:
+  """Builds the DataLoader that `config.data` and `config.training` describe, with the run's
+  tokenizer (`dataloader.tokenizer`; a "bpe:N" is trained on the train split's texts, see
+  `load_tokenizer`).
 
   Raises:
-    ConfigError (a ValueError) naming the field: unknown data.source, missing data.paths,
-      model.vocab_size too small for the byte tokens, too little data for one batch or one val record.
+    ConfigError (a ValueError) naming the field: unknown data.source, missing data.paths, a bad
+      row (data/sources.py), model.vocab_size too small for the tokenizer, a prepared data set
+      that does not match the config, too little data for one batch or one val record.
   """
   data, training = config.data, config.training
-  if config.model.vocab_size < VOCAB_SIZE:
-    raise ConfigError(f"model.vocab_size={config.model.vocab_size}: allowed: at least "
-                      f"{VOCAB_SIZE} (256 bytes + PAD, MASK, BOS, EOS)")
-  if data.source == "builtin":
-    files = corpus.builtin_corpus_files()
-  elif data.source == "text":
-    files = corpus.text_files(data.paths)
-  else:
-    raise ConfigError(f"data.source={data.source!r}: allowed: 'builtin', 'text'")
   if training.batch_size % shard_count:
     raise ConfigError(f"training.batch_size={training.batch_size}: allowed: a multiple of the "
                       f"{shard_count} hosts, which each read an equal share of every batch")
-  return DataLoader(files, seq_len=training.seq_len, batch_size=training.batch_size // shard_count,
+  if data.source == "array_record":
+    from stackwise_jax.data import prepared
+    packed = prepared.open_corpus(config, log)
+  else:
+    packed = build_corpus(config, log=log)
+  return DataLoader(packed, seq_len=training.seq_len, batch_size=training.batch_size // shard_count,
                     val_fraction=data.val_fraction, shuffle_seed=data.shuffle_seed,
                     num_workers=data.num_workers, shard_index=shard_index,
-                    shard_count=shard_count, source=data.source)
+                    shard_count=shard_count)
