@@ -26,6 +26,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from stackwise_jax.config import (ConfigError, check_saveable, from_yaml, stage_steps, to_yaml,
                                   validate)
+from stackwise_jax.data.tokenizer import special_ids
 from stackwise_jax.files import directory_bytes, require_free_space
 from stackwise_jax.trees import key_path
 from stackwise_jax.report import strict_json
@@ -172,7 +173,8 @@ class RunCheckpoints:
 def check_compatible(meta: dict, config, directory: str) -> None:
   """Raises ConfigError naming the first field where `config` differs from the checkpoint's (other
   than RESUMABLE_CHANGES), or when the checkpoint has more stacks than the config asks for."""
-  stored, wanted = _flat(from_yaml(meta["config"]).to_dict()), _flat(config.to_dict())
+  stored, wanted = (_flat(_explicit_mask_id(c).to_dict())
+                    for c in (from_yaml(meta["config"]), config))
   diff = sorted(k for k in stored.keys() | wanted.keys()
                 if k not in RESUMABLE_CHANGES and stored.get(k) != wanted.get(k))
   if diff:
@@ -185,6 +187,16 @@ def check_compatible(meta: dict, config, directory: str) -> None:
     raise ConfigError(
         f"training.progressive.target_stacks={config.training.progressive.target_stacks}: "
         f"{directory} already holds a rack of {stacks} stacks; allowed: >= {stacks} (or --fresh)")
+
+
+def _explicit_mask_id(config):
+  """`config` with mask_token_id None (the tokenizer's) spelled out: runs saved when the default
+  was the byte tokenizer's 257 resume under today's None."""
+  if config.training.progressive.mask_token_id is not None:
+    return config
+  config = config.copy_and_resolve_references()
+  config.training.progressive.mask_token_id = special_ids(config).mask
+  return config
 
 
 def open_run(workdir: str) -> RunCheckpoints:

@@ -118,6 +118,19 @@ def test_checkpoint_from_another_config_is_refused_naming_the_field(text_corpus,
   assert {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*")} == before
 
 
+def test_a_run_saved_with_the_old_explicit_mask_id_is_the_same_config():
+  """Runs saved while mask_token_id defaulted to the byte tokenizer's 257 resume under today's
+  None (the tokenizer's); another mask id is still another config."""
+  from stackwise_jax.checkpoint import check_compatible
+  from stackwise_jax.config import default_config, to_yaml
+  saved = default_config()
+  saved.training.progressive.mask_token_id = 257
+  check_compatible({"config": to_yaml(saved), "specs": []}, default_config(), "old")
+  saved.training.progressive.mask_token_id = 258
+  with pytest.raises(ConfigError, match="mask_token_id: 258 there, 257 now"):
+    check_compatible({"config": to_yaml(saved), "specs": []}, default_config(), "old")
+
+
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(text_corpus, tmp_path):
   config = _config(text_corpus, target_stacks=2)
   _train(config, tmp_path)

@@ -188,13 +188,8 @@ def test_a_parquet_file_without_the_text_field_names_its_columns(tmp_path):
 
 
 def _prepare(config, out: pathlib.Path) -> int:
-  """`stackwise-jax prepare` with `config`'s data and seq_len as overrides. A tokenizer other than
-  bytes goes through `prepare()` itself: the CLI's config check admits only 'bytes' on this branch
-  (the tokenizer choices join config.py with the tokenizers' own change)."""
+  """`stackwise-jax prepare` with `config`'s data and seq_len as overrides."""
   d = config.data
-  if d.tokenizer != "bytes":
-    prepare(config, str(out), progress=False, log=lambda _: None)
-    return 0
   return main(["prepare", "--config", str(REPO / "configs/tiny.py"), "--out", str(out),
                "--no-progress", f"--config.data.source={d.source}",
                f"--config.data.paths=('{d.paths[0]}',)", f"--config.data.tokenizer={d.tokenizer}",

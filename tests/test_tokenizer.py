@@ -110,7 +110,7 @@ def test_a_trained_bpe_is_saved_in_the_workdir_and_read_back(tmp_path):
   again = tk.load_tokenizer(config, texts)   # on resume: read, not trained again
   assert calls == [1] and again.fingerprint == first.fingerprint
   assert again.encode(TEXT).tolist() == first.encode(TEXT).tolist()
-  other = _config("bpe:310", 310)
+  other = _config("bpe:290", 300)
   other.training.workdir = str(tmp_path)
   with pytest.raises(ConfigError, match="holds a tokenizer of 300 ids"):
     tk.load_tokenizer(other, texts)
@@ -222,3 +222,25 @@ def test_an_export_carries_the_tokenizer_file(bpe, tmp_path):
   manifest = json.loads((tmp_path / "manifest.json").read_text())
   loaded = tk.load_file(str(pathlib.Path(tmp_path, manifest["tokenizer"])))
   assert loaded.fingerprint == bpe.fingerprint
+
+
+def test_a_bpe_run_trains_samples_text_and_exports_its_tokenizer(text_corpus, tmp_path, capsys):
+  """The CLI end to end with data.tokenizer='bpe:300': trained on the train split and saved in
+  the workdir, reused by sample (which prints text) and copied by export."""
+  from stackwise_jax.cli import main
+  from test_cli import micro_args
+  run = tmp_path / "run"
+  bpe_args = ["--config.data.tokenizer=bpe:300", "--config.model.vocab_size=300"]
+  assert main([*micro_args(text_corpus, run), *bpe_args]) == 0
+  saved = tk.load_file(str(run / tk.TOKENIZER_FILE))
+  assert saved.vocab_size <= 300 and saved.special == tk.SpecialIds(0, 1, 2, 3)
+  results = (run / "results.json").read_text()
+  assert '"final_eval_bits_per_byte"' in results
+  capsys.readouterr()
+  assert main(["sample", "--workdir", str(run), "--prompt", "the quick", "--max-new-tokens", "8",
+               "--temperature", "1.0"]) == 0
+  out = capsys.readouterr().out.strip()
+  assert out.startswith("the quick") and len(out) > len("the quick")
+  assert main(["export", "--workdir", str(run), "--format", "npz"]) == 0
+  exported = tk.load_file(str(run / "export" / tk.TOKENIZER_FILE))
+  assert exported.fingerprint == saved.fingerprint

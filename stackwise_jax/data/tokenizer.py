@@ -310,9 +310,11 @@ def _bpe(config, n: int, train_texts, log) -> Tokenizer:
   path = os.path.join(workdir, TOKENIZER_FILE) if workdir else None
   if path and os.path.exists(path):
     tok = load_file(path)
-    if tok.vocab_size != n:
+    # A small corpus may end training below N ids (no pair left to merge); never above.
+    if tok.vocab_size > n:
       raise ConfigError(f"data.tokenizer='bpe:{n}': {path} holds a tokenizer of {tok.vocab_size} "
-                        "ids, trained for another run; allowed: its size, or another --workdir")
+                        "ids, trained for another run; allowed: at most N ids, or another "
+                        "--workdir")
     return tok
   if train_texts is None:
     raise ConfigError(f"data.tokenizer='bpe:{n}': no trained tokenizer at "
@@ -333,12 +335,17 @@ def sampled_ids(config) -> tuple[int, tuple[int, ...]]:
   how = kind(name)
   if how == "bytes":
     n, excluded = 256, set()
-  elif how == "bpe":
-    n, excluded = bpe_size(name), set(range(len(BPE_SPECIALS)))
+  elif how == "bpe":   # N, or fewer where training stopped short and the file says so
+    n, excluded = _trained_size(config, bpe_size(name)), set(range(len(BPE_SPECIALS)))
   else:
     tok = load_file(name)
     n, excluded = tok.vocab_size, {int(i) for i in np.flatnonzero(tok.token_bytes == 0)}
   return n, tuple(sorted(excluded | ({mask} if mask < n else set())))
+
+
+def _trained_size(config, n: int) -> int:
+  path = os.path.join(config.training.workdir, TOKENIZER_FILE) if config.training.workdir else ""
+  return load_file(path).vocab_size if os.path.isfile(path) else n
 
 
 def special_ids(config) -> SpecialIds:
