@@ -8,6 +8,7 @@ import pytest
 
 from conftest import micro_config
 from test_model import reference_logits
+from stackwise_jax.data.tokenizer import special_ids
 from stackwise_jax.data import make_dataloader
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
 from stackwise_jax.progressive.stages import set_labels
@@ -126,7 +127,7 @@ def test_loss_ignores_positions_outside_the_loss_mask(text_corpus, objective):
   if objective == "clm":
     assert ignored[:, -1].all()
   else:
-    assert (ignored == (np.asarray(example["inputs"]) != config.training.progressive.mask_token_id)).all()
+    assert (ignored == (np.asarray(example["inputs"]) != special_ids(config).mask)).all()
   scrambled = dict(example)
   scrambled["targets"] = jnp.where(ignored, (example["targets"] + 7) % 256, example["targets"])
   losses = []
