@@ -1,11 +1,13 @@
 """Runs that survive (design §9): orbax checkpoints of a progressive run in `workdir/checkpoints`.
 
 An orbax step is the number of train steps done in the whole run, (stage - 1) * steps_per_stack +
-step in the stage, so the end of stage s is step s * steps_per_stack. Each checkpoint holds:
+step in the stage, so the end of stage s is step s * steps_per_stack (the final stage, last of all,
+has its own final_stage_steps). Each checkpoint holds:
   params  the rack's params pytree as stored (int4, nvfp4 and adapter leaves included),
   opt     {"opt_state", "step"[, "dyn_scale"]} of the stage it was taken in,
   data    grain's train-iterator state, through grain's own handler (one file per process),
-  meta    JSON: stage, step in the stage, the rack's structure, results so far and the config.
+  meta    JSON: stage, step in the stage, the stage's steps, whether it is the final stage, the
+          rack's structure, results so far and the config.
 RNG needs no item: masks come from (example id, time step, seed) and dropout keys from
 (seed, stage, step). Saves are synchronous, and orbax commits a step by renaming its finished
 directory, so a run killed at any moment leaves only whole checkpoints behind.
@@ -57,7 +59,12 @@ class Checkpoint:
 
   @property
   def stage_done(self) -> bool:
-    return self.meta["step"] == self.meta["steps_per_stack"]
+    return self.meta["step"] == self.meta.get("stage_steps", self.meta["steps_per_stack"])
+
+  @property
+  def final(self) -> bool:
+    """Whether it was taken in the final stage (`training.final_stage`)."""
+    return self.meta.get("final", False)
 
 
 class IteratorState:
@@ -183,6 +190,11 @@ def check_compatible(meta: dict, config, directory: str) -> None:
         f"{wanted.get(diff[0])!r} now{f'; {len(diff) - 1} more' if len(diff) > 1 else ''}); "
         "resume with the same config, pass --fresh to start over, or choose another --workdir")
   stacks = len(meta["specs"])
+  if meta.get("final") and stacks < config.training.progressive.target_stacks:
+    raise ConfigError(
+        f"training.progressive.target_stacks={config.training.progressive.target_stacks}: "
+        f"{directory} holds a run that went on to its final stage with {stacks} stacks, and a "
+        f"final stage ends a run; allowed: {stacks} (or --fresh)")
   if stacks > config.training.progressive.target_stacks:
     raise ConfigError(
         f"training.progressive.target_stacks={config.training.progressive.target_stacks}: "

@@ -124,7 +124,8 @@ def _prepare_train(args, overrides, cleanup):
   checkpoints = RunCheckpoints(args.workdir, config, fresh=args.fresh, log=log)
   latest = checkpoints.latest
   if (latest is not None and latest.stage_done
-      and len(latest.meta["specs"]) == config.training.progressive.target_stacks):
+      and len(latest.meta["specs"]) == config.training.progressive.target_stacks
+      and latest.final == config.training.final_stage):
     checkpoints.close()
     return lambda: _show_finished(args.workdir, latest.meta["results"])
   return lambda: _train(config, dataloader, checkpoints, args)

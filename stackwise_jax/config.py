@@ -64,6 +64,11 @@ def default_config() -> ml_collections.ConfigDict:
   # cached activations are extended by one stack a stage instead of recomputed.
   c.training.data_reuse = "fresh"
   c.training.epochs_per_stack = 1
+  # An optional last stage after the progressive ones: the whole rack trains end to end for
+  # final_stage_steps steps at peak lr final_stage_lr (int4 kernels still train only adapters).
+  c.training.final_stage = False
+  c.training.final_stage_steps = 100
+  c.training.final_stage_lr = 1e-4
   # XLA's persistent compilation cache ("" or "off": none); $STACKWISE_COMPILATION_CACHE wins.
   c.training.compilation_cache_dir = "~/.cache/stackwise-jax/xla"
 
@@ -470,7 +475,7 @@ _POSITIVE = (
     "training.progressive.num_time_steps", "training.progressive.time_embedding_dim",
     "training.progressive.qlora_rank", "training.progressive.progressive_qlora_rank",
     "training.progressive.quant_block_size", "training.keep_checkpoints",
-    "training.max_skipped_steps", "training.epochs_per_stack",
+    "training.max_skipped_steps", "training.epochs_per_stack", "training.final_stage_steps",
 )
 
 _NON_NEGATIVE = (
@@ -510,6 +515,7 @@ _CHECKS = [
      "1 when training.data_reuse='fresh' (fresh batches are never repeated); use 'pool' to "
      "train several epochs over one pool"),
     ("training.lr", lambda v, c: 0 < v < math.inf, "a finite float > 0"),
+    ("training.final_stage_lr", lambda v, c: 0 < v < math.inf, "a finite float > 0"),
     ("training.weight_decay", lambda v, c: 0 <= v < math.inf, "a finite float >= 0"),
     ("training.grad_clip", lambda v, c: 0 <= v < math.inf, "a finite float >= 0 (0 = no clipping)"),
     ("model.dropout", lambda v, c: 0 <= v < 1, "a float in [0, 1)"),
@@ -612,8 +618,11 @@ def _stored_formats(c) -> list:
   return [f for f in (own, trunk) if f is not None]
 
 
-def stage_steps(config) -> int:
-  """Train steps of one stage: steps_per_stack, times epochs_per_stack over a pool."""
+def stage_steps(config, final: bool = False) -> int:
+  """Train steps of one stage: steps_per_stack, times epochs_per_stack over a pool; the final
+  stage's (`final`): final_stage_steps."""
+  if final:
+    return config.training.final_stage_steps
   return config.training.steps_per_stack * config.training.epochs_per_stack
 
 

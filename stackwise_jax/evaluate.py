@@ -90,7 +90,9 @@ def evaluate_run(checkpoints: RunCheckpoints, n_batches: int | None = None, data
   config; its tokenizer gives the bytes per token, `token_bytes_of`); `progress`: a progress bar
   over racks x batches."""
   config, latest = checkpoints.config, checkpoints.latest
-  steps = [s for s in checkpoints.steps() if s % stage_steps(config) == 0]
+  # Stage ends of the stages before the final one (whose own steps may be any number).
+  ends = stage_steps(config) * sum(not s.get("final") for s in latest.meta["results"]["stages"])
+  steps = [s for s in checkpoints.steps() if s % stage_steps(config) == 0 and s <= ends]
   if latest.step not in steps:
     steps.append(latest.step)
   dataloader = dataloader or make_dataloader(config)

@@ -37,7 +37,13 @@ _COLUMNS = (
 )
 
 
+# The final stage's row (`training.final_stage`): it adds no stack and trains them all.
+_FINAL_CELLS = {"stage": "{} final", "stack_index": "all"}
+
+
 def _cell(stage, key, fmt):
+  if stage.get("final") and key in _FINAL_CELLS:
+    return _FINAL_CELLS[key].format(stage[key])
   value = stage.get(key, stage.get("seconds_by_phase", {}).get(key))
   if value is None:
     return "-"

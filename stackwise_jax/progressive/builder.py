@@ -176,7 +176,7 @@ class ProgressiveRackBuilder:
     for spec in self._select(indices):
       spec = self._pack(spec)
       self._labels[spec.name] = FROZEN
-      self._store_base_in_compute_dtype(spec)
+      self._cast_base(spec, spec.compute_dtype)
     return self.labels()
 
   def freeze_all_but_qlora(self, indices=None) -> dict:
@@ -189,7 +189,22 @@ class ProgressiveRackBuilder:
       if not (spec.quantized or spec.packed):
         spec = self._respec(spec, quantized=True)
       self._labels[spec.name] = ADAPTERS_ONLY
-      self._store_base_in_compute_dtype(spec)
+      self._cast_base(spec, spec.compute_dtype)
+    return self.labels()
+
+  def unfreeze_all(self, indices=None) -> dict:
+    """Lets the stacks with the given building indices (default: all) train what their precision
+    can (the final stage): a stack with int4 kernels its adapters only; any other stack every
+    leaf, its frozen bf16/fp16 base weights back as fp32 masters and packed nvfp4 kernels
+    dequantized into fp32 masters (fake-quantized again while they train). Returns the labels
+    pytree."""
+    for spec in self.specs if indices is None else self._select(indices):
+      if spec.quantized:   # int4 kernels cannot train
+        self._labels[spec.name] = ADAPTERS_ONLY
+        continue
+      spec = self._unpack(spec)
+      self._labels[spec.name] = TRAINABLE
+      self._cast_base(spec, jnp.float32)
     return self.labels()
 
   def _pack(self, spec: StackSpec) -> StackSpec:
@@ -199,11 +214,26 @@ class ProgressiveRackBuilder:
       return self._respec(spec, packed=True)
     return spec
 
-  def _store_base_in_compute_dtype(self, spec: StackSpec) -> None:
-    """Casts the float base leaves (not adapters, not stored formats' leaves) to the stack's
-    compute dtype."""
+  def _unpack(self, spec: StackSpec) -> StackSpec:
+    """Inverse of `_pack`: a packed stack's kernels dequantized into fp32 masters that train."""
+    if not spec.packed:
+      return spec
+    fmt = spec.format
+
+    def unpack(tree: dict) -> dict:
+      if set(fmt.leaves) <= tree.keys():   # a kernel's layer
+        rest = {k: v for k, v in tree.items() if k not in fmt.leaves}
+        return {**rest, "kernel": fmt.dequantize({k: tree[k] for k in fmt.leaves}, jnp.float32)}
+      return {k: unpack(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+    self.params["stacks"][spec.name] = unpack(self.params["stacks"][spec.name])
+    return self._respec(spec, packed=False)   # init_stack carries the dequantized kernels over
+
+  def _cast_base(self, spec: StackSpec, dtype) -> None:
+    """Casts the float base leaves (not adapters, not stored formats' leaves) to `dtype`: the
+    stack's compute dtype once frozen, fp32 (master weights) to train again."""
     cast = lambda path, x: (x if is_adapter_path(path) or _is_stored(path) or not jnp.issubdtype(
-        x.dtype, jnp.floating) else x.astype(spec.compute_dtype))
+        x.dtype, jnp.floating) else x.astype(dtype))
     self.params["stacks"][spec.name] = jax.tree_util.tree_map_with_path(
         cast, self.params["stacks"][spec.name])
 

@@ -13,8 +13,10 @@ from stackwise_jax.progressive.builder import ProgressiveRackBuilder
 
 
 def stage_specs(builder, target: int):
-  """Yields the specs each stage trains: untrained stacks first, then one new stack a stage (or,
-  with progressive training off, all remaining stacks in one stage)."""
+  """Yields the specs each stage adds: untrained stacks first, then one new stack a stage (or,
+  with progressive training off, all remaining stacks in one stage); then, with
+  `training.final_stage`, an empty list: the final stage, which adds nothing and trains the
+  whole rack (`is_final`)."""
   untrained = [s for s in builder.specs if s.name not in builder.trained]
   if untrained:
     yield untrained
@@ -22,17 +24,32 @@ def stage_specs(builder, target: int):
     yield [builder.add_stack() for _ in range(target - len(builder.specs))]
   while len(builder.specs) < target:
     yield [builder.add_stack()]
+  if builder.config.training.final_stage and builder.specs:
+    yield []
 
 
-def set_labels(builder) -> set[str]:
+def is_final(new_specs) -> bool:
+  """Whether a stage that adds `new_specs` (from `stage_specs`) is the final stage."""
+  return not new_specs
+
+
+def set_labels(builder, final: bool = False) -> set[str]:
   """Design §4: trunk frozen (or adapters only); embedding/head by `embedding_training`. Returns
   the names of the frozen stacks.
 
   "auto": once a trunk exists, the input side (token/time embedding) is frozen, since it feeds
   the frozen trunk (training it would change the trunk's input and stale the cache); the head
   side (final norm, untied head) trains in append mode and is frozen in prepend mode.
+
+  The `final` stage trains every stack as far as its precision allows (`unfreeze_all`) and both
+  sides of the embedding/head, unless `embedding_training="frozen"`.
   """
   p = builder.config.training.progressive
+  if final:
+    builder.unfreeze_all()
+    both = p.embedding_training != "frozen"
+    builder.set_embedding_trainable(input_side=both, head_side=both)
+    return {s.name for s in builder.specs if builder.is_frozen(s.name)}
   has_trunk = bool(builder.trained)
   if has_trunk:
     freeze = builder.freeze_trunk if p.trunk_strategy == "frozen" else builder.freeze_all_but_qlora
@@ -60,7 +77,7 @@ def grow(builder, target: int, n_stages: int | None = None, last_done: bool = Tr
     if new is not None:
       builder.trained.update(s.name for s in new)
     new, stage = upcoming, stage + 1
-    frozen = set_labels(builder)
+    frozen = set_labels(builder, is_final(new))
     if stage == n_stages:
       break
   if new is not None and last_done:

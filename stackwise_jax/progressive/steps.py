@@ -84,14 +84,16 @@ class StepView:
     return dataclasses.replace(plan, prefix=(), body=keys)
 
 
-def make_optimizer(training_config, labels, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with warm-up + cosine for trainable leaves; set_to_zero (no state) for frozen ones.
-  An update whose gradients are not finite is dropped whole (optax.apply_if_finite), so params
-  never take a NaN or Inf."""
+def make_optimizer(training_config, labels, total_steps: int,
+                   lr: float | None = None) -> optax.GradientTransformation:
+  """AdamW with warm-up + cosine to peak `lr` (default: training.lr) for trainable leaves;
+  set_to_zero (no state) for frozen ones. An update whose gradients are not finite is dropped
+  whole (optax.apply_if_finite), so params never take a NaN or Inf."""
   t = training_config
+  lr = t.lr if lr is None else lr
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=t.lr, warmup_steps=min(t.warmup_steps, max(total_steps - 1, 0)),
-      decay_steps=max(total_steps, 1), end_value=t.lr * 0.1)
+      init_value=0.0, peak_value=lr, warmup_steps=min(t.warmup_steps, max(total_steps - 1, 0)),
+      decay_steps=max(total_steps, 1), end_value=lr * 0.1)
   # Decay matrices only; norm scales stay undecayed.
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
   adamw = optax.adamw(schedule, weight_decay=t.weight_decay, mask=decay_mask)

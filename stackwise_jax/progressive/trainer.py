@@ -30,7 +30,8 @@ from stackwise_jax.progressive.builder import HEAD_SIDE, FROZEN, TRAINABLE, Prog
 from stackwise_jax.progressive.feed import Prefetcher
 from stackwise_jax.progressive.guard import DivergenceGuard
 from stackwise_jax.progressive.masking import check_objective_data
-from stackwise_jax.progressive.stages import replay, set_labels, stack_specs, stage_specs
+from stackwise_jax.progressive.stages import (is_final, replay, set_labels, stack_specs,
+                                              stage_specs)
 from stackwise_jax.report import PHASES
 from stackwise_jax.progressive.steps import (StepView, init_train_state, make_eval_step,
                                              make_optimizer, make_train_step, plan_stage)
@@ -165,7 +166,7 @@ class ProgressiveTrainer:
     if data is not None:
       self.checkpoints.restore_data(data)
     where = ("the end of the stage" if ckpt.stage_done
-             else f"step {meta['step']}/{meta['steps_per_stack']}")
+             else f"step {meta['step']}/{meta.get('stage_steps', meta['steps_per_stack'])}")
     self.log(f"resuming from {ckpt.path}: stage {meta['stage']}, {where}")
     return new, None if ckpt.stage_done else ckpt
 
@@ -180,9 +181,11 @@ class ProgressiveTrainer:
   def _save(self, builder, stage: Stage, step, data_state, progress) -> None:
     """Checkpoints the run at `step` of `stage` (`progress`: the stage's losses so far)."""
     opt = {k: v for k, v in stage.state.items() if k != "params"}
-    meta = {"stage": stage.number, "step": step, "building_mode": builder.building_mode,
+    meta = {"stage": stage.number, "step": step, "stage_steps": stage.steps,
+            "final": is_final(stage.new_specs), "building_mode": builder.building_mode,
             "specs": stack_specs(builder.specs), "results": self.results, "progress": progress}
-    self.checkpoints.save((stage.number - 1) * stage.steps + step,
+    # Every stage before the final one has stage_steps(config) steps.
+    self.checkpoints.save((stage.number - 1) * stage_steps(self.config) + step,
                           params=stage.full_params(builder.params), opt=opt,
                           data_state=data_state, meta=meta)
 
@@ -195,13 +198,14 @@ class ProgressiveTrainer:
     clock = PhaseClock()
     started = time.perf_counter()
     with clock("compile"):   # set-up is counted with compilation: both are paid once a stage
-      frozen = set_labels(builder)
+      final = is_final(new_specs)
+      frozen = set_labels(builder, final)
       params_axes = builder.build_rack().axes()   # as declared where the params were created
       builder.update_params(jax.device_put(
           builder.params, tree_shardings(self.mesh, builder.params, params_axes)))
       rack, labels = builder.build_rack(), builder.labels()
       plan = plan_stage(rack, frozen, t.progressive.cache_activations)
-      self._say_why_not_cached(builder, plan)
+      self._say_why_not_cached(builder, plan, final)
     with clock("cache"):
       stage_start = data.get_state()   # where a fresh cached stage's data resumes from
       example_at, prefetch, eval_examples = self._examples(builder, rack, labels, plan, number,
@@ -256,8 +260,9 @@ class ProgressiveTrainer:
       eval_curve, skipped = progress["eval_curve"], progress["skipped_steps"]
     guard = DivergenceGuard(t.nonfinite, t.max_skipped_steps, number, losses, skipped)
     first_step = sum(s["steps"] for s in self.results["stages"])   # the run's steps before
+    name = "final stage" if is_final(stage.new_specs) else f"stage {number}/{target}"
     bar = tqdm(total=stage.steps, initial=start, disable=not self.progress,
-               desc=f"stage {number}/{target} [{plan.activation_mode}]", dynamic_ncols=True,
+               desc=f"{name} [{plan.activation_mode}]", dynamic_ncols=True,
                file=sys.stderr)
     indices = range(start, stage.steps)
     loop_start, first_done = time.perf_counter(), None
@@ -313,11 +318,13 @@ class ProgressiveTrainer:
     """The stage's optimizer, train state and compiled steps (shared with earlier stages whose
     step computes the same thing)."""
     t = self.config.training
-    steps = stage_steps(self.config)
+    final = is_final(new_specs)
+    steps = stage_steps(self.config, final)
+    lr = t.final_stage_lr if final else t.lr
     view = StepView.of(plan) if plan.cached else None
     step_rack, step_plan = (view.rack(rack), view.plan(plan)) if view else (rack, plan)
     step_labels = view.take(labels) if view else labels
-    tx = make_optimizer(t, step_labels, steps)
+    tx = make_optimizer(t, step_labels, steps, lr)
     state = init_train_state(step_rack.params, tx, step_plan, dropout_seed=t.seed * 1000 + number)
     if resume is not None:
       opt = restore_into({k: v for k, v in state.items() if k != "params"}, resume.opt,
@@ -325,7 +332,7 @@ class ProgressiveTrainer:
       state = {**state, **opt}
     shardings = tree_shardings(self.mesh, state, step_rack.axes())
     state = jax.device_put(state, shardings)
-    key = (step_rack.structure(), step_plan, jax.tree.structure(step_labels),
+    key = (steps, lr, step_rack.structure(), step_plan, jax.tree.structure(step_labels),
            tuple(jax.tree.leaves(step_labels)), tuple(jax.tree.leaves(shardings)))
     if key not in self._compiled:
       self._compiled[key] = (
@@ -338,7 +345,9 @@ class ProgressiveTrainer:
 
   def _examples(self, builder, rack, labels, plan, number, new_specs, data, eval_examples):
     """-> (step index -> example on the device, whether that is by index, eval examples) of the
-    stage training `new_specs` (masked as `TimeStepMasking.stage_example` says).
+    stage training `new_specs` (masked as `TimeStepMasking.stage_example` says; the final stage
+    as if every stack were new: each example trains the rack its stack trained on in its own
+    stage, end to end).
 
     A cached stage reads its trunk activations from a cache, extended from the previous stage's
     where the trunk's input did not change (design §8), else built; eval examples likewise."""
@@ -347,8 +356,10 @@ class ProgressiveTrainer:
     pool = t.data_reuse == "pool"
     salt = POOL_SALT if pool else number
     body = [s for s in rack.specs if s.name in plan.body]
-    prepare = jax.jit(lambda batch: masking.stage_example(batch, new_specs, body, salt))
-    order = pool_order(t, number) if pool else None
+    final = is_final(new_specs)
+    trains = list(rack.specs) if final else new_specs
+    prepare = jax.jit(lambda batch: masking.stage_example(batch, trains, body, salt))
+    order = pool_order(t, number, stage_steps(self.config, final)) if pool else None
     if not plan.cached:
       self._drop_caches()
       if pool:
@@ -441,11 +452,12 @@ class ProgressiveTrainer:
       self._train_cache[1].close()
     self._train_cache = self._eval_cache = None
 
-  def _say_why_not_cached(self, builder, plan) -> None:
+  def _say_why_not_cached(self, builder, plan, final) -> None:
     if self.config.training.progressive.cache_activations and not plan.cached and builder.trained:
-      why = ("prepend mode: the trunk follows the new stack" if builder.building_mode == "prepend"
+      why = ("the final stage trains the whole rack" if final
+             else "prepend mode: the trunk follows the new stack" if builder.building_mode == "prepend"
              else "the trunk's adapters train, so cached trunk outputs would go stale")
-      self._tell("streamed", f"cache_activations=True, but trunk activations are streamed ({why})")
+      self._tell(why, f"cache_activations=True, but trunk activations are streamed ({why})")
 
   def _tell(self, reason: str, message: str) -> None:
     if reason not in self._told:
@@ -455,24 +467,30 @@ class ProgressiveTrainer:
   def _result(self, builder, stage: Stage, losses, eval_curve, bits_per_byte, skipped,
               start) -> dict:
     t = self.config.training
-    k = stage.new_specs[-1].index
+    final = is_final(stage.new_specs)
+    last = None if final else stage.new_specs[-1]   # the final stage adds no stack
+    trains = stage.rack.specs if final else stage.new_specs
     losses = [float(x) for x in losses]
     params = builder.params
     opt_names = stage.view.names if stage.view else {}
     counts = _param_counts(params, stage.labels)
     return {
         "stage": stage.number,
-        "stack_index": k,
+        "final": final,
+        "stack_index": None if final else last.index,
         "new_stacks": [s.name for s in stage.new_specs],
         "new_stack_init": self.config.training.progressive.new_stack_init,
         "init_from": {s.name: builder.init_sources.get(s.name) for s in stage.new_specs},
         "stack_order": list(stage.rack.order),
         "building_mode": builder.building_mode,
-        "time_step": stage.new_specs[-1].time_step,
-        "time_steps": [s.time_step for s in stage.new_specs],
-        "mask_ratio": builder.masking.mask_ratio_at(stage.new_specs[-1].time_step),
+        "time_step": None if final else last.time_step,
+        "time_steps": [s.time_step for s in trains],
+        # The final stage draws one stack's time step per example (stage_example).
+        "mask_ratio": (float(np.mean([builder.masking.mask_ratio_at(s.time_step) for s in trains]))
+                       if final else builder.masking.mask_ratio_at(last.time_step)),
         "steps": stage.steps,
-        "epochs": t.epochs_per_stack,
+        "epochs": (stage.steps / t.steps_per_stack if final and t.data_reuse == "pool"
+                   else t.epochs_per_stack),
         "tokens": stage.steps * t.batch_size * t.seq_len,
         "loss_start": losses[0],
         "loss_end": _finite_mean(losses[-min(10, len(losses)):]),
@@ -504,12 +522,14 @@ class ProgressiveTrainer:
                                 self._stop_signal)
 
 
-def pool_order(training, stage: int) -> np.ndarray:
-  """Pool mode: the pool indices of a stage's steps, epoch after epoch, each epoch a permutation
-  drawn from (seed, stage, epoch)."""
+def pool_order(training, stage: int, steps: int | None = None) -> np.ndarray:
+  """Pool mode: the pool indices of a stage's `steps` steps (default: epochs_per_stack epochs),
+  epoch after epoch, each epoch a permutation drawn from (seed, stage, epoch); a last epoch
+  cut short where `steps` ends mid-way."""
   n = training.steps_per_stack
+  steps = n * training.epochs_per_stack if steps is None else steps
   return np.concatenate([np.random.default_rng([training.seed, stage, epoch]).permutation(n)
-                         for epoch in range(training.epochs_per_stack)])
+                         for epoch in range(-(-steps // n))])[:steps]
 
 
 def _input_side_frozen(labels) -> bool:
