@@ -573,6 +573,20 @@ def test_stacks_trained_together_each_train_at_their_own_time_step(mode, operati
   assert stage["loss_start"] == pytest.approx(loss_sum / tokens, rel=1e-5)
 
 
+def test_stacks_trained_together_on_an_objective_without_masks_all_run():
+  """With clm a time step masks nothing, so stacks trained together (or end to end) train the
+  whole rack on every example: no stack is skipped."""
+  builder = _depth_builder("append")
+  builder.config.training.progressive.training_objective = "clm"
+  masking = TimeStepMasking(builder.config)
+  specs = [builder.append_stack() for _ in range(3)]
+  batch = {"tokens": jnp.arange(4 * 8).reshape(4, 8) % 200, "example_id": jnp.arange(4)}
+  example = masking.stage_example(batch, specs, specs, salt=1)
+  assert "active" not in example
+  mlm = TimeStepMasking(_depth_builder("append").config)
+  assert mlm.stage_example(batch, specs, specs, salt=1)["active"].shape == (4, 3)
+
+
 def test_custom_time_mapping_may_be_a_callable_but_is_never_saved(tmp_path):
   from stackwise_jax.checkpoint import RunCheckpoints
   from stackwise_jax.config import to_yaml, validate

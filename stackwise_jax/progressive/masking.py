@@ -201,14 +201,15 @@ class TimeStepMasking:
     """The training example of the stage that trains `new_specs` (StackSpecs), whose step runs
     `body_specs` (forward order) after the frozen prefix.
 
-    Time as depth with several new stacks trained together: each example trains one of them,
-    drawn uniformly from its id. It is masked at that stack's time step, and the new stacks built
-    after that one are skipped for it (`"active"`: bool [B, len(body_specs)]), so it meets the
-    rack that stack would have trained on in a stage of its own; each new stack keeps its own
-    time step. Otherwise every example is masked at the last new stack's step (depth) or at a
-    sampled step (input), and every stack runs."""
+    Time as depth with several new stacks trained together, for an objective that masks (where a
+    time step means something): each example trains one of them, drawn uniformly from its id. It
+    is masked at that stack's time step, and the new stacks built after that one are skipped for
+    it (`"active"`: bool [B, len(body_specs)]), so it meets the rack that stack would have trained
+    on in a stage of its own; each new stack keeps its own time step. Otherwise every example is
+    masked at the last new stack's step (depth) or at a sampled step (input), and every stack
+    runs: an objective that masks nothing (clm) trains the whole rack on every example."""
     depth = self.time_interpretation == "depth"
-    if not depth or len(new_specs) == 1:
+    if not depth or len(new_specs) == 1 or not OBJECTIVES[self.objective].masks:
       return self.example(batch, self.time_steps_at(
           batch, new_specs[-1].time_step if depth else None, salt))
     choice = sample_time_steps(batch["example_id"], seed=self.seed, salt=salt,
