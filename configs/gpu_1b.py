@@ -25,4 +25,6 @@ def get_config():
   config.training.progressive.new_stack_precision = "bfloat16"
   config.training.progressive.max_stacks = 6
   config.training.progressive.target_stacks = 5
+  # Function-preserving growth: the quality benchmark's winner (BUILD_NOTES, *quality*).
+  config.training.progressive.new_stack_init = "identity"
   return config

@@ -22,4 +22,6 @@ def get_config():
 
   config.training.progressive.max_stacks = 8
   config.training.progressive.target_stacks = 6
+  # Function-preserving growth: the quality benchmark's winner (BUILD_NOTES, *quality*).
+  config.training.progressive.new_stack_init = "identity"
   return config

@@ -22,4 +22,6 @@ def get_config():
 
   config.training.progressive.max_stacks = 4
   config.training.progressive.target_stacks = 3
+  # Function-preserving growth: the quality benchmark's winner (BUILD_NOTES, *quality*).
+  config.training.progressive.new_stack_init = "identity"
   return config

@@ -41,8 +41,8 @@ INITS = ("random", "copy_last", "stack", "identity")
 
 def method_overrides(method: str) -> list[str]:
   """Config overrides of a method: "end-to-end", an init, or an init + "+final"."""
-  if method == "end-to-end":
-    return MODES["end-to-end"]
+  if method == "end-to-end":   # the baseline: random init, whatever the config's growth
+    return [*MODES["end-to-end"], "training.progressive.new_stack_init=random"]
   init = method.removesuffix("+final")
   if init not in INITS:
     raise SystemExit(f"bench.py quality: method {method!r}: allowed: end-to-end, "
