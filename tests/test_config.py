@@ -44,6 +44,7 @@ training:
   progressive:
     max_stacks: 4
     target_stacks: 3
+    new_stack_init: identity
 """
 
 
