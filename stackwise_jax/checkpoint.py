@@ -29,7 +29,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from stackwise_jax.config import (ConfigError, check_saveable, from_yaml, stage_steps, to_yaml,
                                   validate)
 from stackwise_jax.data.tokenizer import special_ids
-from stackwise_jax.files import directory_bytes, require_free_space
+from stackwise_jax.files import directory_bytes, file_error, require_free_space
 from stackwise_jax.trees import key_path
 from stackwise_jax.report import strict_json
 
@@ -166,12 +166,18 @@ class RunCheckpoints:
     arrays = sum(x.nbytes for x in jax.tree.leaves((params, opt)))
     require_free_space(self.directory, int(1.25 * max(last, arrays)) + 2**16,
                        f"checkpoint {step}")
-    self._manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), opt=ocp.args.StandardSave(opt),
-        data=grain.checkpoint.CheckpointSave(IteratorState(data_state)),
-        meta=ocp.args.JsonSave(strict_json({
-            **meta, "config": to_yaml(self.config),
-            "steps_per_stack": stage_steps(self.config)}))))
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params), opt=ocp.args.StandardSave(opt),
+          data=grain.checkpoint.CheckpointSave(IteratorState(data_state)),
+          meta=ocp.args.JsonSave(strict_json({
+              **meta, "config": to_yaml(self.config),
+              "steps_per_stack": stage_steps(self.config)}))))
+    except Exception as e:   # the disk filled mid-write: name the directory where the file did not
+      error = file_error(e)
+      if error is None or error.filename:
+        raise
+      raise OSError(error.errno, error.strerror, self.directory) from e
 
   def close(self) -> None:
     self._manager.close()

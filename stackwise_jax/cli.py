@@ -166,8 +166,10 @@ def _train(config, dataloader, checkpoints, args) -> int:
   metrics = TensorBoard(os.path.join(args.workdir, "tensorboard")) if primary else None
   trainer = ProgressiveTrainer(config, checkpoints=checkpoints, metrics=metrics,
                                progress=not args.no_progress and primary)
+  trained = False
   try:
     results = trainer.train_progressively(builder, dataloader)
+    trained = True
   except TrainingInterrupted as e:
     message, signum = e.args
     print(f"stackwise-jax: {message}", file=sys.stderr)
@@ -181,7 +183,10 @@ def _train(config, dataloader, checkpoints, args) -> int:
   finally:
     checkpoints.close()
     if metrics is not None:
-      metrics.close()
+      # A full disk that stopped training fails the events' last flush too: the first error,
+      # which names the file, is the one to report.
+      with contextlib.nullcontext() if trained else contextlib.suppress(OSError):
+        metrics.close()
   if primary:
     results_path = os.path.join(args.workdir, "results.json")
     write_json(results_path, results)
