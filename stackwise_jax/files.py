@@ -99,14 +99,16 @@ def describe_file_error(e: OSError) -> str:
 
 
 def directory_bytes(path: str) -> int:
-  """Bytes of the files under `path` (0 if it does not exist); links are not followed."""
+  """Bytes the files under `path` take on disk (0 if it does not exist); links are not followed.
+  Allocated blocks, not lengths: a checkpoint is many small files, and each fills whole blocks."""
   total = 0
   for root, _, names in os.walk(path):
     for name in names:
       try:
-        total += os.lstat(os.path.join(root, name)).st_size
+        stat = os.lstat(os.path.join(root, name))
       except FileNotFoundError:
-        pass
+        continue
+      total += max(stat.st_size, stat.st_blocks * 512)
   return total
 
 
