@@ -63,11 +63,13 @@ def stage_flops(args, method: str) -> list[tuple[float, float]]:
 
 def run(args, s):
   e2e_flops = stage_flops(args, "end-to-end")[0][0]
+  # How a stack starts does not change what its steps compute: one count serves every init.
+  grown_flops = stage_flops(args, "random")
   budget = s["steps"] * e2e_flops
   runs = {}
   rows = []
   for method in s["methods"]:
-    flops = stage_flops(args, method.removesuffix("+final"))   # the final stage costs e2e's step
+    flops = [(e2e_flops, 0.0)] if method == "end-to-end" else grown_flops
     final = method.endswith("+final")
     final_steps = round(s["final_fraction"] * s["steps"]) if final else 0
     if method == "end-to-end":
@@ -75,7 +77,7 @@ def run(args, s):
     else:   # the progressive stages share what the final stage leaves of the budget
       per_stage_step = sum(f + p for f, p in flops)
       steps = max(round((budget - final_steps * e2e_flops) / per_stage_step), 1)
-    costs = [(f, p) for f, p in flops] + ([(e2e_flops, 0.0)] if final else [])
+    costs = flops + ([(e2e_flops, 0.0)] if final else [])   # the final stage costs e2e's step
     for seed in s["seeds"]:
       overrides = [*SIZE, *args.overrides, *method_overrides(method), f"training.seed={seed}",
                    f"training.steps_per_stack={steps}",

@@ -305,9 +305,14 @@ def load_tokenizer(config, train_texts=None, log=print) -> Tokenizer:
   return tok
 
 
-def _bpe(config, n: int, train_texts, log) -> Tokenizer:
+def _trained_file(config) -> str | None:
+  """Where a run's trained BPE lives: WORKDIR/tokenizer.json (None without a workdir)."""
   workdir = config.training.workdir
-  path = os.path.join(workdir, TOKENIZER_FILE) if workdir else None
+  return os.path.join(workdir, TOKENIZER_FILE) if workdir else None
+
+
+def _bpe(config, n: int, train_texts, log) -> Tokenizer:
+  path = _trained_file(config)
   if path and os.path.exists(path):
     tok = load_file(path)
     # A small corpus may end training below N ids (no pair left to merge); never above.
@@ -322,8 +327,8 @@ def _bpe(config, n: int, train_texts, log) -> Tokenizer:
   log(f"training a byte-level BPE of {n} ids on the train split")
   tok = train_bpe(train_texts(), n)
   if path:
-    os.makedirs(workdir, exist_ok=True)
-    tok.save(workdir)
+    os.makedirs(config.training.workdir, exist_ok=True)
+    tok.save(config.training.workdir)
     load_file.cache_clear()
   return tok
 
@@ -344,8 +349,8 @@ def sampled_ids(config) -> tuple[int, tuple[int, ...]]:
 
 
 def _trained_size(config, n: int) -> int:
-  path = os.path.join(config.training.workdir, TOKENIZER_FILE) if config.training.workdir else ""
-  return load_file(path).vocab_size if os.path.isfile(path) else n
+  path = _trained_file(config)
+  return load_file(path).vocab_size if path and os.path.isfile(path) else n
 
 
 def special_ids(config) -> SpecialIds:
