@@ -95,8 +95,9 @@ class StageTrainer:
   """Trains the last stack (and the final norm) of `model`; the embedding and the other stacks
   are a frozen trunk recomputed under no_grad every step."""
 
-  def __init__(self, model: Model, lr: float, weight_decay: float, grad_clip: float):
-    self.model, self.grad_clip = model, grad_clip
+  def __init__(self, model: Model, lr: float, weight_decay: float, grad_clip: float,
+               autocast: torch.dtype | None = None):
+    self.model, self.grad_clip, self.autocast = model, grad_clip, autocast
     self.trunk, self.new = model.stacks[:-1], model.stacks[-1]
     for p in model.parameters():
       p.requires_grad_(False)
@@ -107,16 +108,23 @@ class StageTrainer:
 
   def step(self, tokens) -> float:
     """One CLM step on tokens [batch, seq] (int64); returns the loss."""
-    with torch.no_grad():
-      h = self.model.embed(tokens)
-      for stack in self.trunk:
-        h = stack(h)
-    loss = clm_loss(self.model.logits(self.new(h)), tokens)
+    with mixed_precision(tokens.device, self.autocast):
+      with torch.no_grad():
+        h = self.model.embed(tokens)
+        for stack in self.trunk:
+          h = stack(h)
+      loss = clm_loss(self.model.logits(self.new(h)), tokens)
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
     self.opt.step()
     return loss.item()
+
+
+def mixed_precision(device, dtype: torch.dtype | None):
+  """torch.autocast to `dtype` (fp32 master weights, as a PyTorch user trains in bf16), or a
+  no-op for None."""
+  return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def clm_loss(logits, tokens):
@@ -153,6 +161,10 @@ def run_job(model_config, training: dict, pool: np.ndarray, eval_tokens: np.ndar
   per stage its loss and seconds."""
   torch.manual_seed(training["seed"])
   device = "cuda" if torch.cuda.is_available() else "cpu"
+  # Our bf16 stacks compute in bf16; the PyTorch way to match them is autocast (GPU only: on a
+  # CPU both sides run fp32 in the job's configs).
+  bf16 = training["progressive"]["new_stack_precision"] == "bfloat16" and device == "cuda"
+  autocast = torch.bfloat16 if bf16 else None
   model = Model(model_config, n_stacks).to(device)
   tensor = lambda x: torch.from_numpy(x.astype(np.int64)).to(device)
   stacks = list(model.stacks)
@@ -160,11 +172,12 @@ def run_job(model_config, training: dict, pool: np.ndarray, eval_tokens: np.ndar
   for stage in range(1, n_stacks + 1):
     start = time.perf_counter()
     model.stacks = nn.ModuleList(stacks[:stage])
-    trainer = StageTrainer(model, training["lr"], training["weight_decay"], training["grad_clip"])
+    trainer = StageTrainer(model, training["lr"], training["weight_decay"], training["grad_clip"],
+                           autocast)
     for epoch in range(epochs):
       for j in np.random.default_rng([training["seed"], stage, epoch]).permutation(len(pool)):
         loss = trainer.step(tensor(pool[j]))
-    with torch.no_grad():
+    with torch.no_grad(), mixed_precision(torch.device(device), autocast):
       batches = [tensor(b) for b in eval_tokens]
       eval_loss = np.mean([clm_loss(model(b), b).item() for b in batches])
     torch.save(model.state_dict(), os.path.join(workdir, f"stage_{stage}.pt"))

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# BUILD_NOTES "Still to measure on a GPU" in one call: bash scripts/gpu_measure.sh OUTDIR
+# Runs the benchmarks in order of importance, each under its own time limit so one slow or failing
+# benchmark leaves the others' results; each writes OUTDIR/NAME.json and .md, the log says how each
+# ended. Needs a GPU jax and a CUDA torch; the job cell uses configs/gpu_1b.py-sized stacks in bf16.
+set -u
+out=${1:-bench_results/gpu}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+PYTHON=${PYTHON:-python3}
+
+bench() {   # bench NAME LIMIT_S ARGS...: $PYTHON scripts/bench.py ARGS --out OUTDIR/NAME.json
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name: start $(date +%T), limit ${limit}s"
+  timeout "$limit" "$PYTHON" scripts/bench.py "$@" --out "$out/$name.json"
+  echo "=== $name: exit $? at $(date +%T)"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+"$PYTHON" - <<'EOF' || exit 1
+import jax, flax, optax, orbax.checkpoint, torch
+print(f"jax {jax.__version__} on {jax.devices()}, flax {flax.__version__}, optax {optax.__version__}, "
+      f"orbax {orbax.checkpoint.__version__}, torch {torch.__version__} cuda={torch.cuda.is_available()}")
+assert jax.default_backend() == "gpu", "jax sees no GPU: the figures would be CPU ones"
+EOF
+
+bench mfu_small 90 mfu
+bench mfu_1b 150 mfu --config configs/gpu_1b.py --depths 5
+bench torch 60 torch
+bench memory_1b 110 memory --config configs/gpu_1b.py --stages 2 --steps 3 --modes cached qlora
+# issue 15's job with gpu_1b-sized stacks (overrides after the job's own sizes win)
+bench job_1b 150 job model.d_ff=5632 training.batch_size=8 training.seq_len=2048 \
+  --config configs/gpu_1b.py --quick --cells 4x40x1
