@@ -67,7 +67,7 @@ def components(config, steps) -> list[dict]:
       check_flops(name, flops, xla)
     rows.append({"step": f"{name} (fwd + bwd)", "stacks": None, "step_ms": median_ms(times),
                  "spread": spread(times), "model_gflop": flops / 1e9,
-                 "xla_gflop": xla / 1e9,
+                 "xla_gflop": xla and xla / 1e9,
                  "gflop_per_s": flops / statistics.median(times) / 1e9})
   return rows
 
