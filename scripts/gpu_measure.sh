@@ -30,7 +30,7 @@ EOF
 
 bench mfu_small 90 mfu
 bench mfu_1b 150 mfu --config configs/gpu_1b.py --depths 5
-bench torch 60 torch
+bench torch 150 torch
 bench memory_1b 200 memory --config configs/gpu_1b.py --stages 2 --steps 2 --modes cached qlora
 # issue 15's job with gpu_1b-sized stacks (overrides after the job's own sizes win)
 bench job_1b 150 job model.d_ff=5632 training.batch_size=8 training.seq_len=2048 \

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import micro_config
+from stackwise_jax.model import layers
 from stackwise_jax.model.layers import attend, attention_scores, causal_query_chunks
 from stackwise_jax.progressive import ProgressiveRackBuilder
 
@@ -105,6 +106,25 @@ def test_chunked_causal_attention_matches_plain_attention_and_its_gradients(seq)
   loss = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2)))(q, k, v)
   for g, e in zip(loss(got), loss(expected)):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_cudnn_attention_is_asked_for_on_a_gpu_in_half_precision_only(monkeypatch):
+  pick = layers.attention_implementation
+  assert pick("gpu", jnp.bfloat16, None) == "cudnn" and pick("gpu", jnp.float16, None) == "cudnn"
+  assert pick("gpu", jnp.float32, None) is None            # cuDNN takes half precision only
+  assert pick("gpu", jnp.bfloat16, jnp.ones((1, 1, 4, 4), bool)) is None   # decoding's mask
+  assert pick("cpu", jnp.bfloat16, None) is None and pick("tpu", jnp.bfloat16, None) is None
+  monkeypatch.setenv(layers.ATTENTION_ENV, "xla")
+  assert pick("gpu", jnp.bfloat16, None) is None
+
+
+def test_attention_falls_back_to_xla_where_cudnn_is_refused(monkeypatch):
+  """Asked for cuDNN where there is none (this CPU), `attend` computes XLA's attention."""
+  monkeypatch.setattr(layers, "attention_implementation", lambda *_: "cudnn")
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, heads, 8), jnp.bfloat16)
+             for i, heads in enumerate((4, 2, 2)))
+  expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  np.testing.assert_array_equal(jax.jit(lambda *a: attend(*a, causal=True))(q, k, v), expected)
 
 
 def test_chunked_causal_attention_scores_about_half_the_pairs():

@@ -95,7 +95,7 @@ def spread(times) -> float:
 
 def flag_noise(rows) -> None:
   for row in rows:
-    row["noisy"] = row.get("spread") is not None and row["spread"] > NOISY_SPREAD
+    row["noisy"] = row["spread"] > NOISY_SPREAD
     if row["noisy"]:
       print(f"warning: step times spread {row['spread']:.0%} in {row}", file=sys.stderr)
 
