@@ -2,7 +2,7 @@
 # BUILD_NOTES "On a GPU" in one call: bash scripts/gpu_measure.sh OUTDIR [NAME ...]
 # Runs the benchmarks in order of importance, each under its own time limit so one slow or failing
 # benchmark leaves the others' results; each writes OUTDIR/NAME.json and .md, the log says how each
-# ended. NAMEs (mfu_small, mfu_1b, torch, memory_1b, job_1b, job_1b_nospill) run only those.
+# ended. NAMEs (mfu_small, mfu_1b, torch, memory_1b, job_1b, job_1b_host) run only those.
 # Needs a GPU jax and a CUDA torch; the job cells use configs/gpu_1b.py-sized stacks in bf16.
 set -u
 out=${1:-bench_results/gpu}
@@ -36,7 +36,7 @@ bench memory_1b 200 memory --config configs/gpu_1b.py --stages 2 --steps 2 --mod
 # issue 15's job with gpu_1b-sized stacks (overrides after the job's own sizes win)
 bench job_1b 150 job model.d_ff=5632 training.batch_size=8 training.seq_len=2048 \
   --config configs/gpu_1b.py --quick --cells 4x40x1
-# the same with the whole activation cache in host memory (3 GiB a stage at these sizes): how much
-# of the cache phase is the spill to disk?
-bench job_1b_nospill 150 job model.d_ff=5632 training.batch_size=8 training.seq_len=2048 \
-  training.progressive.cache_max_bytes=8589934592 --config configs/gpu_1b.py --quick --cells 4x40x1
+# the same with the cache in host memory (spilling beyond 2 GiB), as before the device tier:
+# 2026-11-27's 0.50x
+bench job_1b_host 150 job model.d_ff=5632 training.batch_size=8 training.seq_len=2048 \
+  training.progressive.cache_device_bytes=0 --config configs/gpu_1b.py --quick --cells 4x40x1

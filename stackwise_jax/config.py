@@ -87,7 +87,10 @@ def default_config() -> ml_collections.ConfigDict:
   # trains the head side (final norm, untied head) in append mode only; "trainable" | "frozen": all.
   p.embedding_training = "auto"
   p.cache_activations = True
-  p.cache_max_bytes = 2 * 1024**3   # beyond this the cache spills to disk
+  p.cache_max_bytes = 2 * 1024**3   # host memory for the cache; beyond it, it spills to disk
+  # Cache kept on the accelerators before host memory; None: a quarter of their memory on a
+  # GPU/TPU, none on a CPU (caching.device_budget).
+  p.cache_device_bytes = None
   p.training_objective = "clm"      # "mlm" | "clm" | "custom"
   p.mask_token_id = None            # None: the tokenizer's mask id (bytes: 257)
   p.mlm_min_ratio = 0.15            # mask ratio at the lowest noise level
@@ -523,6 +526,9 @@ _CHECKS = [
     ("model.norm_eps", lambda v, c: 0 < v < math.inf, "a finite float > 0"),
     ("training.progressive.mlm_min_ratio", lambda v, c: 0 <= v <= 1, "a float in [0, 1]"),
     ("data.val_fraction", lambda v, c: 0 < v < 1, "a float in (0, 1)"),
+    ("training.progressive.cache_device_bytes",
+     lambda v, c: v is None or (_type_ok(v, 1) and v >= 0),
+     "None (a quarter of a GPU's or TPU's memory, none on a CPU) or an int >= 0"),
     ("training.progressive.mask_token_id",
      lambda v, c: v is None or (_type_ok(v, 1) and 0 <= v < c.model.vocab_size),
      "None (the tokenizer's mask id) or an int in [0, model.vocab_size) = "

@@ -153,6 +153,26 @@ def test_a_bf16_trunk_is_cached_in_bf16(text_corpus, monkeypatch):
   close(cache)
 
 
+@pytest.mark.parametrize("precision", ["full", "bfloat16"])
+def test_a_cache_partly_on_the_device_gives_the_same_losses(text_corpus, precision):
+  """Entries kept on the device (built, extended and read there) train exactly as entries kept
+  in host memory or spilled to disk: same rounding to the trunk's dtype, same bits."""
+  runs = {}
+  for device_entries in (0, 3):
+    config = pool_config(text_corpus, target_stacks=3, new_stack_precision=precision)
+    t = config.training
+    entry_bytes = t.batch_size * t.seq_len * config.model.d_model * (
+        2 if precision == "bfloat16" else 4)
+    t.progressive.cache_device_bytes = device_entries * entry_bytes
+    t.progressive.cache_max_bytes = 2 * entry_bytes   # the rest of the 8 spill to disk
+    results, _ = _run(config)
+    cached = results["stages"][1:]
+    assert [s["cache_bytes_on_device"] for s in cached] == [device_entries * entry_bytes] * 2
+    assert all(s["cache_bytes_on_disk"] == (6 - device_entries) * entry_bytes for s in cached)
+    runs[device_entries] = [s["losses"] + [s["eval_loss"]] for s in results["stages"]]
+  assert runs[3] == runs[0]
+
+
 def test_prefetcher_keeps_order_and_raises_where_the_item_would_be():
   from stackwise_jax.progressive.feed import Prefetcher
 

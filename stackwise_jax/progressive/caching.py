@@ -2,8 +2,9 @@
 
 Entries are [batch, seq, d_model] arrays in the compute dtype of the prefix's last stack (a bf16
 trunk's cache is bf16: rounded to the precision the trunk computes in, at half the bytes). The
-first ones live in host memory up to `max_bytes`; the rest go to one memory-mapped file that is
-deleted when the cache is closed. `PrefixRunner` computes them one stack at a time, rounding to
+first ones stay on the accelerator, as the prefix made them, up to `device_bytes`; the next live in
+host memory up to `max_bytes`; the rest go to one memory-mapped file that is deleted when the
+cache is closed. `PrefixRunner` computes them one stack at a time, rounding to
 each stack's cache dtype as storing would, so a cache built from scratch and one extended stage by
 stage (cache(k+1) = stack k (cache(k))) agree bit for bit.
 """
@@ -63,13 +64,30 @@ def cache_dtype(rack, names) -> np.dtype:
   return np.dtype(last.compute_dtype)
 
 
+def device_budget(configured: int | None) -> int:
+  """Bytes of cache the accelerators may hold: `configured`, or for None a quarter of the local
+  devices' memory on a GPU/TPU (an H200's quarter holds a 1B-parameter job's 3 GiB cache many times
+  over; the rest is the step's) and none on a CPU, whose "device" is host memory."""
+  if configured is not None:
+    return configured
+  devices = jax.local_devices()
+  if devices[0].platform == "cpu":
+    return 0
+  return sum((d.memory_stats() or {}).get("bytes_limit", 0) for d in devices) // 4
+
+
 class ActivationCache:
-  """A fixed number of equally-shaped activation entries, in memory then on disk."""
+  """A fixed number of equally-shaped activation entries: on the devices, in host memory, then on
+  disk. Entries on the devices are kept as given (global jax arrays, with their example); the
+  others as this host's share in numpy. `on_device(i)` says which an entry is."""
 
   def __init__(self, num_entries: int, entry_shape: tuple[int, ...], max_bytes: int,
-               spill_dir: str | None = None, dtype=np.float32):
+               spill_dir: str | None = None, dtype=np.float32, device_bytes: int = 0):
     self.entry_shape, self.dtype = tuple(entry_shape), np.dtype(dtype)
     self.entry_bytes = int(np.prod(entry_shape)) * self.dtype.itemsize
+    self.num_on_device = min(num_entries, device_bytes // self.entry_bytes)
+    self._device = [None] * self.num_on_device
+    num_entries -= self.num_on_device
     self.num_in_memory = min(num_entries, max_bytes // self.entry_bytes)
     self._memory = np.empty((self.num_in_memory, *entry_shape), self.dtype)
     self._disk = None
@@ -81,24 +99,35 @@ class ActivationCache:
       fd, self._path = tempfile.mkstemp(prefix="activations-", suffix=".bin", dir=spill_dir)
       os.close(fd)
       self._disk = np.memmap(self._path, self.dtype, "w+", shape=(num_on_disk, *entry_shape))
-    self.examples: list[dict] = [None] * num_entries   # the masked batch each entry came from
+    # the masked batch each entry came from
+    self.examples: list[dict] = [None] * (self.num_on_device + num_entries)
 
   def __len__(self) -> int:
     return len(self.examples)
 
-  def put(self, i: int, activations: np.ndarray, example: dict) -> None:
+  def on_device(self, i: int) -> bool:
+    return i < self.num_on_device
+
+  def put(self, i: int, activations, example: dict) -> None:
     store, j = self._slot(i)
     store[j] = activations
     self.examples[i] = example
 
-  def get(self, i: int) -> tuple[np.ndarray, dict]:
+  def get(self, i: int) -> tuple:
     store, j = self._slot(i)
-    return np.asarray(store[j]), self.examples[i]
+    return (store[j] if self.on_device(i) else np.asarray(store[j])), self.examples[i]
 
   def _slot(self, i):
+    if self.on_device(i):
+      return self._device, i
+    i -= self.num_on_device
     if i < self.num_in_memory:
       return self._memory, i
     return self._disk, i - self.num_in_memory
+
+  @property
+  def bytes_on_device(self) -> int:
+    return self.num_on_device * self.entry_bytes
 
   @property
   def bytes_in_memory(self) -> int:
@@ -110,10 +139,12 @@ class ActivationCache:
 
   @property
   def nbytes(self) -> int:
-    return self.bytes_in_memory + self.bytes_on_disk
+    return self.bytes_on_device + self.bytes_in_memory + self.bytes_on_disk
 
   def close(self) -> None:
-    """Frees memory and deletes the spill file."""
+    """Frees device and host memory and deletes the spill file."""
+    self._device = [None] * self.num_on_device
+    self.examples = [None] * len(self.examples)
     self._memory = np.empty((0, *self.entry_shape), self.dtype)
     if self._disk is not None:
       del self._disk

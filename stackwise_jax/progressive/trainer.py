@@ -379,8 +379,23 @@ class ProgressiveTrainer:
       eval_examples = [{**ex, "h": h} for ex, h in zip(eval_examples, evals)]
     else:
       self._eval_cache = None
-    entry = lambda j: global_batch(self.mesh, {**train.get(j)[1], "h": train.get(j)[0]})
+    entry = lambda j: self._cached_example(train, j)
     return ((lambda i: entry(order[i])) if pool else entry), True, eval_examples
+
+  def _cached_example(self, store, j) -> dict:
+    """Entry j of an activation cache as a global example with its activations "h"."""
+    h, example = store.get(j)
+    if store.on_device(j):
+      return {**example, "h": h}
+    return global_batch(self.mesh, {**example, "h": h})
+
+  def _cache_put(self, store, j, h, example) -> None:
+    """Stores global activations `h` of global `example` as entry j: as they are where the entry
+    is on the devices, else this host's share on the host."""
+    if store.on_device(j):
+      store.put(j, h, example)
+    else:
+      store.put(j, *jax.device_get(local_batch(self.mesh, (h, example))))
 
   @staticmethod
   def _extends(kept, plan) -> bool:
@@ -395,16 +410,16 @@ class ProgressiveTrainer:
     `make_examples()` (prepared, global)."""
     t = self.config.training
     runner, dtype = caching.PrefixRunner(rack), caching.cache_dtype(rack, plan.prefix)
-    put = lambda store, j, h, ex: store.put(j, *jax.device_get(local_batch(self.mesh, (h, ex))))
     if extend and self._extends(self._train_cache, plan):
       names, store = self._train_cache
       if names != plan.prefix:
         self._tell("extend", "pool mode: the trunk's input is the same at every stage, so its "
                    "cached activations are extended by one stack a stage, not recomputed")
         for j in range(len(store)):
-          h, ex = store.get(j)
-          g = global_batch(self.mesh, {**ex, "h": h})
-          put(store, j, runner.extend(rack.params, plan.prefix[-1], g["h"], g), ex)
+          g = self._cached_example(store, j)
+          example = {k: v for k, v in g.items() if k != "h"}
+          h = runner.extend(rack.params, plan.prefix[-1], g["h"], g).astype(dtype)
+          self._cache_put(store, j, h, example)
     else:
       examples = make_examples()
       if self._train_cache is not None:
@@ -412,15 +427,19 @@ class ProgressiveTrainer:
       if t.data_reuse == "pool":
         self._tell("rebuild", self._why_rebuilt())
       shape = (t.batch_size // jax.process_count(), t.seq_len, self.config.model.d_model)
-      store = caching.ActivationCache(len(examples), shape, t.progressive.cache_max_bytes,
-                                      f"{t.workdir}/cache" if t.workdir else None, dtype=dtype)
+      store = caching.ActivationCache(
+          len(examples), shape, t.progressive.cache_max_bytes,
+          f"{t.workdir}/cache" if t.workdir else None, dtype=dtype,
+          device_bytes=caching.device_budget(t.progressive.cache_device_bytes))
       for j, ex in enumerate(tqdm(examples, desc=f"stage {number}: caching trunk activations",
                                   disable=not self.progress, dynamic_ncols=True, file=sys.stderr,
                                   leave=False)):
-        put(store, j, runner.build(rack.params, plan.prefix, ex), ex)
-      if store.bytes_on_disk:
-        self.log(f"stage {number}: activation cache {store.nbytes / 2**20:.1f} MiB, "
-                 f"{store.bytes_on_disk / 2**20:.1f} MiB spilled to disk")
+        self._cache_put(store, j, runner.build(rack.params, plan.prefix, ex).astype(dtype), ex)
+      if store.bytes_on_disk or store.bytes_on_device:
+        self.log(f"stage {number}: activation cache {store.nbytes / 2**20:.1f} MiB: "
+                 f"{store.bytes_on_device / 2**20:.1f} on the devices, "
+                 f"{store.bytes_in_memory / 2**20:.1f} in host memory, "
+                 f"{store.bytes_on_disk / 2**20:.1f} spilled to disk")
     self._train_cache = (plan.prefix, store)
     return store
 
@@ -502,6 +521,7 @@ class ProgressiveTrainer:
         "memory": stack_memory(stage.rack.specs, params, stage.state["opt_state"], opt_names),
         "cache_bytes": self._train_cache[1].nbytes if stage.plan.cached else 0,
         "cache_bytes_on_disk": self._train_cache[1].bytes_on_disk if stage.plan.cached else 0,
+        "cache_bytes_on_device": self._train_cache[1].bytes_on_device if stage.plan.cached else 0,
         "activation_mode": stage.plan.activation_mode,
         "data_reuse": t.data_reuse,
         "skipped_steps": skipped,
