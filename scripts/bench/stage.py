@@ -94,4 +94,5 @@ def stage_row(stage: Stage, steps, cache) -> dict:
   return {"activation_mode": stage.plan.activation_mode, "step_ms": 1000 * step_s,
           "spread": spread(steps), "cache_build_ms": median_ms(cache) if cache else None,
           "tokens_per_s": stage.tokens / step_s, "model_gflop": stage.flops / 1e9,
-          "xla_gflop": stage.xla_flops and stage.xla_flops / 1e9, "gflop_per_s": stage.flops / step_s / 1e9}
+          "xla_gflop": stage.xla_flops and stage.xla_flops / 1e9,
+          "gflop_per_s": stage.flops / step_s / 1e9}

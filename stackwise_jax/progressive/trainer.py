@@ -390,8 +390,9 @@ class ProgressiveTrainer:
     return global_batch(self.mesh, {**example, "h": h})
 
   def _cache_put(self, store, j, h, example) -> None:
-    """Stores global activations `h` of global `example` as entry j: as they are where the entry
-    is on the devices, else this host's share on the host."""
+    """Stores global activations `h` of `example` (global, or the host share an entry on the host
+    already holds) as entry j: as they are where the entry is on the devices, else this host's
+    share on the host."""
     if store.on_device(j):
       store.put(j, h, example)
     else:
@@ -417,9 +418,8 @@ class ProgressiveTrainer:
                    "cached activations are extended by one stack a stage, not recomputed")
         for j in range(len(store)):
           g = self._cached_example(store, j)
-          example = {k: v for k, v in g.items() if k != "h"}
           h = runner.extend(rack.params, plan.prefix[-1], g["h"], g).astype(dtype)
-          self._cache_put(store, j, h, example)
+          self._cache_put(store, j, h, store.examples[j])   # the example it already holds
     else:
       examples = make_examples()
       if self._train_cache is not None:
