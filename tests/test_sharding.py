@@ -64,10 +64,11 @@ def test_params_and_optimizer_state_are_split_over_fsdp(sharded, trunk):
 
 def test_fsdp_step_holds_far_fewer_bytes_a_device_than_data_parallel(sharded):
   # Params, Adam's moments and gradients dominate this step. Data parallelism holds all of them on
-  # every device; FSDP an eighth of params and moments, the block it runs and (on XLA:CPU) the
-  # whole gradient, all-reduced before it is split.
+  # every device; FSDP an eighth of params and moments, the block it runs and about one block's
+  # whole gradient (XLA:CPU all-reduces it, then slices; sharding.step_compiler_options keeps it
+  # from holding every block's at once: 0.42x before, 0.29x with it). Issue 16's goal: <= 0.35x.
   held = sharded["device_bytes"]
-  assert held["fsdp"] < 0.5 * held["data-parallel"], held
+  assert held["fsdp"] <= 0.35 * held["data-parallel"], held
 
 
 def test_checkpoint_from_a_1x8_mesh_resumes_on_4x2_with_the_same_losses(sharded):

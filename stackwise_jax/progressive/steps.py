@@ -17,7 +17,7 @@ import optax
 
 from stackwise_jax.model import Rack
 from stackwise_jax.progressive.builder import FROZEN, TRAINABLE
-from stackwise_jax.sharding import use_mesh
+from stackwise_jax.sharding import step_compiler_options, use_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,7 +193,8 @@ def make_train_step(rack: Rack, plan: StagePlan, tx, labels, shardings=None):
       return step(state, example)
 
   return jax.jit(traced_under_mesh, in_shardings=(state_shardings, None),
-                 out_shardings=(state_shardings, loss_sharding), donate_argnums=0)
+                 out_shardings=(state_shardings, loss_sharding), donate_argnums=0,
+                 compiler_options=step_compiler_options(loss_sharding.mesh))
 
 
 def make_eval_step(rack: Rack, plan: StagePlan | None = None):
