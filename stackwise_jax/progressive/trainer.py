@@ -389,14 +389,10 @@ class ProgressiveTrainer:
       return {**example, "h": h}
     return global_batch(self.mesh, {**example, "h": h})
 
-  def _cache_put(self, store, j, h, example) -> None:
-    """Stores global activations `h` of `example` (global, or the host share an entry on the host
-    already holds) as entry j: as they are where the entry is on the devices, else this host's
-    share on the host."""
-    if store.on_device(j):
-      store.put(j, h, example)
-    else:
-      store.put(j, *jax.device_get(local_batch(self.mesh, (h, example))))
+  def _stored_form(self, store, j, tree):
+    """`tree` (global arrays) as entry j of `store` keeps it: as it is where the entry is on the
+    devices, else this host's share in host memory."""
+    return tree if store.on_device(j) else jax.device_get(local_batch(self.mesh, tree))
 
   @staticmethod
   def _extends(kept, plan) -> bool:
@@ -419,7 +415,7 @@ class ProgressiveTrainer:
         for j in range(len(store)):
           g = self._cached_example(store, j)
           h = runner.extend(rack.params, plan.prefix[-1], g["h"], g).astype(dtype)
-          self._cache_put(store, j, h, store.examples[j])   # the example it already holds
+          store.put(j, self._stored_form(store, j, h), store.examples[j])   # same example
     else:
       examples = make_examples()
       if self._train_cache is not None:
@@ -434,7 +430,8 @@ class ProgressiveTrainer:
       for j, ex in enumerate(tqdm(examples, desc=f"stage {number}: caching trunk activations",
                                   disable=not self.progress, dynamic_ncols=True, file=sys.stderr,
                                   leave=False)):
-        self._cache_put(store, j, runner.build(rack.params, plan.prefix, ex).astype(dtype), ex)
+        h = runner.build(rack.params, plan.prefix, ex).astype(dtype)
+        store.put(j, *self._stored_form(store, j, (h, ex)))
       if store.bytes_on_disk or store.bytes_on_device:
         self.log(f"stage {number}: activation cache {store.nbytes / 2**20:.1f} MiB: "
                  f"{store.bytes_on_device / 2**20:.1f} on the devices, "
