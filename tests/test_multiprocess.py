@@ -1,7 +1,8 @@
 """The train command on several hosts (design §11), played by two local processes of two CPU
 devices each, joined by `jax.distributed.initialize` (gloo collectives): the losses of one process
 with all four devices, each host's own data shard and checkpoint files, and a resume of a
-checkpoint whose params were split across the hosts onto another mesh shape."""
+checkpoint whose params were split across the hosts onto another mesh shape; and a pool-mode run
+whose activation cache, kept as each host's share in host memory, is extended stage by stage."""
 import json
 import os
 import shutil
@@ -21,6 +22,11 @@ pytestmark = pytest.mark.slow
 STEPS = ["--config.training.batch_size=8", "--config.training.checkpoint_every=3",
          "--config.training.keep_checkpoints=100"]
 FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=4"]   # params split across both hosts
+# Three stacks over one pool of batches: stage 2 builds the trunk's activation cache, stage 3
+# extends it by one stack (on a CPU the cache is in host memory: each host keeps its share).
+POOL = ["--config.training.data_reuse=pool", "--config.training.epochs_per_stack=2",
+        "--config.training.checkpoint_every=0", "--config.training.progressive.target_stacks=3",
+        "--config.mesh.data=4", "--config.mesh.fsdp=1"]
 
 
 def _free_port() -> int:
@@ -100,3 +106,19 @@ def test_checkpoint_split_across_hosts_resumes_on_another_mesh(runs):
              for err in runs["resumed_errs"])
   np.testing.assert_allclose(_losses(runs["tmp"] / "cut"), _losses(runs["tmp"] / "two"),
                              rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pool_runs(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("multiprocess_pool")
+  corpus = write_corpus(tmp)
+  _train(corpus, tmp / "one", processes=1, extra=POOL)
+  _, errs = _train(corpus, tmp / "two", processes=2, extra=POOL)
+  return dict(tmp=tmp, errs=errs)
+
+
+def test_two_hosts_extend_their_share_of_the_activation_cache_to_one_process_losses(pool_runs):
+  assert all("cached activations are extended by one stack" in err for err in pool_runs["errs"])
+  one, two = _losses(pool_runs["tmp"] / "one"), _losses(pool_runs["tmp"] / "two")
+  assert [len(s) for s in two] == [12, 12, 12]
+  np.testing.assert_allclose(two, one, rtol=1e-5)
