@@ -12,8 +12,10 @@ RNG needs no item: masks come from (example id, time step, seed) and dropout key
 (seed, stage, step). Saves are synchronous, and orbax commits a step by renaming its finished
 directory, so a run killed at any moment leaves only whole checkpoints behind.
 """
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -39,6 +41,7 @@ from stackwise_jax.report import strict_json
 RESUMABLE_CHANGES = ("training.workdir", "training.eval_every", "training.log_every",
                      "training.lr", "training.nonfinite", "training.max_skipped_steps",
                      "training.checkpoint_every", "training.keep_checkpoints",
+                     "training.async_checkpointing",
                      "training.progressive.target_stacks", "training.progressive.max_stacks",
                      "training.compilation_cache_dir", "data.num_workers", "mesh.data",
                      "mesh.fsdp")
@@ -116,8 +119,8 @@ class RunCheckpoints:
     t = self.config.training
     keep = policies.AnyPreservationPolicy([policies.LatestN(t.keep_checkpoints),
                                            policies.EveryNSteps(stage_steps(self.config))])
-    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True,
-                                           preservation_policy=keep)
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=t.async_checkpointing,
+                                           create=True, preservation_policy=keep)
     handlers = {"params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(epath.Path(self.directory), item_names=_ITEMS,
@@ -166,21 +169,45 @@ class RunCheckpoints:
     arrays = sum(x.nbytes for x in jax.tree.leaves((params, opt)))
     require_free_space(self.directory, int(1.25 * max(last, arrays)) + 2**16,
                        f"checkpoint {step}")
-    try:
+    with self._naming_the_directory():
       self._manager.save(step, args=ocp.args.Composite(
           params=ocp.args.StandardSave(params), opt=ocp.args.StandardSave(opt),
           data=grain.checkpoint.CheckpointSave(IteratorState(data_state)),
           meta=ocp.args.JsonSave(strict_json({
               **meta, "config": to_yaml(self.config),
               "steps_per_stack": stage_steps(self.config)}))))
-    except Exception as e:   # the disk filled mid-write: name the directory where the file did not
+
+  def wait(self) -> None:
+    """Returns once every save so far is on disk (with training.async_checkpointing, orbax writes
+    them on a background thread); raises the error of one that failed."""
+    with self._naming_the_directory():
+      self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    with self._naming_the_directory():
+      self._manager.close()
+
+  @contextlib.contextmanager
+  def _naming_the_directory(self):
+    """A disk that filled mid-write names the checkpoint directory where the file did not."""
+    try:
+      yield
+    except Exception as e:
       error = file_error(e)
       if error is None or error.filename:
         raise
       raise OSError(error.errno, error.strerror, self.directory) from e
 
-  def close(self) -> None:
-    self._manager.close()
+
+class _FileErrorsRaisedNotLogged(logging.Filter):
+  """orbax logs a background write that failed, traceback and all, and raises its error at the
+  next wait; a file error (a full disk) is reported there in one line, so its record is dropped."""
+
+  def filter(self, record) -> bool:
+    return not (record.exc_info and file_error(record.exc_info[1]) is not None)
+
+
+logging.getLogger("absl").addFilter(_FileErrorsRaisedNotLogged())
 
 
 def check_compatible(meta: dict, config, directory: str) -> None:

@@ -54,6 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.training.log_every = 10
   c.training.checkpoint_every = 0   # 0 = only at the end of each stage
   c.training.keep_checkpoints = 3   # the latest N are kept, and the end of every stage
+  # Checkpoints are copied off the devices, then written by orbax on a background thread while
+  # training goes on (False: each save blocks until it is on disk).
+  c.training.async_checkpointing = True
   c.training.workdir = ""           # the CLI's --workdir sets it
   # A step whose loss or gradients are NaN/Inf is never applied. "stop": the run stops there
   # (exit status 3); "skip": training goes on, until max_skipped_steps in a row were skipped.

@@ -79,6 +79,24 @@ def test_resume_mid_stage_equals_the_uninterrupted_run(text_corpus, tmp_path, tr
   _assert_same_run(whole, resumed)
 
 
+def test_checkpoints_written_in_the_background_equal_blocking_ones(text_corpus, tmp_path):
+  # Each save is written while the next steps already reuse (donate) the buffers it was taken
+  # from: every checkpoint must still hold its own step's state, as a blocking save does.
+  runs = {}
+  for background in (True, False):
+    config = _config(text_corpus, target_stacks=2)
+    config.training.checkpoint_every, config.training.async_checkpointing = 1, background
+    _train(config, tmp_path / str(background))
+    runs[background] = RunCheckpoints(str(tmp_path / str(background)), config, log=print)
+  assert runs[True].steps() == runs[False].steps() == list(range(1, 17))
+  for step in runs[True].steps():
+    a, b = runs[True].read(step), runs[False].read(step)
+    assert a.meta["step"] == b.meta["step"]
+    jax.tree.map(np.testing.assert_array_equal, (a.params, a.opt), (b.params, b.opt))
+  for checkpoints in runs.values():
+    checkpoints.close()
+
+
 @pytest.mark.slow
 def test_resume_at_a_stage_end_grows_past_the_old_target(text_corpus, tmp_path):
   # Time as input: a stack's time step does not depend on how many stacks the run grows to.

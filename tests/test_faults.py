@@ -310,6 +310,19 @@ def test_a_full_disk_during_checkpoints_is_one_line_and_resumes_to_the_same_loss
       subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
+def test_a_background_write_that_fails_on_the_disk_is_raised_not_logged(caplog):
+  # orbax logs a failed background save with its traceback before raising it at the next wait:
+  # a file error is then reported in one line (above), so only other errors keep their log.
+  from absl import logging as absl_logging   # orbax's logger (the filter comes with checkpoint.py)
+  for error in (OSError(28, "No space left on device"), RuntimeError("a bug")):
+    try:
+      raise error
+    except Exception:
+      absl_logging.error("Failed to run Handler Commit operations", exc_info=True)
+  logged = [r.exc_info[1] for r in caplog.records if r.exc_info]
+  assert [type(e) for e in logged] == [RuntimeError]
+
+
 def test_read_only_workdir_gives_one_line_in_every_command(finished_run, tmp_path):
   workdir, corpus = finished_run
   with _tmpfs(tmp_path / "ro", "8m") as ro:

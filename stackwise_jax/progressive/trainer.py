@@ -135,9 +135,24 @@ class ProgressiveTrainer:
         for new, resume in self._stage_plan(rack_builder, target, data):
           stage = len(self.results["stages"]) + 1
           self._run_stage(rack_builder, new, stage, target, data, eval_examples, resume)
+      self._wait_for_checkpoints()
     finally:
       self._drop_caches()
+      if self.checkpoints is not None:   # stopped or failed: what was saved still reaches disk
+        self.checkpoints.wait()
     return self.results
+
+  def _wait_for_checkpoints(self) -> None:
+    """Returns once the run's checkpoints are on disk (written in the background while later
+    stages train); the wait is the last stage's checkpoint time."""
+    if self.checkpoints is None:
+      return
+    start = time.perf_counter()
+    self.checkpoints.wait()
+    if self.results["stages"]:
+      waited, last = time.perf_counter() - start, self.results["stages"][-1]
+      last["seconds"] += waited
+      last["seconds_by_phase"]["checkpoint"] += waited
 
   train_rack = train_progressively   # the upstream's name for the same entry
 
