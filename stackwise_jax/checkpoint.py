@@ -9,8 +9,9 @@ has its own final_stage_steps). Each checkpoint holds:
   meta    JSON: stage, step in the stage, the stage's steps, whether it is the final stage, the
           rack's structure, results so far and the config.
 RNG needs no item: masks come from (example id, time step, seed) and dropout keys from
-(seed, stage, step). Saves are synchronous, and orbax commits a step by renaming its finished
-directory, so a run killed at any moment leaves only whole checkpoints behind.
+(seed, stage, step). A save returns once the arrays are copied to host memory and orbax writes
+them on a background thread (training.async_checkpointing); it commits a step by renaming its
+finished directory, so a run killed at any moment leaves only whole checkpoints behind.
 """
 import contextlib
 import dataclasses
