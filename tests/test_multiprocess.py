@@ -59,12 +59,18 @@ def _losses(workdir):
   return [s["losses"] for s in json.loads((workdir / "results.json").read_text())["stages"]]
 
 
+def _one_and_two_hosts(tmp, extra):
+  """The same run in one process ("one") and on two hosts ("two") -> (corpus, the two hosts'
+  stdout, their stderr)."""
+  corpus = write_corpus(tmp)
+  _train(corpus, tmp / "one", processes=1, extra=extra)
+  return corpus, *_train(corpus, tmp / "two", processes=2, extra=extra)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("multiprocess")
-  corpus = write_corpus(tmp)
-  _train(corpus, tmp / "one", processes=1, extra=FSDP)
-  outs, errs = _train(corpus, tmp / "two", processes=2, extra=FSDP)
+  corpus, outs, errs = _one_and_two_hosts(tmp, FSDP)
   # Cut after step 9 (stage 2, step 3) and resume on two hosts with a data-parallel mesh.
   shutil.copytree(tmp / "two", tmp / "cut")
   shutil.rmtree(tmp / "cut" / "checkpoints" / "12")
@@ -111,9 +117,7 @@ def test_checkpoint_split_across_hosts_resumes_on_another_mesh(runs):
 @pytest.fixture(scope="module")
 def pool_runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("multiprocess_pool")
-  corpus = write_corpus(tmp)
-  _train(corpus, tmp / "one", processes=1, extra=POOL)
-  _, errs = _train(corpus, tmp / "two", processes=2, extra=POOL)
+  _, _, errs = _one_and_two_hosts(tmp, POOL)
   return dict(tmp=tmp, errs=errs)
 
 
