@@ -135,11 +135,9 @@ class ProgressiveTrainer:
         for new, resume in self._stage_plan(rack_builder, target, data):
           stage = len(self.results["stages"]) + 1
           self._run_stage(rack_builder, new, stage, target, data, eval_examples, resume)
-      self._wait_for_checkpoints()
     finally:
       self._drop_caches()
-      if self.checkpoints is not None:   # stopped or failed: what was saved still reaches disk
-        self.checkpoints.wait()
+      self._wait_for_checkpoints()   # stopped or failed too: what was saved still reaches disk
     return self.results
 
   def _wait_for_checkpoints(self) -> None:
