@@ -1,5 +1,6 @@
 """Command line: `stackwise-jax train --config configs/tiny.py [--config.a.b=v ...] --workdir DIR`,
-`stackwise-jax eval --workdir DIR`, `stackwise-jax sample --workdir DIR --prompt TEXT`,
+`stackwise-jax eval --workdir DIR [--tasks T1,T2 --limit N]`,
+`stackwise-jax sample --workdir DIR --prompt TEXT`,
 `stackwise-jax export --workdir DIR --format safetensors|npz`,
 `stackwise-jax prepare --config configs/tiny.py [--config.a.b=v ...] --out DIR`."""
 import argparse
@@ -41,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
                                                  "stage's rack")
   evaluate.add_argument("--workdir", required=True, help="a train command's workdir")
   evaluate.add_argument("--batches", type=int, help="eval batches (default: the run's)")
+  evaluate.add_argument("--tasks", help="run lm-evaluation-harness instead (the hf extra): "
+                                        "comma-separated task names, task YAML files or "
+                                        "directories of them; results in WORKDIR/lm_eval.json")
+  evaluate.add_argument("--limit", type=int, help="with --tasks: examples per task (default: all)")
+  evaluate.add_argument("--num-fewshot", type=int,
+                        help="with --tasks: few-shot examples (default: each task's own)")
+  evaluate.add_argument("--step", type=int,
+                        help="with --tasks: checkpoint step (default: the latest)")
   sample = commands.add_parser("sample", help="generate or fill masks with a trained rack")
   sample.add_argument("--workdir", required=True, help="a train command's workdir")
   sample.add_argument("--prompt", help="text to continue (masked racks: unmask what follows it)")
@@ -63,10 +72,14 @@ def _parser() -> argparse.ArgumentParser:
   prepare.add_argument("--config", required=True, help="configs/*.py or a YAML file, as for train")
   prepare.add_argument("--out", required=True, help="directory for the shards and manifest.json")
   prepare.add_argument("--no-progress", action="store_true", help="no progress bars")
-  export = commands.add_parser("export", help="write a trained rack's params and a manifest")
+  export = commands.add_parser("export", help="write a trained rack's params and a manifest, or "
+                                               "a Hugging Face Llama directory (--format hf)")
   export.add_argument("--workdir", required=True, help="a train command's workdir")
-  export.add_argument("--format", required=True, choices=("safetensors", "npz"))
+  export.add_argument("--format", required=True, choices=("safetensors", "npz", "hf"))
   export.add_argument("--out", help="output directory (default: WORKDIR/export)")
+  export.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="--format hf: the weights' dtype")
+  export.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
   return parser
 
 
@@ -199,10 +212,17 @@ def _train(config, dataloader, checkpoints, args) -> int:
 
 def _prepare_eval(args):
   """The run's checkpoints and held-out data, the number of batches there are, and a writable
-  workdir for eval.json."""
+  workdir for eval.json. With --tasks: lm-evaluation-harness instead (`_prepare_harness`)."""
   from stackwise_jax.checkpoint import open_run
   from stackwise_jax.data import make_dataloader
   from stackwise_jax.files import check_writable
+  if args.tasks is not None:
+    return _prepare_harness(args)
+  harness_only = {"--limit": args.limit, "--num-fewshot": args.num_fewshot, "--step": args.step}
+  for flag, value in harness_only.items():
+    if value is not None:
+      raise ConfigError(f"{flag}={value}: allowed only with --tasks (the loss table evaluates "
+                        "every stage's rack)")
   if args.batches is not None and args.batches <= 0:
     raise ConfigError(f"--batches={args.batches}: allowed: a positive number of batches")
   checkpoints = open_run(args.workdir)   # a workdir without a readable checkpoint fails here
@@ -233,6 +253,57 @@ def _eval(args, checkpoints, dataloader, batches) -> int:
   return 0
 
 
+def _prepare_harness(args):
+  """`eval --tasks`: the options, the run's objective (causal racks only), a writable workdir
+  for lm_eval.json, and the tasks with their data, all checked before the rack is built."""
+  from stackwise_jax.checkpoint import open_run
+  from stackwise_jax.data.tokenizer import load_tokenizer
+  from stackwise_jax.files import check_writable
+  if args.batches is not None:
+    raise ConfigError(f"--batches={args.batches}: the loss table's option; with --tasks, --limit "
+                      "sets the examples per task")
+  if args.limit is not None and args.limit < 1:
+    raise ConfigError(f"--limit={args.limit}: allowed: a positive number of examples per task")
+  if args.num_fewshot is not None and args.num_fewshot < 0:
+    raise ConfigError(f"--num-fewshot={args.num_fewshot}: allowed: 0 or more examples")
+  try:
+    import lm_eval.evaluator  # noqa: F401 (lm-eval and what it needs, e.g. datasets)
+    import lm_eval.tasks  # noqa: F401
+  except ImportError as e:
+    raise ConfigError("--tasks needs the hf extra: pip install -e '.[hf]'") from e
+  from stackwise_jax.hf import harness
+  checkpoints = open_run(args.workdir)
+  checkpoints.close()
+  config = checkpoints.config
+  harness.check_causal(config)
+  if args.step is not None and args.step not in checkpoints.steps():
+    raise ConfigError(f"--step={args.step}: allowed: a checkpoint step of {args.workdir} "
+                      f"({', '.join(map(str, checkpoints.steps()))})")
+  check_writable(args.workdir)
+  config.training.workdir = args.workdir   # a trained BPE is read from there
+  tokenizer = load_tokenizer(config)
+  manager, tasks, names = harness.load_tasks(args.tasks)
+  ckpt = checkpoints.latest if args.step is None else checkpoints.read(args.step)
+  return lambda: _harness(args, config, ckpt, tokenizer, (manager, tasks, names))
+
+
+def _harness(args, config, ckpt, tokenizer, tasks) -> int:
+  from stackwise_jax.hf.harness import RackLM, run_tasks, table
+  from stackwise_jax.progressive.stages import rack_from_checkpoint
+  from stackwise_jax.report import write_json
+  manager, tasks, names = tasks
+  lm = RackLM(rack_from_checkpoint(config, ckpt), tokenizer, config.training.batch_size)
+  out = run_tasks(lm, manager, tasks, limit=args.limit, num_fewshot=args.num_fewshot)
+  path = os.path.join(args.workdir, "lm_eval.json")
+  run = {"tasks": names, "limit": args.limit, "num_fewshot": args.num_fewshot, "step": ckpt.step,
+         "stage": ckpt.meta["stage"], "batch_size": config.training.batch_size}
+  write_json(path, {"results": out["results"], **({"groups": out["groups"]} if out.get("groups")
+                                                   else {}), "config": run})
+  print(table(out))
+  print(f"lm_eval: {path}")
+  return 0
+
+
 def _prepare_sample(args):
   """Loads the rack, then checks the options against it before anything is generated."""
   from stackwise_jax.checkpoint import open_run
@@ -241,10 +312,7 @@ def _prepare_sample(args):
   from stackwise_jax.sample import prompt_batch
   checkpoints = open_run(args.workdir)
   try:
-    if args.step is not None and args.step not in checkpoints.steps():
-      raise ConfigError(f"--step={args.step}: allowed: a checkpoint step of {args.workdir} "
-                        f"({', '.join(map(str, checkpoints.steps()))})")
-    ckpt = checkpoints.latest if args.step is None else checkpoints.read(args.step)
+    ckpt = _checkpoint_at(checkpoints, args.step, args.workdir)
   finally:
     checkpoints.close()
   config = checkpoints.config
@@ -299,27 +367,53 @@ def _plot(results, out) -> int:
   return 0
 
 
+def _checkpoint_at(checkpoints, step, workdir):
+  """Checkpoint `step` of a run (None: the latest); ConfigError naming the steps there are."""
+  if step is None:
+    return checkpoints.latest
+  if step not in checkpoints.steps():
+    raise ConfigError(f"--step={step}: allowed: a checkpoint step of {workdir} "
+                      f"({', '.join(map(str, checkpoints.steps()))})")
+  return checkpoints.read(step)
+
+
 def _prepare_export(args):
-  """Reads the workdir's latest checkpoint (refusing a missing or unreadable one); returns the
-  export."""
+  """Reads the workdir's checkpoint (refusing a missing or unreadable one) and checks that the
+  format can hold its rack; returns the export."""
   from stackwise_jax.checkpoint import open_run
   from stackwise_jax.data.tokenizer import load_tokenizer
   from stackwise_jax.files import check_writable
   checkpoints = open_run(args.workdir)
-  checkpoints.close()
+  try:
+    ckpt = _checkpoint_at(checkpoints, args.step, args.workdir)
+  finally:
+    checkpoints.close()
+  config = checkpoints.config
+  if args.format == "hf":
+    from stackwise_jax.hf.llama import llama_incompatibility
+    why = llama_incompatibility(config)
+    if why:
+      raise ConfigError(f"--format hf: {why}; --format safetensors keeps this rack as it is")
   out = args.out or os.path.join(args.workdir, "export")
   check_writable(out)
-  config = checkpoints.config
   config.training.workdir = args.workdir   # a trained BPE is read from there
   tokenizer = load_tokenizer(config)
-  return lambda: _export(args, config, checkpoints.latest, out, tokenizer)
+  return lambda: _export(args, config, ckpt, out, tokenizer)
 
 
 def _export(args, config, ckpt, out, tokenizer) -> int:
-  from stackwise_jax.export import export_rack
   from stackwise_jax.progressive.stages import rack_from_checkpoint
-  path = export_rack(rack_from_checkpoint(config, ckpt), ckpt.meta["stage"], out, args.format,
-                     tokenizer)
+  rack = rack_from_checkpoint(config, ckpt)
+  if args.format == "hf":
+    from stackwise_jax.hf.llama import export_hf
+    record = {"workdir": os.path.abspath(args.workdir), "step": ckpt.step,
+              "checkpoint": os.path.abspath(ckpt.path), "stage": ckpt.meta["stage"]}
+    files = export_hf(rack, out, tokenizer=tokenizer, dtype=args.dtype, record=record)
+    print(f"exported: {out} (Hugging Face Llama: config.json, {', '.join(map(os.path.basename, files))}"
+          ", tokenizer)")
+    return 0
+  from stackwise_jax.export import export_rack
+  path = export_rack(rack, ckpt.meta["stage"], out, args.format, tokenizer)
   print(f"exported: {path} and {os.path.join(out, 'manifest.json')}")
   return 0
 

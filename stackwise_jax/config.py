@@ -86,6 +86,9 @@ def default_config() -> ml_collections.ConfigDict:
   # by progressive stacking (stack j copies j - 2^floor(log2 j)), or as the identity (zeroed
   # residual writes). See ProgressiveRackBuilder._start.
   p.new_stack_init = "random"       # "random" | "copy_last" | "stack" | "identity"
+  # A Hugging Face Llama directory whose layers become the first stacks (the trunk new stacks grow
+  # on); model sizes and the tokenizer then come from it (stackwise_jax/hf/llama.py). "": none.
+  p.init_from = ""
   # Once a trunk exists: "auto" freezes the token/time embedding (it feeds the frozen trunk) and
   # trains the head side (final norm, untied head) in append mode only; "trainable" | "frozen": all.
   p.embedding_training = "auto"
@@ -166,7 +169,20 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     raise ConfigError(f"{path}: unknown config file type; allowed: .py, .yaml, .yml")
   for override in overrides:
     _apply_override(config, override)
-  return validate(config)
+  validate(config)
+  overridden = {override.split("=", 1)[0].strip() for override in overrides}
+  return validate(resolve_init_from(config, overridden))
+
+
+def resolve_init_from(config: ml_collections.ConfigDict,
+                      overridden=()) -> ml_collections.ConfigDict:
+  """`config` itself, or with `training.progressive.init_from` set a copy whose model sizes and
+  tokenizer are the pretrained directory's (`hf.llama.resolve_init_from`; `overridden`: field
+  paths the user set, which must agree). Idempotent."""
+  if not config.training.progressive.init_from:
+    return config
+  from stackwise_jax.hf.llama import resolve_init_from as resolve
+  return resolve(config, overridden)
 
 
 def with_fields(config: ml_collections.ConfigDict | None = None,

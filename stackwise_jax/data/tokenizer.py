@@ -153,6 +153,10 @@ class HFTokenizer(Tokenizer):
     ids = [int(i) for i in np.asarray(ids).reshape(-1) if 0 <= i < self.vocab_size]
     return self._tok.decode(ids, skip_special_tokens=True)
 
+  def piece(self, i: int) -> str:
+    """The token string of id `i` (a special token's name, e.g. "<bos>")."""
+    return self._tok.id_to_token(i)
+
   def _identity(self):
     return self._tok.to_str().encode()
 
@@ -190,6 +194,11 @@ class SentencePieceTokenizer(Tokenizer):
   def decode(self, ids):
     n = self._sp.get_piece_size()
     return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1) if 0 <= i < n])
+
+  def piece(self, i: int) -> str:
+    """The piece of id `i`; an id after the model's pieces is one of our added specials."""
+    n = self._sp.get_piece_size()
+    return self._sp.id_to_piece(i) if i < n else self.added[i - n]
 
   def _identity(self):
     return self._sp.serialized_model_proto()

@@ -227,6 +227,27 @@ def zero_residual_writes(params: Params) -> Params:
   return jax.tree_util.tree_map_with_path(zero, params)
 
 
+def merged_kernel(spec: StackSpec, layer: Params) -> jax.Array:
+  """The kernel [in, out] fp32 that an attention/FFN layer of stack `spec` (its params, plain
+  dicts) computes with: its stored format dequantized (a trainable nvfp4 kernel fake-quantized,
+  as `Linear` computes with it), its stack LoRA and progressive adapter merged in, so that
+  `x @ merged_kernel` is the layer's output up to the stack's compute rounding."""
+  flat = traverse_util.flatten_dict(layer, sep="/")
+  fmt = spec.format
+  if fmt is not None and all(leaf in flat for leaf in fmt.leaves):
+    kernel = fmt.dequantize({leaf: flat[leaf] for leaf in fmt.leaves}, jnp.float32)
+  elif fmt is not None and fmt.fake_quantize is not None:
+    kernel = fmt.fake_quantize(flat["kernel"]).astype(jnp.float32)
+  else:
+    kernel = jnp.asarray(flat["kernel"], jnp.float32)
+  for setting, a, b in ((spec.lora, "kernel_lora_a", "kernel_lora_b"),
+                        (spec.progressive_lora, "adapter/lora_a", "adapter/lora_b")):
+    if setting is not None:
+      kernel = kernel + (jnp.asarray(flat[a], jnp.float32) @ jnp.asarray(flat[b], jnp.float32)
+                         ) * setting.scale
+  return kernel
+
+
 def _adapted_linears(module: nnx.Module) -> list[Linear]:
   """The attention/FFN `Linear`s of a stack: the kernels that get adapters or a stored format."""
   return [layer for path, layer in nnx.iter_modules(module)

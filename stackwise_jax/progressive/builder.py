@@ -4,7 +4,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from stackwise_jax.config import ConfigError, validate, with_fields
+from stackwise_jax.config import (ConfigError, default_config, resolve_init_from, validate,
+                                  with_fields)
 from stackwise_jax.model import EmbedHead, Rack, StackSpec, init_module
 from stackwise_jax.model.lora import LoraSetting, is_adapter_path, stack_lora_setting
 from stackwise_jax.quant import BY_PRECISION, is_stored_leaf
@@ -37,6 +38,7 @@ class ProgressiveRackBuilder:
     `ProgressiveRackBuilder(vocab_size=..., d_model=..., n_heads=...)` does (`config.with_fields`)."""
     if config is None or fields:
       config = with_fields(config, **fields)
+    config = resolve_init_from(config)   # a pretrained trunk's sizes and tokenizer
     # The config is the one source of truth for the time-step mapping: it takes building_mode.
     config = _with_progressive(config, building_mode=building_mode)
     _with_progressive(config, new_stack_precision=default_precision)
@@ -52,6 +54,33 @@ class ProgressiveRackBuilder:
     self._graphdefs = {"embed_head": graphdef}
     self.params = {"embed_head": params, "stacks": {}}
     self._labels = {"input_side": TRAINABLE, "head_side": TRAINABLE}
+    if config.training.progressive.init_from:
+      self._import_pretrained(config.training.progressive.init_from)
+
+  @classmethod
+  def from_pretrained(cls, directory: str, config=None, **kwargs) -> "ProgressiveRackBuilder":
+    """A builder whose first stacks are the layers of the Hugging Face Llama in `directory`
+    (`model.n_blocks_per_stack` layers a stack), trained already: the trunk the next stage grows
+    on. `config` (default: `default_config()`) takes the directory's model sizes and tokenizer
+    (`training.progressive.init_from`); train it with `ProgressiveTrainer(builder.config)`."""
+    config = (default_config() if config is None else config).copy_and_resolve_references()
+    config.training.progressive.init_from = directory
+    return cls(config, **kwargs)
+
+  def _import_pretrained(self, directory: str) -> None:
+    """Adds the pretrained layers as trained stacks, and takes its embedding, final norm and
+    head (hf/llama.py)."""
+    from stackwise_jax.hf.llama import read_weights
+    embed_head, stacks = read_weights(directory, self.config)
+    for key, tree in embed_head.items():
+      self.params["embed_head"][key] = jax.tree.map(jnp.asarray, tree)
+    for blocks in stacks:
+      spec = self._new_stack(len(blocks), None, "append",
+                             start={"blocks": dict(enumerate(blocks))})
+      self.specs.append(spec)
+      self.trained.add(spec.name)
+      self.init_sources[spec.name] = directory
+    self._place_time_steps()
 
   # --- growing ---------------------------------------------------------------------------------
   def append_stack(self, n_blocks: int | None = None, precision: str | None = None) -> StackSpec:
@@ -71,7 +100,9 @@ class ProgressiveRackBuilder:
     add = self.append_stack if self.building_mode == "append" else self.prepend_stack
     return add(n_blocks, precision)
 
-  def _new_stack(self, n_blocks, precision, where: str) -> StackSpec:
+  def _new_stack(self, n_blocks, precision, where: str, start=None) -> StackSpec:
+    """A new stack's spec, its params set (from `start`, float params as plain dicts, or by
+    `new_stack_init`) and its label."""
     p, m = self.config.training.progressive, self.config.model
     if len(self.specs) >= p.max_stacks:
       raise ValueError(f"training.progressive.max_stacks={p.max_stacks}: the rack already has "
@@ -94,7 +125,7 @@ class ProgressiveRackBuilder:
       for trunk in self.specs:
         if trunk.progressive_lora is None:
           self._respec(trunk, progressive_lora=progressive)
-    self._set_stack(spec, self._start(spec, where))
+    self._set_stack(spec, self._start(spec, where) if start is None else start)
     self._labels[spec.name] = ADAPTERS_ONLY if spec.quantized else TRAINABLE
     return spec
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from stackwise_jax import xla_cache
 from stackwise_jax.checkpoint import RunCheckpoints, restore_into
-from stackwise_jax.config import stage_steps, validate
+from stackwise_jax.config import resolve_init_from, stage_steps, validate
 from stackwise_jax.data.iterable import as_dataloader
 from stackwise_jax.evaluate import eval_example, evaluate_with, token_bytes_of
 from stackwise_jax.model.lora import is_adapter_path
@@ -88,7 +88,7 @@ class ProgressiveTrainer:
     `devices`: those the mesh spans (default: all; design §11, sharding.py). `metrics`: where
     losses go as they come (`metrics.TensorBoard`). After each stage, `state` holds its final
     train state (params of what the step saw, optimizer state) as placed on the mesh."""
-    self.config = validate(config)
+    self.config = validate(resolve_init_from(config))   # as the builder resolves it
     self.progress = progress
     self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     self.checkpoints, self.metrics = checkpoints, metrics
