@@ -1,7 +1,8 @@
 """Benchmarks: step time per stage, MFU, memory, progressive vs end-to-end, against PyTorch (issue 8),
 plus the quantization error of the trunk formats and the bytes moved by collectives.
 
-  python scripts/bench.py {depth,mfu,memory,quality,torch,quant,comm,job,data,reference} [--quick]
+  python scripts/bench.py {depth,mfu,memory,quality,torch,quant,comm,job,data,reference,hf}
+      [--quick]
       [--out FILE.json] [--config FILE] [--stages N] [--steps N] [--seeds S ...] [--depths K ...]
       [--methods M ...]
       [config overrides]
@@ -27,11 +28,12 @@ import json
 import os
 import sys
 
-from bench import REPO, comm, data, depth, job, memory, mfu, pytorch, quality, quant, reference
+from bench import REPO, comm, data, depth, hf, job, memory, mfu, pytorch, quality, quant, reference
 from bench.common import MODES, write
 
 BENCHMARKS = {"depth": depth, "mfu": mfu, "memory": memory, "quality": quality, "torch": pytorch,
-              "quant": quant, "comm": comm, "job": job, "data": data, "reference": reference}
+              "quant": quant, "comm": comm, "job": job, "data": data, "reference": reference,
+              "hf": hf}
 
 
 def main():

@@ -152,11 +152,25 @@ def _plain_bpe_json(tmp_path):
   return load_file(str(path))
 
 
-@pytest.mark.parametrize("kind", ["bytes", "bpe", "tokenizer_json"])
+def _sentencepiece(tmp_path):
+  """A byte-fallback SentencePiece model without pad or mask pieces (the run adds them)."""
+  spm = pytest.importorskip("sentencepiece")
+  (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 50
+                                       + MIXED_TEXT * 5)
+  spm.SentencePieceTrainer.train(
+      input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"), vocab_size=304,
+      byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
+      remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
+      minloglevel=2)
+  return load_file(str(tmp_path / "sp.model"))
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe", "tokenizer_json", "sentencepiece"])
 def test_exported_tokenizer_encodes_to_our_ids(tmp_path, kind):
   tokenizer = {"bytes": lambda: BYTES,
                "bpe": lambda: train_bpe([MIXED_TEXT * 3, "the quick brown fox " * 20], 300),
-               "tokenizer_json": lambda: _plain_bpe_json(tmp_path)}[kind]()
+               "tokenizer_json": lambda: _plain_bpe_json(tmp_path),
+               "sentencepiece": lambda: _sentencepiece(tmp_path)}[kind]()
   out = tmp_path / "hf"
   rack = _rack(vocab_size=max(tokenizer.vocab_size, 260))
   export_hf(rack, str(out), tokenizer=tokenizer, record={})

@@ -195,6 +195,11 @@ class SentencePieceTokenizer(Tokenizer):
     n = self._sp.get_piece_size()
     return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1) if 0 <= i < n])
 
+  @property
+  def adds_dummy_prefix(self) -> bool:
+    """Whether the model puts a "▁" (a space) before a text's first word."""
+    return self._sp.encode_as_pieces("a")[0].startswith("\u2581")
+
   def piece(self, i: int) -> str:
     """The piece of id `i`; an id after the model's pieces is one of our added specials."""
     n = self._sp.get_piece_size()

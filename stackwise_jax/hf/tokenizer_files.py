@@ -59,7 +59,7 @@ def write_tokenizer(tokenizer, directory: str, max_length: int) -> dict[str, int
     tokenizer.save(directory)   # tokenizer.model
     names = {role: tokenizer.piece(i) for role, i in ids.items()}
     config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False,
-              "add_eos_token": False, "legacy": True,
+              "add_eos_token": False, "add_prefix_space": tokenizer.adds_dummy_prefix,
               "added_tokens_decoder": {str(tokenizer.vocab_size - len(tokenizer.added) + k):
                                        _added(name) for k, name in enumerate(tokenizer.added)}}
   else:
