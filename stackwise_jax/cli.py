@@ -273,17 +273,19 @@ def _prepare_harness(args):
     raise ConfigError("--tasks needs the hf extra: pip install -e '.[hf]'") from e
   from stackwise_jax.hf import harness
   checkpoints = open_run(args.workdir)
-  checkpoints.close()
-  config = checkpoints.config
-  harness.check_causal(config)
-  if args.step is not None and args.step not in checkpoints.steps():
-    raise ConfigError(f"--step={args.step}: allowed: a checkpoint step of {args.workdir} "
-                      f"({', '.join(map(str, checkpoints.steps()))})")
-  check_writable(args.workdir)
-  config.training.workdir = args.workdir   # a trained BPE is read from there
-  tokenizer = load_tokenizer(config)
-  manager, tasks, names = harness.load_tasks(args.tasks)
-  ckpt = checkpoints.latest if args.step is None else checkpoints.read(args.step)
+  try:
+    config = checkpoints.config
+    harness.check_causal(config)
+    if args.step is not None and args.step not in checkpoints.steps():
+      raise ConfigError(f"--step={args.step}: allowed: a checkpoint step of {args.workdir} "
+                        f"({', '.join(map(str, checkpoints.steps()))})")
+    check_writable(args.workdir)
+    config.training.workdir = args.workdir   # a trained BPE is read from there
+    tokenizer = load_tokenizer(config)
+    manager, tasks, names = harness.load_tasks(args.tasks)
+    ckpt = checkpoints.latest if args.step is None else checkpoints.read(args.step)
+  finally:
+    checkpoints.close()
   return lambda: _harness(args, config, ckpt, tokenizer, (manager, tasks, names))
 
 

@@ -42,6 +42,17 @@ def _train(config, workdir):
   return results, builder.params
 
 
+def train_two_stacks(directory):
+  """A 2-stage causal run (frozen cached trunk, checkpoints at each stage's end) in
+  `directory`/run -> (its workdir, config, results)."""
+  corpus = directory / "corpus.txt"
+  corpus.write_text(" ".join(f"word{i % 37} the quick brown fox" for i in range(3000)))
+  config = _config(str(corpus), target_stacks=2)
+  config.training.checkpoint_every = 0
+  results, _ = _train(config, directory / "run")
+  return directory / "run", config, results
+
+
 def _steps(workdir) -> list[int]:
   return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
                 if p.name.isdigit())

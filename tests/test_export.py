@@ -16,19 +16,13 @@ from stackwise_jax.evaluate import eval_example
 from stackwise_jax.export import export_rack, load_export
 from stackwise_jax.progressive import ProgressiveRackBuilder, TimeStepMasking
 from conftest import micro_config
-from test_checkpoint import _config, _train
+from test_checkpoint import train_two_stacks
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """A 2-stage run (frozen cached trunk) in a workdir."""
-  workdir = tmp_path_factory.mktemp("trained")
-  corpus = workdir / "corpus.txt"
-  corpus.write_text(" ".join(f"word{i % 37} the quick brown fox" for i in range(3000)))
-  config = _config(str(corpus), target_stacks=2)
-  config.training.checkpoint_every = 0
-  results, _ = _train(config, workdir / "run")
-  return workdir / "run", config, results
+  return train_two_stacks(tmp_path_factory.mktemp("trained"))
 
 
 def assert_same_rack(a, b):

@@ -2,6 +2,7 @@
 exported rack is a `LlamaForCausalLM` whose logits and greedy tokens are ours, its tokenizer
 encodes to our ids, and a Llama saved by transformers imports as the trunk new stacks grow on."""
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -19,7 +20,7 @@ from stackwise_jax.quant import is_stored_leaf  # noqa: E402
 from stackwise_jax.trees import plain_keys  # noqa: E402
 from stackwise_jax.sample import generate  # noqa: E402
 from conftest import micro_config, write_corpus  # noqa: E402
-from test_checkpoint import _config, _train  # noqa: E402
+from test_checkpoint import TRUNKS, _assert_same_run, _config, _train  # noqa: E402
 
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 24)).astype(np.int32)
 MIXED_TEXT = "def f(x):\n\treturn x  # ünïcödé, naïve café 😀🚀\r\nEnd."
@@ -229,6 +230,25 @@ def test_imported_llama_grows_and_exports_again(tmp_path):
   from stackwise_jax import load_rack
   trained = load_rack(str(tmp_path / "run"))
   _assert_close(trained(trained.params, TOKENS[:, :16]), logits, 1e-4)
+
+
+def test_an_imported_qlora_trunk_resumes_exactly_and_samples(tmp_path, capsys):
+  _saved_llama(tmp_path / "llama", layers=2)
+  config = _config(write_corpus(tmp_path), target_stacks=3, **TRUNKS["qlora"])
+  config.training.progressive.init_from = str(tmp_path / "llama")
+  whole = _train(config, tmp_path / "whole")
+  assert [s["activation_mode"] for s in whole[0]["stages"]] == ["streamed"]   # a LoRA trunk
+  shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+  for step in (6, 8):   # cut off at step 3 of the one stage
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / str(step))
+  _assert_same_run(whole, _train(config, tmp_path / "cut"))
+  capsys.readouterr()
+  assert main(["sample", "--workdir", str(tmp_path / "cut"), "--prompt", "the quick",
+               "--max-new-tokens", "8"]) == 0
+  assert capsys.readouterr().out.strip()
+  assert main(["eval", "--workdir", str(tmp_path / "cut")]) == 0
+  rows = json.loads((tmp_path / "cut" / "eval.json").read_text())["racks"]
+  np.testing.assert_allclose(rows[-1]["loss"], whole[0]["final_eval_loss"], rtol=1e-5)
 
 
 def _train_cli(tmp_path, *overrides):
