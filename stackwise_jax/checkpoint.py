@@ -99,12 +99,16 @@ class RunCheckpoints:
   Keeps the latest `training.keep_checkpoints` and the end of every stage. An unreadable
   checkpoint is moved aside (`<step>.unreadable-<time>`, never deleted) with a warning and the one
   before it is used. `fresh=True` moves the existing checkpoints aside and starts over.
+
+  `read_only=True` (eval, sample, export, plot: `open_run`) changes nothing on disk: an unreadable
+  newest checkpoint is a ConfigError naming it and the newest readable step, and `step` makes
+  that step the `latest`.
   """
 
   def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, fresh: bool = False,
-               log=print):
+               log=print, read_only: bool = False, step: int | None = None):
     check_saveable(config)   # before any training, not at the first save
-    self.config, self.log = config, log
+    self.config, self.log, self.read_only = config, log, read_only
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if fresh and os.path.isdir(self.directory) and os.listdir(self.directory):
       aside = f"{self.directory}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -112,7 +116,7 @@ class RunCheckpoints:
       log(f"--fresh: the previous checkpoints are kept in {aside}")
     refuse_linked_steps(self.directory)
     self._manager = self._open()
-    self.latest = self._latest_readable()
+    self.latest = self._latest_readable() if step is None else self._read_step(step)
     if self.latest is not None:
       check_compatible(self.latest.meta, config, self.directory)
 
@@ -121,7 +125,8 @@ class RunCheckpoints:
     keep = policies.AnyPreservationPolicy([policies.LatestN(t.keep_checkpoints),
                                            policies.EveryNSteps(stage_steps(self.config))])
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=t.async_checkpointing,
-                                           create=True, preservation_policy=keep)
+                                           create=not self.read_only, read_only=self.read_only,
+                                           preservation_policy=keep)
     handlers = {"params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(epath.Path(self.directory), item_names=_ITEMS,
@@ -147,6 +152,8 @@ class RunCheckpoints:
       try:
         return self.read(step)
       except Exception as e:   # orbax raises many types for a truncated or garbled step
+        if self.read_only:
+          raise self._unreadable(step, e) from None
         aside = os.path.join(self.directory, f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
         _move_aside(os.path.join(self.directory, str(step)), aside)
         self.log(f"warning: checkpoint {self.directory}/{step} is unreadable "
@@ -154,6 +161,38 @@ class RunCheckpoints:
         self._manager.close()
         self._manager = self._open()
     return None
+
+  def _read_step(self, step: int) -> Checkpoint:
+    """Checkpoint `step` (`--step`), or a ConfigError naming the steps there are."""
+    if step not in self.steps():
+      raise ConfigError(f"--step={step}: allowed: a checkpoint step of {self.directory} "
+                        f"({', '.join(map(str, self.steps())) or 'none'})")
+    return self.read_checked(step)
+
+  def read_checked(self, step: int) -> Checkpoint:
+    """`read`, with an unreadable checkpoint as a one-line ConfigError (`_unreadable`)."""
+    try:
+      return self.read(step)
+    except Exception as e:   # orbax raises many types for a truncated or garbled step
+      raise self._unreadable(step, e) from None
+
+  def _unreadable(self, step: int, error: Exception) -> ConfigError:
+    """What a reader says of an unreadable checkpoint: which, why, and the newest readable step
+    to pass as --step (train moves an unreadable one aside and resumes from the one before)."""
+    older = [s for s in self.steps() if s < step]
+    good = next((s for s in reversed(older) if self._readable(s)), None)
+    why = " ".join(str(error).split())[:200] or type(error).__name__
+    hint = (f"--step {good} reads the newest good one" if good is not None
+            else "no older checkpoint is readable")
+    return ConfigError(f"checkpoint {self.directory}/{step} is unreadable ({type(error).__name__}: "
+                       f"{why}); {hint}")
+
+  def _readable(self, step: int) -> bool:
+    try:
+      self.read(step)
+      return True
+    except Exception:   # the same failures as in `_unreadable`
+      return False
 
   def restore_data(self, iterator) -> None:
     """Sets a train iterator to the latest checkpoint's data state (grain's `set_state`)."""
@@ -245,15 +284,22 @@ def _explicit_mask_id(config):
   return config
 
 
-def open_run(workdir: str) -> RunCheckpoints:
-  """The checkpoints of a finished or interrupted run, with the config they were written with.
-  Raises ConfigError if `workdir` holds no readable checkpoint."""
+def open_run(workdir: str, step: int | None = None) -> RunCheckpoints:
+  """The checkpoints of a finished or interrupted run, read-only, with the config they were
+  written with; `latest` is checkpoint `step` if given. Raises ConfigError if `workdir` holds no
+  readable checkpoint, if the newest (or `step`) is unreadable, or `step` is not one."""
   config = read_config(workdir)
-  return RunCheckpoints(workdir, config, log=lambda _: None)
+  return RunCheckpoints(workdir, config, log=lambda _: None, read_only=True, step=step)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config of the run in `workdir`, from its latest readable checkpoint."""
+  step, meta = latest_meta(workdir)
+  return validate(from_yaml(meta["config"], os.path.join(workdir, "checkpoints", str(step))))
+
+
+def latest_meta(workdir: str) -> tuple[int, dict]:
+  """(step, meta item) of the newest checkpoint in `workdir` whose meta item reads, read-only."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
     raise ConfigError(f"{workdir}: no readable checkpoint ({directory} does not exist)")
@@ -262,12 +308,16 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
                                   item_handlers={"meta": ocp.JsonCheckpointHandler()},
                                   options=ocp.CheckpointManagerOptions(create=False,
                                                                        read_only=True))
-  for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-      return validate(from_yaml(meta["config"], f"{directory}/{step}"))
-    except Exception:   # unreadable: RunCheckpoints will say so and fall back the same way
-      continue
+  try:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if isinstance(meta, dict) and all(k in meta for k in _META_KEYS):
+          return step, meta
+      except Exception:   # unreadable: RunCheckpoints will say so (or move it aside, in train)
+        continue
+  finally:
+    manager.close()
   raise ConfigError(f"{workdir}: no readable checkpoint in {directory}")
 
 

@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--num-fewshot", type=int,
                         help="with --tasks: few-shot examples (default: each task's own)")
   evaluate.add_argument("--step", type=int,
-                        help="with --tasks: checkpoint step (default: the latest)")
+                        help="checkpoint step: the racks up to it (with --tasks: its rack; "
+                             "default: the latest)")
   sample = commands.add_parser("sample", help="generate or fill masks with a trained rack")
   sample.add_argument("--workdir", required=True, help="a train command's workdir")
   sample.add_argument("--prompt", help="text to continue (masked racks: unmask what follows it)")
@@ -118,6 +119,9 @@ def _prepare_train(args, overrides, cleanup):
   config.training.workdir = args.workdir
   TimeStepMasking(config)   # a custom time mapping must be registered (e.g. by the config file)
   check_saveable(config)    # the run saves its config and checkpoints
+  if not args.fresh:   # before the data is read: a bpe:N tokenizer is trained into the workdir
+    from stackwise_jax.progressive.trainer import check_resumable
+    check_resumable(args.workdir, config)
   if args.distributed or os.environ.get("STACKWISE_DISTRIBUTED") == "1":
     _initialize_distributed(args)
   make_mesh(config)   # mesh sizes and batch size against the devices there are
@@ -157,8 +161,14 @@ def _initialize_distributed(args):
 
 
 def _show_finished(workdir, results) -> int:
-  from stackwise_jax.report import summary_table
+  """A finished run's summary; a missing or damaged results.json is written again from the
+  newest checkpoint's results (train is the one command that writes into a run)."""
+  from stackwise_jax.report import read_results, summary_table, write_json
   print(f"{workdir} already holds this finished run; nothing to train. Its summary:", file=sys.stderr)
+  path = os.path.join(workdir, "results.json")
+  if read_results(path)[0] is None:
+    write_json(path, results)
+    print(f"{path} was missing or damaged: written again from the checkpoints", file=sys.stderr)
   print(summary_table(results))
   return 0
 
@@ -215,22 +225,28 @@ def _prepare_eval(args):
   workdir for eval.json. With --tasks: lm-evaluation-harness instead (`_prepare_harness`)."""
   from stackwise_jax.checkpoint import open_run
   from stackwise_jax.data import make_dataloader
+  from stackwise_jax.data.tokenizer import load_tokenizer
   from stackwise_jax.files import check_writable
   if args.tasks is not None:
     return _prepare_harness(args)
-  harness_only = {"--limit": args.limit, "--num-fewshot": args.num_fewshot, "--step": args.step}
+  harness_only = {"--limit": args.limit, "--num-fewshot": args.num_fewshot}
   for flag, value in harness_only.items():
     if value is not None:
       raise ConfigError(f"{flag}={value}: allowed only with --tasks (the loss table evaluates "
                         "every stage's rack)")
   if args.batches is not None and args.batches <= 0:
     raise ConfigError(f"--batches={args.batches}: allowed: a positive number of batches")
-  checkpoints = open_run(args.workdir)   # a workdir without a readable checkpoint fails here
+  # Read-only: a workdir without a readable checkpoint, or a damaged newest one, fails here.
+  checkpoints = open_run(args.workdir, args.step)
   check_writable(args.workdir)
   config = checkpoints.config
-  config.training.workdir = args.workdir   # a trained BPE is read from there
+  config.training.workdir = args.workdir   # a trained BPE is read from there, never trained
+  load_tokenizer(config)
   dataloader = make_dataloader(config)
   available = max(dataloader.num_val_records // config.training.batch_size, 1)
+  if dataloader.num_val_records < config.training.batch_size:
+    print(f"warning: the held-out split has {dataloader.num_val_records} records, fewer than one "
+          f"batch of {config.training.batch_size}: eval repeats records", file=sys.stderr)
   batches = args.batches or config.training.eval_batches
   if batches > available:
     print(f"--batches={batches}: the held-out split has {available} batches of "
@@ -272,18 +288,14 @@ def _prepare_harness(args):
   except ImportError as e:
     raise ConfigError("--tasks needs the hf extra: pip install -e '.[hf]'") from e
   from stackwise_jax.hf import harness
-  checkpoints = open_run(args.workdir)
+  checkpoints = open_run(args.workdir, args.step)
   try:
-    config = checkpoints.config
+    config, ckpt = checkpoints.config, checkpoints.latest
     harness.check_causal(config)
-    if args.step is not None and args.step not in checkpoints.steps():
-      raise ConfigError(f"--step={args.step}: allowed: a checkpoint step of {args.workdir} "
-                        f"({', '.join(map(str, checkpoints.steps()))})")
     check_writable(args.workdir)
     config.training.workdir = args.workdir   # a trained BPE is read from there
     tokenizer = load_tokenizer(config)
     manager, tasks, names = harness.load_tasks(args.tasks)
-    ckpt = checkpoints.latest if args.step is None else checkpoints.read(args.step)
   finally:
     checkpoints.close()
   return lambda: _harness(args, config, ckpt, tokenizer, (manager, tasks, names))
@@ -312,12 +324,9 @@ def _prepare_sample(args):
   from stackwise_jax.data.tokenizer import load_tokenizer
   from stackwise_jax.progressive.stages import rack_from_checkpoint
   from stackwise_jax.sample import prompt_batch
-  checkpoints = open_run(args.workdir)
-  try:
-    ckpt = _checkpoint_at(checkpoints, args.step, args.workdir)
-  finally:
-    checkpoints.close()
-  config = checkpoints.config
+  checkpoints = open_run(args.workdir, args.step)
+  checkpoints.close()
+  ckpt, config = checkpoints.latest, checkpoints.config
   config.training.workdir = args.workdir   # a trained BPE is read from there
   tokenizer = load_tokenizer(config)
   options = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed, steps=args.steps)
@@ -338,24 +347,19 @@ def _sample(rack, batch, max_new_tokens, options, decode) -> int:
 
 
 def _prepare_plot(args):
-  """The results of a finished run (results.json) or, for one still going or cut off, of its
-  latest checkpoint."""
-  import json
+  """The results of a finished run (results.json) or, for one still going or cut off (or whose
+  results.json is damaged, with a warning), of its latest checkpoint."""
+  from stackwise_jax.checkpoint import latest_meta
   from stackwise_jax.files import check_writable
+  from stackwise_jax.report import read_results
   path = os.path.join(args.workdir, "results.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      try:
-        results = json.load(f)
-        results["stages"]   # noqa: B018 (a results file has stages)
-      except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path}: not a results file of stackwise-jax train ({e}); rerun "
-                          "train, or plot from the checkpoints after moving it away") from None
-  else:
-    from stackwise_jax.checkpoint import open_run
-    checkpoints = open_run(args.workdir)   # neither: fails here, naming the workdir
-    checkpoints.close()
-    results = checkpoints.latest.meta["results"]
+  results, why = read_results(path)
+  if results is None:
+    _, meta = latest_meta(args.workdir)   # neither: fails here, naming the workdir
+    results = meta["results"]
+    if why:
+      print(f"warning: {path} is damaged ({why}); plotting the newest checkpoint's results "
+            "(train on the finished run rewrites the file from them)", file=sys.stderr)
   if not results["stages"]:
     raise ConfigError(f"--workdir {args.workdir}: no stage has finished yet; nothing to plot")
   out = args.out or os.path.join(args.workdir, "plots")
@@ -369,28 +373,15 @@ def _plot(results, out) -> int:
   return 0
 
 
-def _checkpoint_at(checkpoints, step, workdir):
-  """Checkpoint `step` of a run (None: the latest); ConfigError naming the steps there are."""
-  if step is None:
-    return checkpoints.latest
-  if step not in checkpoints.steps():
-    raise ConfigError(f"--step={step}: allowed: a checkpoint step of {workdir} "
-                      f"({', '.join(map(str, checkpoints.steps()))})")
-  return checkpoints.read(step)
-
-
 def _prepare_export(args):
   """Reads the workdir's checkpoint (refusing a missing or unreadable one) and checks that the
   format can hold its rack; returns the export."""
   from stackwise_jax.checkpoint import open_run
   from stackwise_jax.data.tokenizer import load_tokenizer
   from stackwise_jax.files import check_writable
-  checkpoints = open_run(args.workdir)
-  try:
-    ckpt = _checkpoint_at(checkpoints, args.step, args.workdir)
-  finally:
-    checkpoints.close()
-  config = checkpoints.config
+  checkpoints = open_run(args.workdir, args.step)
+  checkpoints.close()
+  ckpt, config = checkpoints.latest, checkpoints.config
   if args.format == "hf":
     from stackwise_jax.hf.llama import llama_incompatibility
     why = llama_incompatibility(config)

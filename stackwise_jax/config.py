@@ -6,6 +6,8 @@ import importlib.util
 import math
 import os
 import re
+import sys
+import traceback
 from typing import Any
 
 from absl import flags
@@ -252,21 +254,50 @@ def _load_py(path: str) -> ml_collections.ConfigDict:
   name = "_stackwise_config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:   # the user's code: a syntax error, or its module body raised
+    raise _error_in_file(path, e) from e
   get_config = getattr(module, "get_config", None)
   if not callable(get_config):
     raise ConfigError(f"{path}: a .py config must define get_config() returning a ConfigDict")
-  config = get_config()
+  try:
+    config = get_config()
+  except Exception as e:
+    raise _error_in_file(path, e) from e
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(
         f"{path}: get_config() returned {type(config).__name__}; allowed: a ConfigDict")
   return config
 
 
+def _error_in_file(path: str, error: Exception) -> Exception:
+  """`error`, raised while running config file `path`, as a one-line ConfigError
+  `path:LINE: Type: message`; LINE is where the file failed (a SyntaxError's own line, else the
+  deepest traceback frame in the file). An error with no frame in the file did not come from the
+  user's code (e.g. the file is unreadable): it is returned as it is."""
+  here = os.path.abspath(path)
+  if isinstance(error, SyntaxError) and error.filename and os.path.abspath(error.filename) == here:
+    line, message = error.lineno, error.msg
+  else:
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if os.path.abspath(f.filename) == here]
+    if not frames:
+      return error
+    line, message = frames[-1].lineno, str(error)
+  text = " ".join(f"{type(error).__name__}: {message}".split())   # one line
+  return ConfigError(f"{path}:{line}: {text}" if line else f"{path}: {text}")
+
+
 class _YamlLoader(yaml.SafeLoader):
-  """SafeLoader that also reads `3e-4` as a float (PyYAML's YAML 1.1 needs `3.0e-4`), and refuses
-  a key given twice in one mapping (PyYAML would keep the last one silently) and any tag it has no
-  constructor for, such as `!!python/object:...` (it never builds Python objects)."""
+  """SafeLoader that also reads `3e-4` as a float (PyYAML's YAML 1.1 needs `3.0e-4`), records a
+  key given twice in one mapping in `duplicates` (PyYAML keeps the last one silently; `from_yaml`
+  decides), and refuses any tag it has no constructor for, such as `!!python/object:...` (it
+  never builds Python objects)."""
+
+  def __init__(self, stream):
+    super().__init__(stream)
+    self.duplicates = []   # (key, line of the earlier one, line of the later one), 1-based
 
   def construct_mapping(self, node, deep=False):
     lines = {}
@@ -274,15 +305,15 @@ class _YamlLoader(yaml.SafeLoader):
       if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
         key, line = self.construct_object(key_node), key_node.start_mark.line + 1
         if key in lines:
-          raise ConfigError(f"duplicate key {key!r} at lines {lines[key]} and {line} (YAML would "
-                            "keep only the last); allowed: each key once per mapping")
+          self.duplicates.append((key, lines[key], line))
         lines[key] = line
     return super().construct_mapping(node, deep)
 
   def construct_undefined(self, node):
     tag = node.tag.replace("tag:yaml.org,2002:", "!!", 1)
-    raise ConfigError(f"line {node.start_mark.line + 1}: tag {tag} is not allowed: configs are "
-                      "read safely, without Python objects; write the plain mapping without the tag")
+    raise yaml.constructor.ConstructorError(
+        None, None, f"tag {tag} is not allowed: configs are read safely, without Python objects; "
+        "write the plain mapping without the tag", node.start_mark)
 
 
 _YamlLoader.add_implicit_resolver(
@@ -292,25 +323,81 @@ _YamlLoader.add_implicit_resolver(
 _YamlLoader.add_constructor(None, _YamlLoader.construct_undefined)   # unknown tags
 
 
+def _read_yaml(text: str) -> tuple[Any, list]:
+  """(the parsed value, its duplicate keys as `_YamlLoader.duplicates`); yaml.YAMLError if it
+  does not parse."""
+  loader = _YamlLoader(text)
+  try:
+    return loader.get_single_data(), loader.duplicates
+  finally:
+    loader.dispose()
+
+
+def _yaml_value(text: str) -> Any:
+  """A YAML value given on the command line; a key given twice in it is a yaml.YAMLError."""
+  value, duplicates = _read_yaml(text)
+  if duplicates:
+    raise yaml.YAMLError(_duplicate_message(*duplicates[0]))
+  return value
+
+
+def _duplicate_message(key, first: int, second: int) -> str:
+  return (f"duplicate key {key!r} at lines {first} and {second} (YAML would keep only the last); "
+          "allowed: each key once per mapping")
+
+
+def _yaml_error(source: str, text: str, error: yaml.YAMLError) -> ConfigError:
+  """`source:LINE:COL: problem` on one line (PyYAML's own message spans several lines, with a
+  caret under the spot)."""
+  mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+  if isinstance(error, yaml.reader.ReaderError):   # a character YAML does not allow
+    mark = yaml.Mark(source, error.position, text.count("\n", 0, error.position),
+                     error.position - text.rfind("\n", 0, error.position) - 1, None, None)
+    problem = (f"unacceptable character #x{error.character:04x}: {error.reason}"
+               if isinstance(error.character, int) else error.reason)
+  if mark is None or not problem:
+    return ConfigError(f"{source}: not valid YAML: {' '.join(str(error).split())}")
+  if "'\\t'" in problem:
+    problem += " (YAML indents with spaces, never tabs)"
+  context = getattr(error, "context", None)
+  if context and getattr(error, "context_mark", None) is not None:
+    problem += f" ({context} at line {error.context_mark.line + 1})"
+  return ConfigError(f"{source}:{mark.line + 1}:{mark.column + 1}: {' '.join(problem.split())}")
+
+
 def _load_yaml(path: str) -> ml_collections.ConfigDict:
-  with open(path) as f:
-    return from_yaml(f.read(), path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+  return from_yaml(text, path)
 
 
 def from_yaml(text: str, source: str = "<yaml>") -> ml_collections.ConfigDict:
   """Parses YAML nested like design §2 (`to_yaml`'s output), or in the original StackWise's
   schema (stackwise_jax/upstream.py), onto `default_config()`; not validated. `source` names the
-  text in errors."""
+  text in errors and in the warnings it prints on stderr: an empty file, and a duplicate key in
+  the original's format (kept last, as the original's PyYAML does; ours refuses one)."""
   try:
-    data = yaml.load(text, Loader=_YamlLoader)
+    data, duplicates = _read_yaml(text)
   except yaml.YAMLError as e:
-    raise ConfigError(f"{source}: not valid YAML: {e}") from None
-  except ConfigError as e:   # a duplicate key or a tag (_YamlLoader)
-    raise ConfigError(f"{source}: {e}") from None
+    raise _yaml_error(source, text, e) from None
   config = default_config()
-  data = {} if data is None else data
+  if data is None or data == {}:
+    print(f"stackwise-jax: warning: {source}: empty config: every field keeps its default "
+          "(stackwise_jax.config.default_config())", file=sys.stderr)
+    data = {}
   from stackwise_jax import upstream   # it imports this module
-  if upstream.is_original(data):
+  original = upstream.is_original(data)
+  if duplicates and not original:
+    key, first, second = duplicates[0]
+    raise ConfigError(f"{source}:{second}: {_duplicate_message(key, first, second)}")
+  if duplicates:   # the original's own config.yaml has `progressive:` twice under training
+    kept = "; ".join(f"{key!r} at lines {first} and {second}" for key, first, second in duplicates)
+    print(f"stackwise-jax: warning: {source}: duplicate key {kept}: the last one is used, as the "
+          "original StackWise (PyYAML) uses it", file=sys.stderr)
+  if original:
     upstream.apply(data, config, source)
   else:
     _apply_mapping(config, data, prefix="")
@@ -357,7 +444,7 @@ def _apply_override(config: ml_collections.ConfigDict, override: str) -> None:
   current = node[key]
   if path in _MAPPINGS:
     try:
-      node[key] = _as_mapping(path, yaml.load(text, Loader=_YamlLoader) if text.strip() else {})
+      node[key] = _as_mapping(path, _yaml_value(text) if text.strip() else {})
     except yaml.YAMLError as e:
       raise ConfigError(f"{path}={text!r}: expected a mapping, e.g. "
                         f"'{{0: {{rank: 8, alpha: 16}}}}' ({e})") from None
@@ -387,7 +474,7 @@ def _parse_text(path: str, text: str, default: Any) -> Any:
       return text
     if isinstance(default, tuple):
       return _parse_tuple(text)
-    return yaml.load(text, Loader=_YamlLoader)  # A field whose default is None: any YAML literal.
+    return _yaml_value(text)   # A field whose default is None: any YAML literal.
   except (ValueError, yaml.YAMLError) as e:
     raise ConfigError(f"{path}={text!r}: expected {_type_name(default)} ({e})") from None
 
@@ -402,7 +489,7 @@ def _parse_tuple(text: str) -> tuple[Any, ...]:
       return tuple(ast.literal_eval(stripped))
     except (ValueError, SyntaxError):
       # Unquoted YAML flow list, e.g. [a.txt, b/*.txt]; literal_eval rejects it.
-      value = yaml.load(stripped, Loader=_YamlLoader)
+      value = _yaml_value(stripped)
       if isinstance(value, list):
         return tuple(value)
       raise ValueError("not a list") from None

@@ -104,7 +104,7 @@ def evaluate_run(checkpoints: RunCheckpoints, n_batches: int | None = None, data
   with tqdm(total=len(steps) * len(examples), desc="eval", disable=not progress,
             dynamic_ncols=True, file=sys.stderr) as bar:
     for step in steps:
-      ckpt = latest if step == latest.step else checkpoints.read(step)
+      ckpt = latest if step == latest.step else checkpoints.read_checked(step)
       rack = rack_from_checkpoint(config, ckpt)
       rows.append({"stage": ckpt.meta["stage"], "step": step, "stacks": list(rack.order),
                    **evaluate(rack, examples, bar, token_bytes)})

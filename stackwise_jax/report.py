@@ -112,6 +112,21 @@ def write_json(path: str, payload: dict) -> None:
   os.replace(tmp, path)
 
 
+def read_results(path: str) -> tuple[dict | None, str | None]:
+  """(results, None) from a results.json `write_json` wrote; (None, None) where there is none;
+  (None, what is wrong) for a damaged one."""
+  if not os.path.exists(path):
+    return None, None
+  try:
+    with open(path) as f:
+      results = json.load(f)
+    if not isinstance(results, dict) or not isinstance(results.get("stages"), list):
+      return None, "no list of stages"
+    return results, None
+  except (ValueError, UnicodeDecodeError) as e:
+    return None, f"not valid JSON: {e}"
+
+
 def eval_table(rows: list[dict]) -> str:
   """`evaluate_run`'s rows: one line per evaluated rack."""
   bpb = lambda r: "-" if r.get("bits_per_byte") is None else f"{r['bits_per_byte']:.4f}"

@@ -119,13 +119,14 @@ def test_resume_at_a_stage_end_grows_past_the_old_target(text_corpus, tmp_path):
   _assert_same_run(whole, _train(config, tmp_path / "grown"))
 
 
-def test_growing_a_time_as_depth_run_is_refused_naming_the_structure(text_corpus, tmp_path):
+def test_growing_a_time_as_depth_run_is_refused_naming_the_fields(text_corpus, tmp_path):
   # Time as depth spreads the time steps over target_stacks: more stacks re-time the old ones.
   config = _config(text_corpus, target_stacks=1)
   _train(config, tmp_path)
   grown = config.copy_and_resolve_references()
   grown.training.progressive.target_stacks = 2
-  with pytest.raises(ValueError, match="rack structure .*'time_step'"):
+  with pytest.raises(ValueError, match=r"target_stacks=2: .* time steps \[0\]; with "
+                                       r"time_interpretation='depth' .* allowed: target_stacks=1"):
     _train(grown, tmp_path)
 
 

@@ -89,3 +89,75 @@ def test_tiny_run_lowers_eval_loss_at_every_stage(tmp_path):
   evals = [s["eval_loss"] for s in stages]
   assert all(later < earlier for earlier, later in zip(evals, evals[1:])), evals
   assert [s["activation_mode"] for s in stages] == ["streamed", "cached", "cached"]
+
+
+# --- Mistakes a user can make: exit 2 and one line naming the file and line, or the fields. ---
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("mine.py", "def get_config(:\n  pass\n", "mine.py:1: SyntaxError"),
+    ("mine.py", "def helper():\n  return {}['k']\n\ndef get_config():\n  return helper()\n",
+     "mine.py:2: KeyError: 'k'"),
+    ("mine.yaml", "model:\n\td_model: 64\n", "mine.yaml:2:1: found character"),
+    ("mine.yaml", "model:\n  d_model: 64\n  d_model: 32\n", "mine.yaml:3: duplicate key"),
+])
+def test_a_mistake_in_the_config_file_exits_2_with_one_line(tmp_path, capsys, name, text, where):
+  path = tmp_path / name
+  path.write_text(text)
+  assert main(["train", "--config", str(path), "--workdir", str(tmp_path / "run")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"stackwise-jax: error: {tmp_path / where}") and err.count("\n") == 1, err
+  assert not (tmp_path / "run").exists()
+
+
+def _files(directory) -> dict:
+  return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else None
+          for p in sorted(directory.rglob("*"))}
+
+
+def test_growing_a_finished_time_as_depth_run_is_refused_before_anything_is_written(
+    text_corpus, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  bpe = ["--config.data.tokenizer=bpe:300", "--config.model.vocab_size=300"]
+  assert main([*micro_args(text_corpus, workdir), *bpe]) == 0
+  (workdir / "tokenizer.json").unlink()   # were it read again, it would be trained and written
+  before = _files(workdir)
+  capsys.readouterr()
+  grow = "--config.training.progressive.target_stacks=3"
+  assert main([*micro_args(text_corpus, workdir), *bpe, grow]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1, err
+  assert err.startswith("stackwise-jax: error: training.progressive.target_stacks=3: ")
+  assert "time_interpretation='depth'" in err and "allowed: target_stacks=2" in err
+  assert "--fresh" in err and len(err) < 500
+  assert _files(workdir) == before
+
+
+def test_settings_that_train_otherwise_than_they_read_warn_once(tmp_path, capsys):
+  """An empty config file, a warm-up longer than a stage, an eval split smaller than a batch."""
+  for i in range(6):   # one of six documents is held out: 5 records of 16 tokens
+    (tmp_path / f"doc{i}.txt").write_text(("stacks grow one at a time while the fox sleeps " * 2)[i:])
+  (tmp_path / "empty.yaml").write_text("# nothing here yet\n")
+  args = ["train", "--config", str(tmp_path / "empty.yaml"), "--workdir", str(tmp_path / "run"),
+          "--no-progress", "--config.data.source=text", f"--config.data.paths=('{tmp_path}/*.txt',)",
+          *MICRO, "--config.training.batch_size=8", "--config.training.warmup_steps=7"]
+  assert main(args) == 0
+  err = capsys.readouterr().err.splitlines()
+  for needle in ["empty.yaml: empty config: every field keeps its default",
+                 "training.warmup_steps=7 is larger than a stage's 6 steps (training.steps_per_stack)",
+                 "the held-out split has 5 records of training.seq_len=16 tokens, fewer than one eval "
+                 "reads (training.eval_batches=1 × batch_size=8 = 8)"]:
+    assert sum(needle in line for line in err) == 1, (needle, err)
+
+
+def test_settings_that_fit_give_no_warning(text_corpus):
+  from stackwise_jax.data import make_dataloader
+  from stackwise_jax.progressive.trainer import setting_warnings
+  from conftest import micro_config
+  config = micro_config()
+  config.data.source, config.data.paths = "text", (text_corpus,)
+  config.training.warmup_steps = config.training.steps_per_stack   # as long as a stage: fits
+  config.training.final_stage, config.training.final_stage_steps = True, 100
+  assert setting_warnings(config, make_dataloader(config, log=lambda _: None)) == []
+  config.training.final_stage_steps = config.training.warmup_steps - 1
+  assert [reason for reason, _ in setting_warnings(config, [])] == ["warmup"]

@@ -1,6 +1,7 @@
 """Specification of the config surface (design §2): loading .py and YAML, overrides, validation."""
 import math
 import pathlib
+import re
 import textwrap
 
 from flax import nnx
@@ -179,6 +180,58 @@ def test_py_without_get_config_is_config_error(tmp_path):
 def test_unknown_extension_is_config_error(tmp_path):
   with pytest.raises(ConfigError, match=r"\.yaml"):
     load_config(_write(tmp_path, "{}", name="config.json"))
+
+
+# A mistake in the file itself is one line naming the file and where in it (exit 2 from the CLI,
+# tests/test_cli.py); PyYAML's own messages span several lines and end in a caret.
+@pytest.mark.parametrize("text, where", [
+    ("model:\n\td_model: 64\n", r":2:1: found character '\\t' that cannot start any token "
+                                 r"\(YAML indents with spaces, never tabs\)$"),
+    ("model:\n  d_model: 64\n d_ff: 3\n", r":3:2: expected <block end>, but found "
+                                        r"'<block mapping start>' \(while parsing a block mapping "
+                                        r"at line 1\)$"),
+    ("data:\n  paths: [a.txt\n", r":3:1: expected ',' or '\]', but got '<stream end>'"),
+    ("model:\n  attention: \x07\n", r":2:14: unacceptable character #x0007"),
+    ("model:\n  d_model: 64\n  d_model: 32\n", r":3: duplicate key 'd_model' at lines 2 and 3"),
+    ("model: !!python/name:os.system\n", r":1:8: tag !!python/name:os\.system is not allowed"),
+])
+def test_yaml_errors_name_file_line_and_column_on_one_line(tmp_path, text, where):
+  path = _write(tmp_path, text)
+  with pytest.raises(ConfigError, match=re.escape(path) + where) as e:
+    load_config(path)
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text, where", [
+    ("def get_config(:\n  pass\n", ":1: SyntaxError: invalid syntax"),
+    ("def get_config():\n  x = 1\n    return x\n", ":3: IndentationError: unexpected indent"),
+    ("import os\nX = {}['k']\n", ":2: KeyError: 'k'"),
+    # The deepest line of the file: the helper's, not get_config's call of it.
+    ("def helper():\n  return 1 / 0\n\ndef get_config():\n  return helper()\n",
+     ":2: ZeroDivisionError: division by zero"),
+    # Raised in our code: the file's line that called it.
+    ("from stackwise_jax.config import with_fields\n\ndef get_config():\n"
+     "  return with_fields(d_modle=3)\n", ":4: ConfigError: d_modle=3: not a config field"),
+])
+def test_py_config_errors_name_the_file_and_its_line(tmp_path, text, where):
+  path = _write(tmp_path, text, name="mine.py")
+  with pytest.raises(ConfigError) as e:
+    load_config(path)
+  assert str(e.value).startswith(path + where) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("text", ["", "# nothing set yet\n", "{}\n"])
+def test_an_empty_yaml_config_warns_once_and_keeps_the_defaults(tmp_path, capsys, text):
+  path = _write(tmp_path, text)
+  assert load_config(path).to_dict() == default_config().to_dict()
+  assert capsys.readouterr().err == (f"stackwise-jax: warning: {path}: empty config: every field "
+                                     "keeps its default (stackwise_jax.config.default_config())\n")
+
+
+def test_a_py_config_of_the_defaults_is_not_empty(tmp_path, capsys):
+  load_config(_write(tmp_path, "from stackwise_jax.config import default_config\n\n"
+                               "def get_config():\n  return default_config()\n", name="mine.py"))
+  assert capsys.readouterr().err == ""
 
 
 # --- Overrides. ---

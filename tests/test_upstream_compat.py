@@ -1,7 +1,9 @@
 """A drop-in for the original StackWise's users. Its YAML files load (stackwise_jax/upstream.py):
 each key mapped to our field or named as ignored in one warning line; values we do not implement,
-unknown keys, duplicate keys and Python tags are one-line ConfigErrors (exit 2 from the CLI). Its
+unknown keys and Python tags are one-line ConfigErrors (exit 2 from the CLI); a key given twice
+is kept last with one warning, as the original's PyYAML keeps it (ours refuses one). Its
 API words work: keyword `stack_idx`, a builder from field names."""
+import json
 import pathlib
 import re
 import textwrap
@@ -373,17 +375,29 @@ def test_a_key_in_neither_list_is_unknown(tmp_path, text, needle):
     load_config(_write(tmp_path, text))
 
 
-@pytest.mark.parametrize("text", [
-    "model:\n  architecture:\n    n_stacks: 2\n  d_model: 64\n  d_model: 32\n",   # the original's
-    "model:\n  d_model: 64\n  d_model: 32\n",                                     # ours
-])
-def test_duplicate_keys_name_the_key_and_both_lines(tmp_path, text):
-  with pytest.raises(ConfigError, match=r"duplicate key 'd_model' at lines \d and \d"):
-    load_config(_write(tmp_path, text))
+def test_a_duplicate_key_in_our_format_is_refused_with_file_and_line(tmp_path, capsys):
+  path = _write(tmp_path, "model:\n  d_model: 64\n  d_model: 32\n")
+  with pytest.raises(ConfigError, match=r"original\.yaml:3: duplicate key 'd_model' at lines 2 and 3"):
+    load_config(path)
+  assert main(["train", "--config", path, "--workdir", str(tmp_path / "run")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"stackwise-jax: error: {path}:3: duplicate key") and err.count("\n") == 1
+
+
+def test_a_duplicate_key_in_the_originals_format_keeps_the_last_with_one_warning(tmp_path, capsys):
+  # PyYAML, which the original reads its files with, keeps the last.
+  config = load_config(_write(tmp_path, "model:\n  architecture:\n    n_stacks: 2\n"
+                                        "  d_model: 64\n  d_model: 32\n"))
+  assert config.model.d_model == 32
+  warnings = [line for line in capsys.readouterr().err.splitlines() if "duplicate key" in line]
+  assert warnings == [f"stackwise-jax: warning: {tmp_path / 'original.yaml'}: duplicate key "
+                      "'d_model' at lines 4 and 5: the last one is used, as the original "
+                      "StackWise (PyYAML) uses it"]
 
 
 def test_python_tags_are_refused_by_name(tmp_path):
-  with pytest.raises(ConfigError, match=r"line 2: tag !!python/object:os\.system is not allowed"):
+  with pytest.raises(ConfigError, match=r"original\.yaml:2:17: tag !!python/object:os\.system is not "
+                                        r"allowed"):
     load_config(_write(tmp_path, "model:\n  architecture: !!python/object:os.system\n    n: 1\n"))
 
 
@@ -405,17 +419,43 @@ def test_original_example_files_load_and_validate(name, objective, attention, st
     ("config.yaml", (120, 178)), ("config_small.yaml", (120, 178)),
     ("config_standard.yaml", (109, 167)),
 ])
-def test_original_files_with_two_progressive_blocks_are_refused(tmp_path, name, lines):
-  with pytest.raises(ConfigError, match=rf"duplicate key 'progressive' at lines {lines[0]} and "
-                                        rf"{lines[1]}"):
-    load_config(str(FIXTURES / name))
-  # What PyYAML kept (the second block) loads, every other key of the file included.
+def test_original_files_with_two_progressive_blocks_keep_the_second(tmp_path, capsys, name, lines):
+  config = load_config(str(FIXTURES / name))
+  err = capsys.readouterr().err
+  assert f"duplicate key 'progressive' at lines {lines[0]} and {lines[1]}: the last one is used" in err
+  # The same as the file without its first block: what PyYAML keeps.
   text = (FIXTURES / name).read_text().splitlines(keepends=True)
   start = text.index("  progressive:\n")
   end = next(i for i in range(start + 1, len(text)) if not text[i].startswith("    "))
-  config = load_config(_write(tmp_path, "".join(text[:start] + text[end:])))
+  kept = load_config(_write(tmp_path, "".join(text[:start] + text[end:])))
+  assert "duplicate key" not in capsys.readouterr().err
+  assert config.to_dict() == kept.to_dict()
   assert config.training.progressive.max_stacks == 12
   assert config.training.progressive.target_stacks == 2    # model.architecture.n_stacks
+
+
+# Sizes small enough to train in seconds; every other field is the file's.
+TINY_RUN = ["--config.model.vocab_size=260", "--config.model.d_model=32",
+            "--config.model.n_heads=2", "--config.model.n_kv_heads=2", "--config.model.d_ff=64",
+            "--config.model.n_blocks_per_stack=1", "--config.training.batch_size=4",
+            "--config.training.seq_len=16", "--config.training.steps_per_stack=3",
+            "--config.training.warmup_steps=1", "--config.training.eval_batches=1",
+            "--config.training.progressive.target_stacks=2", "--config.data.source=text"]
+
+
+@pytest.mark.parametrize("name, duplicates", [
+    ("config.yaml", 1), ("config_small.yaml", 1), ("config_standard.yaml", 1),
+    ("tiny_bert_config.yaml", 0), ("tiny_llama_config.yaml", 0),
+])
+def test_the_originals_shipped_files_train_a_tiny_two_stage_run(text_corpus, tmp_path, capsys,
+                                                                 name, duplicates):
+  workdir = tmp_path / "run"
+  assert main(["train", "--config", str(FIXTURES / name), "--workdir", str(workdir),
+               "--no-progress", *TINY_RUN, f"--config.data.paths=('{text_corpus}',)"]) == 0
+  err = capsys.readouterr().err
+  assert sum("duplicate key 'progressive'" in line for line in err.splitlines()) == duplicates
+  stages = json.loads((workdir / "results.json").read_text())["stages"]
+  assert [s["stage"] for s in stages] == [1, 2]
 
 
 def test_original_dump_with_python_tags_is_refused_and_loads_without_them(tmp_path):

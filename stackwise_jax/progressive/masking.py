@@ -241,3 +241,36 @@ class TimeStepMasking:
       # Mean of mask_ratio over t uniform on 0..N-1 (mean t / (N-1) is 1/2).
       return self.min_ratio + (1.0 - self.min_ratio) * (0.5 if self.num_time_steps > 1 else 0.0)
     return float(mask_ratio(time_step, self.num_time_steps, self.min_ratio))
+
+
+def check_time_steps_kept(specs: list[dict], run_config, config, source: str) -> None:
+  """Raises ConfigError when going on with `config` would move a stack of a run (`specs`, its
+  checkpoint's stack specs as JSON; `run_config`, the config it was trained with) to another
+  time step. With time as depth a stack's time step is its level in the rack of target_stacks:
+  in append mode the first stacks sit farthest from the head, so a larger target_stacks gives
+  them higher time steps than they trained at (a custom mapping may also read max_stacks).
+  Only a change between the two configs counts, so a stack with no time step of its own (a
+  pretrained one) never does."""
+  if config.training.progressive.time_interpretation != "depth":
+    return
+  before, after = TimeStepMasking(run_config), TimeStepMasking(config)
+  built = [s for s in specs if s.get("time_step") is not None]
+  moved = [s for s in built if before.get_time_step_for_stack(s["index"])
+           != after.get_time_step_for_stack(s["index"])]
+  was, now = run_config.training.progressive, config.training.progressive
+  # The resumable fields (checkpoint.RESUMABLE_CHANGES) a time step reads, and whether it does.
+  reads = {"target_stacks": now.building_mode == "append",
+           "max_stacks": now.stack_time_mapping == "custom"}
+  changed = [f for f, read in reads.items() if read and now[f] != was[f]]
+  if not moved or not changed:   # other changes: checkpoint.check_compatible names them
+    return
+  prepend = (" (in building_mode='prepend' a rack grows without moving its trained stacks)"
+             if now.building_mode == "append" else "")
+  raise ConfigError(
+      f"{', '.join(f'training.progressive.{f}={now[f]}' for f in changed)}: {source} holds "
+      f"stacks trained at time steps {[s['time_step'] for s in built]}; with "
+      f"time_interpretation='depth' and building_mode={now.building_mode!r} their time steps "
+      f"follow {' and '.join(changed)}, and this config would move them to "
+      f"{[after.get_time_step_for_stack(s['index']) for s in built]}; allowed: "
+      f"{', '.join(f'{f}={was[f]}' for f in changed)} to go on, or a new run: --fresh or another "
+      f"--workdir{prepend}")

@@ -9,18 +9,20 @@ has the same shape share one compiled step. Where the time goes is recorded per 
 import contextlib
 import dataclasses
 import math
+import os
 import signal
 import sys
 import threading
 import time
 
+from absl import logging
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from stackwise_jax import xla_cache
-from stackwise_jax.checkpoint import RunCheckpoints, restore_into
-from stackwise_jax.config import resolve_init_from, stage_steps, validate
+from stackwise_jax.checkpoint import RunCheckpoints, check_compatible, latest_meta, restore_into
+from stackwise_jax.config import ConfigError, from_yaml, resolve_init_from, stage_steps, validate
 from stackwise_jax.data.iterable import as_dataloader
 from stackwise_jax.evaluate import eval_example, evaluate_with, token_bytes_of
 from stackwise_jax.model.lora import is_adapter_path
@@ -29,7 +31,7 @@ from stackwise_jax.progressive import caching
 from stackwise_jax.progressive.builder import HEAD_SIDE, FROZEN, TRAINABLE, ProgressiveRackBuilder
 from stackwise_jax.progressive.feed import Prefetcher
 from stackwise_jax.progressive.guard import DivergenceGuard
-from stackwise_jax.progressive.masking import check_objective_data
+from stackwise_jax.progressive.masking import check_objective_data, check_time_steps_kept
 from stackwise_jax.progressive.stages import (is_final, replay, set_labels, stack_specs,
                                               stage_specs)
 from stackwise_jax.report import PHASES
@@ -120,6 +122,8 @@ class ProgressiveTrainer:
       raise ValueError(f"target_stacks={target}: must be between the rack's current "
                        f"{len(rack_builder.specs)} stacks and training.progressive.max_stacks="
                        f"{p.max_stacks}")
+    for reason, message in setting_warnings(self.config, dataloader):
+      self._tell(reason, f"warning: {message}")
     eval_batches = dataloader.eval_batches(self.config.training.eval_batches)
     check_objective_data(p.training_objective, eval_batches[0])
     self._token_bytes = token_bytes_of(dataloader, self.config)
@@ -187,6 +191,9 @@ class ProgressiveTrainer:
     """Replays `ckpt`'s stages on `builder` (same config, empty) and loads its params. Returns
     the specs of its last stage."""
     meta = ckpt.meta
+    # A run grown where its trained stacks' time steps would move: one line naming the fields,
+    # before replay's whole-structure mismatch.
+    check_time_steps_kept(meta["specs"], from_yaml(meta["config"]), self.config, ckpt.path)
     new = replay(builder, meta["specs"], meta["stage"], ckpt.stage_done, ckpt.path, stages)
     builder.update_params(restore_into(builder.params, ckpt.params, "params"))
     return new
@@ -550,6 +557,52 @@ class ProgressiveTrainer:
                                 f"{stage}, step {step}: checkpoint saved in "
                                 f"{self.checkpoints.directory}; run the same command to resume",
                                 self._stop_signal)
+
+
+def check_resumable(workdir: str, config) -> None:
+  """Raises ConfigError if the newest checkpoint in `workdir` cannot go on under `config`:
+  another config (`check_compatible`), or trained stacks it would move to other time steps
+  (`check_time_steps_kept`). Reads only the checkpoints' meta items, so a command can refuse
+  before it reads data or writes anything (a bpe:N tokenizer is trained into the workdir)."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    return
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)   # orbax warns that it opens them read-only
+  try:
+    step, meta = latest_meta(workdir)
+  except ConfigError:   # none readable: RunCheckpoints moves them aside, or says what is wrong
+    return
+  finally:
+    logging.set_verbosity(verbosity)
+  check_compatible(meta, config, directory)
+  check_time_steps_kept(meta["specs"], from_yaml(meta["config"]), config,
+                        os.path.join(directory, str(step)))
+
+
+def setting_warnings(config, dataloader) -> list[tuple[str, str]]:
+  """(reason, one line) for each setting that trains otherwise than it reads: a warm-up longer
+  than a stage (make_optimizer shortens it to the stage), and an eval that needs more held-out
+  records than the split has (`eval_batches` then cycles, repeating records)."""
+  t, warnings, shorter = config.training, [], []
+  if t.warmup_steps > stage_steps(config):
+    shorter.append(f"a stage's {stage_steps(config)} steps (training.steps_per_stack"
+                   f"{' × epochs_per_stack' if t.epochs_per_stack > 1 else ''})")
+  if t.final_stage and t.warmup_steps > t.final_stage_steps:
+    shorter.append(f"the final stage's {t.final_stage_steps} steps (training.final_stage_steps)")
+  if shorter:
+    warnings.append(("warmup", f"training.warmup_steps={t.warmup_steps} is larger than "
+                               f"{' and '.join(shorter)}: the warm-up is cut to the stage, "
+                               "reaching the peak lr at its last step"))
+  records = getattr(dataloader, "num_val_records", None)   # None: no held-out split of its own
+  needed = t.eval_batches * t.batch_size
+  if records is not None and records < needed:
+    warnings.append(("eval split", f"the held-out split has {records} records of "
+                                   f"training.seq_len={t.seq_len} tokens, fewer than one eval "
+                                   f"reads (training.eval_batches={t.eval_batches} × "
+                                   f"batch_size={t.batch_size} = {needed}): eval repeats records "
+                                   "(more data or a larger data.val_fraction gives it more)"))
+  return warnings
 
 
 def pool_order(training, stage: int, steps: int | None = None) -> np.ndarray:
