@@ -1,5 +1,6 @@
 """stackwise-jax: grow a transformer one stack at a time (see README.md)."""
-from stackwise_jax.config import ConfigError, load_config, validate
+from stackwise_jax.config import load_config, validate
+from stackwise_jax.errors import ConfigError
 from stackwise_jax.progressive import (ProgressiveRackBuilder, ProgressiveTrainer, TimeStepMasking,
                                        load_rack)
 

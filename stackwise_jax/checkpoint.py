@@ -29,9 +29,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from stackwise_jax.config import (ConfigError, check_saveable, from_yaml, stage_steps, to_yaml,
-                                  validate)
+from stackwise_jax.config import check_saveable, from_yaml, stage_steps, to_yaml, validate
 from stackwise_jax.data.tokenizer import special_ids
+from stackwise_jax.errors import ConfigError
 from stackwise_jax.files import directory_bytes, file_error, require_free_space
 from stackwise_jax.trees import key_path
 from stackwise_jax.report import strict_json

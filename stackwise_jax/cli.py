@@ -8,7 +8,8 @@ import contextlib
 import os
 import sys
 
-from stackwise_jax.config import ConfigError, check_saveable, load_config, to_yaml
+from stackwise_jax.config import check_saveable, load_config, to_yaml
+from stackwise_jax.errors import ConfigError
 from stackwise_jax.files import WorkdirBusy, describe_file_error, file_error
 
 _OVERRIDE_PREFIX = "--config."
@@ -115,8 +116,10 @@ def _prepare_train(args, overrides, cleanup):
   from stackwise_jax.progressive import TimeStepMasking
   from stackwise_jax.progressive.masking import check_objective_data
   from stackwise_jax.sharding import make_mesh
+  from stackwise_jax import xla_cache
   config = load_config(args.config, overrides)
   config.training.workdir = args.workdir
+  xla_cache.enable(config)   # process-wide, before anything compiles (JAX checks it once)
   TimeStepMasking(config)   # a custom time mapping must be registered (e.g. by the config file)
   check_saveable(config)    # the run saves its config and checkpoints
   if not args.fresh:   # before the data is read: a bpe:N tokenizer is trained into the workdir
@@ -256,7 +259,7 @@ def _prepare_eval(args):
 
 
 def _eval(args, checkpoints, dataloader, batches) -> int:
-  from stackwise_jax.evaluate import evaluate_run
+  from stackwise_jax.progressive.evaluate import evaluate_run
   from stackwise_jax.report import eval_table, write_json
   try:
     rows = evaluate_run(checkpoints, batches, dataloader, progress=True)
@@ -402,8 +405,8 @@ def _export(args, config, ckpt, out, tokenizer) -> int:
     record = {"workdir": os.path.abspath(args.workdir), "step": ckpt.step,
               "checkpoint": os.path.abspath(ckpt.path), "stage": ckpt.meta["stage"]}
     files = export_hf(rack, out, tokenizer=tokenizer, dtype=args.dtype, record=record)
-    print(f"exported: {out} (Hugging Face Llama: config.json, {', '.join(map(os.path.basename, files))}"
-          ", tokenizer)")
+    names = ", ".join(map(os.path.basename, files))
+    print(f"exported: {out} (Hugging Face Llama: config.json, {names}, tokenizer)")
     return 0
   from stackwise_jax.export import export_rack
   path = export_rack(rack, ckpt.meta["stage"], out, args.format, tokenizer)

@@ -5,7 +5,6 @@ import functools
 import importlib.util
 import math
 import os
-import re
 import sys
 import traceback
 from typing import Any
@@ -15,13 +14,17 @@ import ml_collections
 from ml_collections.config_flags import tuple_parser
 import yaml
 
+from stackwise_jax import upstream, yaml_io
 from stackwise_jax.errors import ConfigError
-# The tables that own allowed names. These modules must not import config (an import cycle).
+# The tables that own allowed names, next to their implementations. None of these modules may
+# import config, or anything under progressive/ (tests/test_imports.py).
+from stackwise_jax.data import tokenizer
+from stackwise_jax.data.sources import SOURCES
+from stackwise_jax.growth import NEW_STACK_INITS, NOT_COPYING
 from stackwise_jax.model.lora import RANK_PATTERNS
 from stackwise_jax.model.stack import COMPUTE_DTYPES
 from stackwise_jax.objectives import OBJECTIVES
 from stackwise_jax.quant import BY_PRECISION, FORMATS, QLORA_TRUNK
-from stackwise_jax.data import tokenizer   # after ConfigError: data/ imports this module
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -86,7 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
   p.new_stack_precision = "full"    # "full" | "bfloat16" | "half" | "nvfp4" | "qlora"
   # How a new stack starts: its own random init, a copy of the trained stack next to it, a copy
   # by progressive stacking (stack j copies j - 2^floor(log2 j)), or as the identity (zeroed
-  # residual writes). See ProgressiveRackBuilder._start.
+  # residual writes). One of growth.NEW_STACK_INITS.
   p.new_stack_init = "random"       # "random" | "copy_last" | "stack" | "identity"
   # A Hugging Face Llama directory whose layers become the first stacks (the trunk new stacks grow
   # on); model sizes and the tokenizer then come from it (stackwise_jax/hf/llama.py). "": none.
@@ -126,7 +129,7 @@ def default_config() -> ml_collections.ConfigDict:
   p.quant_block_size = 64           # int4 block (values per scale) along the contraction axis
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "builtin"         # one of DATA_SOURCES
+  c.data.source = "builtin"         # one of data/sources.py SOURCES
   c.data.paths = ()                 # files or globs; one directory for hf_disk and array_record
   c.data.text_field = "text"        # the documents' field (jsonl, parquet, hf_disk)
   c.data.skip_bad_records = False   # count and skip a bad jsonl line instead of stopping
@@ -209,15 +212,15 @@ def with_fields(config: ml_collections.ConfigDict | None = None,
     for group in groups:
       node = node.setdefault(group, {})
     node[leaf] = value
-  _apply_mapping(config, nested, "")
+  yaml_io.apply_mapping(config, nested, "")
   return validate(config)
 
 
 def _field_paths(node: ml_collections.ConfigDict, prefix: str = ""):
   """Dotted paths of every field (a mapping field such as qlora_configs counts as one)."""
   for key, value in node.items():
-    path = _join(prefix, key)
-    if isinstance(value, ml_collections.ConfigDict) and path not in _MAPPINGS:
+    path = yaml_io.join_path(prefix, key)
+    if isinstance(value, ml_collections.ConfigDict) and path not in yaml_io.MAPPINGS:
       yield from _field_paths(value, path)
     else:
       yield path
@@ -289,82 +292,6 @@ def _error_in_file(path: str, error: Exception) -> Exception:
   return ConfigError(f"{path}:{line}: {text}" if line else f"{path}: {text}")
 
 
-class _YamlLoader(yaml.SafeLoader):
-  """SafeLoader that also reads `3e-4` as a float (PyYAML's YAML 1.1 needs `3.0e-4`), records a
-  key given twice in one mapping in `duplicates` (PyYAML keeps the last one silently; `from_yaml`
-  decides), and refuses any tag it has no constructor for, such as `!!python/object:...` (it
-  never builds Python objects)."""
-
-  def __init__(self, stream):
-    super().__init__(stream)
-    self.duplicates = []   # (key, line of the earlier one, line of the later one), 1-based
-
-  def construct_mapping(self, node, deep=False):
-    lines = {}
-    for key_node, _ in node.value:
-      if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-        key, line = self.construct_object(key_node), key_node.start_mark.line + 1
-        if key in lines:
-          self.duplicates.append((key, lines[key], line))
-        lines[key] = line
-    return super().construct_mapping(node, deep)
-
-  def construct_undefined(self, node):
-    tag = node.tag.replace("tag:yaml.org,2002:", "!!", 1)
-    raise yaml.constructor.ConstructorError(
-        None, None, f"tag {tag} is not allowed: configs are read safely, without Python objects; "
-        "write the plain mapping without the tag", node.start_mark)
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
-_YamlLoader.add_constructor(None, _YamlLoader.construct_undefined)   # unknown tags
-
-
-def _read_yaml(text: str) -> tuple[Any, list]:
-  """(the parsed value, its duplicate keys as `_YamlLoader.duplicates`); yaml.YAMLError if it
-  does not parse."""
-  loader = _YamlLoader(text)
-  try:
-    return loader.get_single_data(), loader.duplicates
-  finally:
-    loader.dispose()
-
-
-def _yaml_value(text: str) -> Any:
-  """A YAML value given on the command line; a key given twice in it is a yaml.YAMLError."""
-  value, duplicates = _read_yaml(text)
-  if duplicates:
-    raise yaml.YAMLError(_duplicate_message(*duplicates[0]))
-  return value
-
-
-def _duplicate_message(key, first: int, second: int) -> str:
-  return (f"duplicate key {key!r} at lines {first} and {second} (YAML would keep only the last); "
-          "allowed: each key once per mapping")
-
-
-def _yaml_error(source: str, text: str, error: yaml.YAMLError) -> ConfigError:
-  """`source:LINE:COL: problem` on one line (PyYAML's own message spans several lines, with a
-  caret under the spot)."""
-  mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
-  if isinstance(error, yaml.reader.ReaderError):   # a character YAML does not allow
-    mark = yaml.Mark(source, error.position, text.count("\n", 0, error.position),
-                     error.position - text.rfind("\n", 0, error.position) - 1, None, None)
-    problem = (f"unacceptable character #x{error.character:04x}: {error.reason}"
-               if isinstance(error.character, int) else error.reason)
-  if mark is None or not problem:
-    return ConfigError(f"{source}: not valid YAML: {' '.join(str(error).split())}")
-  if "'\\t'" in problem:
-    problem += " (YAML indents with spaces, never tabs)"
-  context = getattr(error, "context", None)
-  if context and getattr(error, "context_mark", None) is not None:
-    problem += f" ({context} at line {error.context_mark.line + 1})"
-  return ConfigError(f"{source}:{mark.line + 1}:{mark.column + 1}: {' '.join(problem.split())}")
-
-
 def _load_yaml(path: str) -> ml_collections.ConfigDict:
   try:
     with open(path, encoding="utf-8") as f:
@@ -380,19 +307,18 @@ def from_yaml(text: str, source: str = "<yaml>") -> ml_collections.ConfigDict:
   text in errors and in the warnings it prints on stderr: an empty file, and a duplicate key in
   the original's format (kept last, as the original's PyYAML does; ours refuses one)."""
   try:
-    data, duplicates = _read_yaml(text)
+    data, duplicates = yaml_io.read_yaml(text)
   except yaml.YAMLError as e:
-    raise _yaml_error(source, text, e) from None
+    raise yaml_io.yaml_error(source, text, e) from None
   config = default_config()
   if data is None or data == {}:
     print(f"stackwise-jax: warning: {source}: empty config: every field keeps its default "
           "(stackwise_jax.config.default_config())", file=sys.stderr)
     data = {}
-  from stackwise_jax import upstream   # it imports this module
-  original = upstream.is_original(data)
+  original = upstream.is_original(data, config)
   if duplicates and not original:
     key, first, second = duplicates[0]
-    raise ConfigError(f"{source}:{second}: {_duplicate_message(key, first, second)}")
+    raise ConfigError(f"{source}:{second}: {yaml_io.duplicate_message(key, first, second)}")
   if duplicates:   # the original's own config.yaml has `progressive:` twice under training
     kept = "; ".join(f"{key!r} at lines {first} and {second}" for key, first, second in duplicates)
     print(f"stackwise-jax: warning: {source}: duplicate key {kept}: the last one is used, as the "
@@ -400,31 +326,12 @@ def from_yaml(text: str, source: str = "<yaml>") -> ml_collections.ConfigDict:
   if original:
     upstream.apply(data, config, source)
   else:
-    _apply_mapping(config, data, prefix="")
+    yaml_io.apply_mapping(config, data, prefix="")
   return config
 
 
-# Fields whose value is a mapping with free keys (not a group of named fields).
-_MAPPINGS = ("training.progressive.qlora_configs",)
 # Fields that may hold a callable instead of their default's type (Python API only).
 _CALLABLES = ("training.progressive.custom_time_mapping",)
-
-
-def _apply_mapping(node: ml_collections.ConfigDict, data: Any, prefix: str) -> None:
-  """Copies a nested YAML mapping onto `node`, coercing each value to its default's type."""
-  if not isinstance(data, dict):
-    raise ConfigError(f"{prefix or '<top level>'}={data!r}: expected a mapping of fields; "
-                      f"allowed keys: {', '.join(node.keys())}")
-  for key, value in data.items():
-    path = _join(prefix, key)
-    _check_known(node, key, path, prefix)
-    current = node[key]
-    if path in _MAPPINGS:
-      node[key] = _as_mapping(path, value)
-    elif isinstance(current, ml_collections.ConfigDict):
-      _apply_mapping(current, value, path)
-    else:
-      node[key] = _coerce(path, value, current)
 
 
 def _apply_override(config: ml_collections.ConfigDict, override: str) -> None:
@@ -435,30 +342,24 @@ def _apply_override(config: ml_collections.ConfigDict, override: str) -> None:
   node, prefix = config, ""
   keys = path.split(".")
   for key in keys[:-1]:
-    _check_known(node, key, _join(prefix, key), prefix)
-    node, prefix = node[key], _join(prefix, key)
+    yaml_io.check_known(node, key, yaml_io.join_path(prefix, key), prefix)
+    node, prefix = node[key], yaml_io.join_path(prefix, key)
     if not isinstance(node, ml_collections.ConfigDict):
       raise ConfigError(f"{path}={text!r}: {prefix} is a field, not a group of fields")
   key = keys[-1]
-  _check_known(node, key, path, prefix)
+  yaml_io.check_known(node, key, path, prefix)
   current = node[key]
-  if path in _MAPPINGS:
+  if path in yaml_io.MAPPINGS:
     try:
-      node[key] = _as_mapping(path, _yaml_value(text) if text.strip() else {})
+      node[key] = yaml_io.as_mapping(path, yaml_io.yaml_value(text) if text.strip() else {})
     except yaml.YAMLError as e:
       raise ConfigError(f"{path}={text!r}: expected a mapping, e.g. "
                         f"'{{0: {{rank: 8, alpha: 16}}}}' ({e})") from None
     return
   if isinstance(current, ml_collections.ConfigDict):
     raise ConfigError(f"{path}={text!r}: {path} is a group of fields; override its fields one "
-                      f"by one: {', '.join(_join(path, k) for k in current.keys())}")
-  node[key] = _coerce(path, _parse_text(path, text, current), current)
-
-
-def _as_mapping(path: str, value: Any) -> ml_collections.ConfigDict:
-  if not isinstance(value, (dict, ml_collections.ConfigDict)):
-    raise ConfigError(f"{path}={value!r}: expected a mapping, e.g. {{0: {{rank: 8, alpha: 16}}}}")
-  return ml_collections.ConfigDict(dict(value))
+                      f"by one: {', '.join(yaml_io.join_path(path, k) for k in current.keys())}")
+  node[key] = yaml_io.coerce(path, _parse_text(path, text, current), current)
 
 
 def _parse_text(path: str, text: str, default: Any) -> Any:
@@ -474,9 +375,9 @@ def _parse_text(path: str, text: str, default: Any) -> Any:
       return text
     if isinstance(default, tuple):
       return _parse_tuple(text)
-    return _yaml_value(text)   # A field whose default is None: any YAML literal.
+    return yaml_io.yaml_value(text)   # A field whose default is None: any YAML literal.
   except (ValueError, yaml.YAMLError) as e:
-    raise ConfigError(f"{path}={text!r}: expected {_type_name(default)} ({e})") from None
+    raise ConfigError(f"{path}={text!r}: expected {yaml_io.type_name(default)} ({e})") from None
 
 
 def _parse_tuple(text: str) -> tuple[Any, ...]:
@@ -489,72 +390,17 @@ def _parse_tuple(text: str) -> tuple[Any, ...]:
       return tuple(ast.literal_eval(stripped))
     except (ValueError, SyntaxError):
       # Unquoted YAML flow list, e.g. [a.txt, b/*.txt]; literal_eval rejects it.
-      value = _yaml_value(stripped)
+      value = yaml_io.yaml_value(stripped)
       if isinstance(value, list):
         return tuple(value)
       raise ValueError("not a list") from None
   return tuple_parser.TupleParser().parse(stripped)
 
 
-def _coerce(path: str, value: Any, default: Any) -> Any:
-  """Returns `value` as the type of `default`; ConfigError naming the path if it cannot be."""
-  if value is None:
-    if default is None:
-      return None
-    raise ConfigError(f"{path}=None: null is not allowed here; expected {_type_name(default)}")
-  if default is None:
-    return value
-  if not _type_ok(value, default):
-    raise ConfigError(f"{path}={value!r}: expected {_type_name(default)}")
-  if isinstance(default, float):
-    return float(value)
-  if isinstance(default, tuple):
-    return tuple(value)
-  return value
-
-
-def _type_ok(value: Any, default: Any) -> bool:
-  """Whether `value` may fill a field whose default is `default`; ints fill floats, lists tuples."""
-  if default is None:
-    return True
-  if isinstance(default, bool):
-    return isinstance(value, bool)
-  if isinstance(default, int):
-    return isinstance(value, int) and not isinstance(value, bool)
-  if isinstance(default, float):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-  if isinstance(default, tuple):
-    return isinstance(value, (tuple, list))
-  return isinstance(value, type(default))
-
-
-def _type_name(default: Any) -> str:
-  if isinstance(default, bool):
-    return "a bool (true/false)"
-  if isinstance(default, tuple):
-    return "a list, e.g. [a.txt, b/*.txt]"
-  names = {int: "an int", float: "a float", str: "a string"}
-  return names.get(type(default), type(default).__name__)
-
-
-def _check_known(node: ml_collections.ConfigDict, key: Any, path: str, prefix: str) -> None:
-  if key not in node:
-    raise ConfigError(f"{path}: unknown field; allowed in {prefix or 'the top level'}: "
-                      f"{', '.join(node.keys())}")
-
-
-def _join(prefix: str, key: Any) -> str:
-  return f"{prefix}.{key}" if prefix else str(key)
-
-
 # --- Validation: one flat table of checks. ---
-
-# data.source: where documents come from (data/sources.py); array_record reads `prepare`'s shards.
-DATA_SOURCES = ("builtin", "text", "jsonl", "parquet", "hf_disk", "array_record")
 
 # Building modes: progressive/builder.py grows the rack by them (it imports config, hence here).
 BUILDING_MODES = ("append", "prepend")
-NEW_STACK_INITS = ("random", "copy_last", "stack", "identity")
 
 # The allowed names of each choice field.
 _CHOICES = {
@@ -568,12 +414,12 @@ _CHOICES = {
     "training.progressive.qlora_rank_pattern": RANK_PATTERNS,
     "training.progressive.qlora_alpha_pattern": RANK_PATTERNS,
     "training.progressive.embedding_training": ("auto", "trainable", "frozen"),
-    "training.progressive.new_stack_init": NEW_STACK_INITS,
+    "training.progressive.new_stack_init": tuple(NEW_STACK_INITS),
     "training.progressive.training_objective": tuple(OBJECTIVES),
     "training.progressive.time_interpretation": ("input", "depth"),
     "training.progressive.time_encoding_type": ("sinusoidal", "learned"),
     "training.progressive.stack_time_mapping": ("linear", "exponential", "custom"),
-    "data.source": DATA_SOURCES,
+    "data.source": tuple(SOURCES),
 }
 
 _POSITIVE = (
@@ -633,10 +479,10 @@ _CHECKS = [
     ("training.progressive.mlm_min_ratio", lambda v, c: 0 <= v <= 1, "a float in [0, 1]"),
     ("data.val_fraction", lambda v, c: 0 < v < 1, "a float in (0, 1)"),
     ("training.progressive.cache_device_bytes",
-     lambda v, c: v is None or (_type_ok(v, 1) and v >= 0),
+     lambda v, c: v is None or (yaml_io.type_ok(v, 1) and v >= 0),
      "None (a quarter of a GPU's or TPU's memory, none on a CPU) or an int >= 0"),
     ("training.progressive.mask_token_id",
-     lambda v, c: v is None or (_type_ok(v, 1) and 0 <= v < c.model.vocab_size),
+     lambda v, c: v is None or (yaml_io.type_ok(v, 1) and 0 <= v < c.model.vocab_size),
      "None (the tokenizer's mask id) or an int in [0, model.vocab_size) = "
      "[0, {c.model.vocab_size})"),
     ("data.tokenizer", lambda v, c: tokenizer.is_valid_name(v),
@@ -680,7 +526,8 @@ _CHECKS = [
        f"training.progressive.new_stack_precision={f.precision!r} (the {f.name} block)")
       for f in FORMATS.values()],
     ("training.progressive.new_stack_init", lambda v, c: _copied_stacks_are_float(c),
-     "'random' or 'identity' with new_stack_precision={c.training.progressive.new_stack_precision!r}"
+     " or ".join(map(repr, NOT_COPYING))
+     + " with new_stack_precision={c.training.progressive.new_stack_precision!r}"
      " and trunk_strategy={c.training.progressive.trunk_strategy!r}: a copy needs a float source, "
      "and these store the stacks it would copy quantized (copy_last copies the stack trained "
      "last, before it becomes trunk; stack also copies older trunk stacks)"),
@@ -688,9 +535,9 @@ _CHECKS = [
      "a list of non-empty file paths or globs"),
     *[(p, lambda v, c: v == -1 or v > 0, "a positive int, or -1 for the remaining devices")
       for p in ("mesh.data", "mesh.fsdp")],
-    ("data.paths", lambda v, c: c.data.source == "builtin" or len(v) > 0,
+    ("data.paths", lambda v, c: SOURCES[c.data.source].paths == "any" or len(v) > 0,
      "at least one path when data.source={c.data.source!r}"),
-    ("data.paths", lambda v, c: c.data.source not in ("hf_disk", "array_record") or len(v) == 1,
+    ("data.paths", lambda v, c: SOURCES[c.data.source].paths != "directory" or len(v) == 1,
      "exactly one directory when data.source={c.data.source!r}"),
     ("data.text_field", lambda v, c: bool(v), "a non-empty field name"),
 ]
@@ -700,8 +547,8 @@ def _lora_entry_ok(key: Any, entry: Any) -> bool:
   return (isinstance(key, int) and not isinstance(key, bool) and key >= 0
           and isinstance(entry, (dict, ml_collections.ConfigDict))
           and set(entry.keys()) == {"rank", "alpha"}
-          and _type_ok(entry["rank"], 1) and entry["rank"] > 0
-          and _type_ok(entry["alpha"], 1.0) and 0 < entry["alpha"] < math.inf)
+          and yaml_io.type_ok(entry["rank"], 1) and entry["rank"] > 0
+          and yaml_io.type_ok(entry["alpha"], 1.0) and 0 < entry["alpha"] < math.inf)
 
 
 def _uses_stack_lora(c) -> bool:
@@ -713,12 +560,12 @@ def _copied_stacks_are_float(c) -> bool:
   """Whether the stacks new_stack_init copies are float when copied: a "qlora" stack is int4 from
   its creation; a trunk stack is int4 (qlora trunk) or packed (nvfp4) once it is trunk."""
   p = c.training.progressive
-  if p.new_stack_init not in ("copy_last", "stack"):
+  init = NEW_STACK_INITS[p.new_stack_init]
+  if init.source is None:
     return True
   if p.new_stack_precision == "qlora":
     return False
-  return p.new_stack_init == "copy_last" or (p.trunk_strategy != "qlora"
-                                             and p.new_stack_precision != "nvfp4")
+  return not init.copies_trunk or (p.trunk_strategy != "qlora" and p.new_stack_precision != "nvfp4")
 
 
 def _stored_formats(c) -> list:
@@ -759,17 +606,17 @@ def _check_schema(node: Any, schema: ml_collections.ConfigDict, prefix: str) -> 
   if not isinstance(node, ml_collections.ConfigDict):
     raise ConfigError(f"{prefix}={node!r}: expected a group of fields: {', '.join(schema.keys())}")
   for key in node.keys():
-    _check_known(schema, key, _join(prefix, key), prefix)
+    yaml_io.check_known(schema, key, yaml_io.join_path(prefix, key), prefix)
   for key in schema.keys():
-    path = _join(prefix, key)
+    path = yaml_io.join_path(prefix, key)
     if key not in node:
       raise ConfigError(f"{path}: missing; every field of default_config() is required")
-    if path in _MAPPINGS:
+    if path in yaml_io.MAPPINGS:
       if not isinstance(node[key], (dict, ml_collections.ConfigDict)):
         raise ConfigError(f"{path}={node[key]!r}: expected a mapping")
     elif isinstance(schema[key], ml_collections.ConfigDict):
       _check_schema(node[key], schema[key], path)
     elif path in _CALLABLES and callable(node[key]):
       continue
-    elif not _type_ok(node[key], schema[key]):
-      raise ConfigError(f"{path}={node[key]!r}: expected {_type_name(schema[key])}")
+    elif not yaml_io.type_ok(node[key], schema[key]):
+      raise ConfigError(f"{path}={node[key]!r}: expected {yaml_io.type_name(schema[key])}")

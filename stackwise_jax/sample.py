@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stackwise_jax.config import ConfigError
+from stackwise_jax.errors import ConfigError
 from stackwise_jax.data import tokenizer as tokenizers
 from stackwise_jax.model.rack import Rack
 from stackwise_jax.objectives import OBJECTIVES

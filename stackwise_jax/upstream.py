@@ -18,12 +18,10 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from stackwise_jax.config import _apply_mapping
-from stackwise_jax.config import _coerce
-from stackwise_jax.config import ConfigError
-from stackwise_jax.config import default_config
 from stackwise_jax.data.tokenizer import PAD_ID
+from stackwise_jax.errors import ConfigError
 from stackwise_jax.objectives import OBJECTIVES
+from stackwise_jax.yaml_io import apply_mapping, coerce
 
 IGNORED = None
 
@@ -31,13 +29,13 @@ IGNORED = None
 class _Conversion:
   """One file's conversion: the file's leaves in, our fields and the notes for the warning out."""
 
-  def __init__(self, leaves: dict[str, Any]):
+  def __init__(self, leaves: dict[str, Any], ours: ConfigDict):
     self.leaves = leaves            # the original's key path -> value, as in the file
     self.fields = {}                # our field path -> (value, the original's key that set it)
     self.fallbacks = {}             # the same, for fields no winning key sets
     self.ignored = []               # the original's keys with no equivalent here
     self.not_reproduced = []        # "key=value (what we do instead)"
-    self.ours = default_config()
+    self.ours = ours                # our defaults (config.default_config())
 
   def get(self, key: str) -> Any:
     """The file's value of the original's `key`, else the original's default."""
@@ -47,7 +45,7 @@ class _Conversion:
     """Our field `path` takes `value` (typed as our default) from the original's `key`."""
     default = functools.reduce(getattr, path.split("."), self.ours)
     if not isinstance(default, ConfigDict):   # qlora_configs, a free mapping, has no type
-      value = _coerce(key, value, default)
+      value = coerce(key, value, default)
     target = self.fallbacks if fallback else self.fields
     if path in target and target[path][0] != value:
       other_value, other_key = target[path]
@@ -315,10 +313,9 @@ _ORIGINAL_DEFAULTS = {"model.attention_preset": "bert_style", "training.strategy
 _GROUPS = {key.rsplit(".", i)[0] for key in ORIGINAL for i in range(1, key.count(".") + 1)}
 
 
-def is_original(data: Any) -> bool:
-  """Whether parsed YAML `data` is in the original's schema: it has a key ours does not."""
-  ours = default_config()
-
+def is_original(data: Any, ours: ConfigDict) -> bool:
+  """Whether parsed YAML `data` is in the original's schema: it has a key `ours` (our defaults,
+  `config.default_config()`) does not."""
   def ours_has(path):
     try:
       functools.reduce(lambda node, k: node[k], path.split("."), ours)
@@ -338,13 +335,13 @@ def _paths(data: Any, prefix: str):
 
 
 def apply(data: dict, config, source: str) -> None:
-  """Writes the original's YAML `data` onto `config` (our defaults), not validated; prints the
-  ignored keys and the values we run differently as one line on stderr.
+  """Writes the original's YAML `data` onto `config` (our defaults, `config.default_config()`),
+  not validated; prints the ignored keys and the values we run differently as one line on stderr.
 
   Raises:
     ConfigError: an unknown key, a value we do not implement, two keys that disagree.
   """
-  conv = _Conversion(_leaves(data, ""))
+  conv = _Conversion(_leaves(data, ""), config)
   for key, rule in ORIGINAL.items():
     if key not in conv.leaves:
       continue
@@ -360,7 +357,7 @@ def apply(data: dict, config, source: str) -> None:
   for path, (value, _) in {**conv.fallbacks, **conv.fields}.items():
     *groups, name = path.split(".")
     functools.reduce(lambda node, group: node.setdefault(group, {}), groups, nested)[name] = value
-  _apply_mapping(config, nested, prefix="")
+  apply_mapping(config, nested, prefix="")
   notes = []
   if conv.ignored:
     notes.append(f"ignored, the original's keys with no equivalent here: {', '.join(conv.ignored)}")

@@ -58,7 +58,7 @@ def test_torch_reference_computes_our_logits_and_trains_only_the_new_stack():
   before = [p.detach().clone() for p in model.parameters()]
   torch_reference.StageTrainer(model, lr=1e-2, weight_decay=0.0, grad_clip=1.0).step(torch_tokens)
   new = {id(p) for p in [*model.stacks[-1].parameters(), *model.final_norm.parameters()]}
-  for p, b in zip(model.parameters(), before):
+  for p, b in zip(model.parameters(), before, strict=True):
     assert torch.equal(p, b) != (id(p) in new)
 
 

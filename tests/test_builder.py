@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import micro_config
-from stackwise_jax.config import ConfigError, validate
+from stackwise_jax.config import validate
+from stackwise_jax.errors import ConfigError
 from stackwise_jax.progressive import FROZEN, TRAINABLE, ProgressiveRackBuilder
 from stackwise_jax.progressive.steps import make_optimizer
 

@@ -1,7 +1,6 @@
 """Runs that survive (design §9): resume equals an uninterrupted run, kills and signals lose nothing,
 other configs are refused, unreadable checkpoints fall back, a workdir alone gives the rack."""
 import json
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -12,71 +11,22 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, micro_config
+from conftest import REPO, TRUNKS, assert_same_run, checkpoint_steps, micro_args, text_config, train_run
 from stackwise_jax import ConfigError, load_rack
 from stackwise_jax.checkpoint import RunCheckpoints
 from stackwise_jax.data import make_dataloader
 from stackwise_jax.export import export_rack, load_export
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
-from test_cli import micro_args
-
-TRUNKS = {"frozen": {},
-          "qlora": dict(trunk_strategy="qlora", qlora_enabled=True, progressive_qlora=True,
-                        quant_block_size=16)}
-
-
-def _config(text_corpus, **progressive):
-  config = micro_config(**progressive)
-  config.data.source, config.data.paths = "text", (text_corpus,)
-  config.training.checkpoint_every, config.training.keep_checkpoints = 3, 100
-  config.training.eval_every = 4
-  return config
-
-
-def _train(config, workdir):
-  checkpoints = RunCheckpoints(str(workdir), config, log=lambda _: None)
-  builder = ProgressiveRackBuilder(config)
-  trainer = ProgressiveTrainer(config, progress=False, log=lambda _: None, checkpoints=checkpoints)
-  results = trainer.train_progressively(builder, make_dataloader(config))
-  checkpoints.close()
-  return results, builder.params
-
-
-def train_two_stacks(directory):
-  """A 2-stage causal run (frozen cached trunk, checkpoints at each stage's end) in
-  `directory`/run -> (its workdir, config, results)."""
-  corpus = directory / "corpus.txt"
-  corpus.write_text(" ".join(f"word{i % 37} the quick brown fox" for i in range(3000)))
-  config = _config(str(corpus), target_stacks=2)
-  config.training.checkpoint_every = 0
-  results, _ = _train(config, directory / "run")
-  return directory / "run", config, results
-
-
-def _steps(workdir) -> list[int]:
-  return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
-                if p.name.isdigit())
-
-
-def _assert_same_run(a, b):
-  (results_a, params_a), (results_b, params_b) = a, b
-  assert [s["losses"] for s in results_a["stages"]] == [s["losses"] for s in results_b["stages"]]
-  assert [s["eval_curve"] for s in results_a["stages"]] == [s["eval_curve"] for s in results_b["stages"]]
-  assert ([s["eval_bits_per_byte"] for s in results_a["stages"]]
-          == [s["eval_bits_per_byte"] for s in results_b["stages"]])
-  assert results_a["final_eval_bits_per_byte"] == results_b["final_eval_bits_per_byte"] is not None
-  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
-
 
 @pytest.mark.parametrize("trunk", sorted(TRUNKS))
 def test_resume_mid_stage_equals_the_uninterrupted_run(text_corpus, tmp_path, trunk):
-  config = _config(text_corpus, target_stacks=2, **TRUNKS[trunk])
-  whole = _train(config, tmp_path / "whole")
+  config = text_config(text_corpus, target_stacks=2, **TRUNKS[trunk])
+  whole = train_run(config, tmp_path / "whole")
   if trunk == "frozen":   # checkpointing itself changes nothing
     plain = ProgressiveTrainer(config, progress=False, log=lambda _: None).train_progressively(
         ProgressiveRackBuilder(config), make_dataloader(config))
     assert [s["losses"] for s in whole[0]["stages"]] == [s["losses"] for s in plain["stages"]]
-  steps = _steps(tmp_path / "whole")
+  steps = checkpoint_steps(tmp_path / "whole")
   assert steps == [3, 6, 8, 11, 14, 16]   # every 3 steps and each stage's end (8 steps a stage)
   # Cut the run off after step 11 = stage 2, step 3: a cached stage for the frozen trunk (its
   # cache is rebuilt), streamed through the qlora trunk.
@@ -84,10 +34,10 @@ def test_resume_mid_stage_equals_the_uninterrupted_run(text_corpus, tmp_path, tr
   for step in steps:
     if step > 11:
       shutil.rmtree(tmp_path / "cut" / "checkpoints" / str(step))
-  resumed = _train(config, tmp_path / "cut")
+  resumed = train_run(config, tmp_path / "cut")
   assert resumed[0]["stages"][1]["activation_mode"] == (
       "cached" if trunk == "frozen" else "streamed")
-  _assert_same_run(whole, resumed)
+  assert_same_run(whole, resumed)
 
 
 def test_checkpoints_written_in_the_background_equal_blocking_ones(text_corpus, tmp_path):
@@ -95,9 +45,9 @@ def test_checkpoints_written_in_the_background_equal_blocking_ones(text_corpus, 
   # from: every checkpoint must still hold its own step's state, as a blocking save does.
   runs = {}
   for background in (True, False):
-    config = _config(text_corpus, target_stacks=2)
+    config = text_config(text_corpus, target_stacks=2)
     config.training.checkpoint_every, config.training.async_checkpointing = 1, background
-    _train(config, tmp_path / str(background))
+    train_run(config, tmp_path / str(background))
     runs[background] = RunCheckpoints(str(tmp_path / str(background)), config, log=print)
   assert runs[True].steps() == runs[False].steps() == list(range(1, 17))
   for step in runs[True].steps():
@@ -111,28 +61,28 @@ def test_checkpoints_written_in_the_background_equal_blocking_ones(text_corpus, 
 @pytest.mark.slow
 def test_resume_at_a_stage_end_grows_past_the_old_target(text_corpus, tmp_path):
   # Time as input: a stack's time step does not depend on how many stacks the run grows to.
-  config = _config(text_corpus, time_interpretation="input")
-  whole = _train(config, tmp_path / "whole")
+  config = text_config(text_corpus, time_interpretation="input")
+  whole = train_run(config, tmp_path / "whole")
   short = config.copy_and_resolve_references()
   short.training.progressive.target_stacks = 2
-  _train(short, tmp_path / "grown")
-  _assert_same_run(whole, _train(config, tmp_path / "grown"))
+  train_run(short, tmp_path / "grown")
+  assert_same_run(whole, train_run(config, tmp_path / "grown"))
 
 
 def test_growing_a_time_as_depth_run_is_refused_naming_the_fields(text_corpus, tmp_path):
   # Time as depth spreads the time steps over target_stacks: more stacks re-time the old ones.
-  config = _config(text_corpus, target_stacks=1)
-  _train(config, tmp_path)
+  config = text_config(text_corpus, target_stacks=1)
+  train_run(config, tmp_path)
   grown = config.copy_and_resolve_references()
   grown.training.progressive.target_stacks = 2
   with pytest.raises(ValueError, match=r"target_stacks=2: .* time steps \[0\]; with "
                                        r"time_interpretation='depth' .* allowed: target_stacks=1"):
-    _train(grown, tmp_path)
+    train_run(grown, tmp_path)
 
 
 def test_checkpoint_from_another_config_is_refused_naming_the_field(text_corpus, tmp_path):
-  config = _config(text_corpus, target_stacks=2)
-  _train(config, tmp_path)
+  config = text_config(text_corpus, target_stacks=2)
+  train_run(config, tmp_path)
   before = {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*")}
   for field, value, needle in [("model.d_model", 64, "model.d_model: 32 there, 64 now"),
                                ("model.vocab_size", 300, "model.vocab_size"),
@@ -162,8 +112,8 @@ def test_a_run_saved_with_the_old_explicit_mask_id_is_the_same_config():
 
 
 def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(text_corpus, tmp_path):
-  config = _config(text_corpus, target_stacks=2)
-  _train(config, tmp_path)
+  config = text_config(text_corpus, target_stacks=2)
+  train_run(config, tmp_path)
   latest = tmp_path / "checkpoints" / "16"
   for f in (latest / "params").rglob("*"):
     if f.is_file() and f.stat().st_size > 0:
@@ -179,9 +129,9 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(text_corpus
 
 
 def test_a_workdir_alone_gives_the_final_rack(text_corpus, tmp_path):
-  config = _config(text_corpus, target_stacks=2, new_stack_precision="nvfp4")
+  config = text_config(text_corpus, target_stacks=2, new_stack_precision="nvfp4")
   config.training.checkpoint_every = 0   # stage ends only
-  _, params = _train(config, tmp_path)
+  _, params = train_run(config, tmp_path)
   rack = load_rack(str(tmp_path))
   assert rack.order == ("stack_0", "stack_1") and rack.specs[0].packed
   jax.tree.map(np.testing.assert_array_equal, rack.params, params)
@@ -215,7 +165,7 @@ def _cli_args(text_corpus, workdir):
 def _wait_for_step(workdir, step, process, timeout=240):
   deadline = time.time() + timeout
   while time.time() < deadline:
-    if (workdir / "checkpoints").is_dir() and any(s >= step for s in _steps(workdir)):
+    if (workdir / "checkpoints").is_dir() and any(s >= step for s in checkpoint_steps(workdir)):
       return
     assert process.poll() is None, process.communicate()
     time.sleep(0.05)

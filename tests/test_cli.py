@@ -6,23 +6,14 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import MICRO, REPO, micro_args
 from stackwise_jax.cli import main
 
 RESULT_KEYS = {"stage", "stack_index", "building_mode", "time_step", "mask_ratio", "steps",
                "loss_start", "loss_end", "eval_loss", "eval_bits_per_byte", "tokens_per_s",
                "seconds", "trainable_params", "frozen_params", "lora_params", "cache_bytes",
                "activation_mode"}
-MICRO = ["--config.model.d_model=32", "--config.model.n_heads=2", "--config.model.n_kv_heads=2",
-         "--config.model.d_ff=64", "--config.training.batch_size=4", "--config.training.seq_len=16",
-         "--config.training.steps_per_stack=6", "--config.training.eval_batches=1",
-         "--config.training.progressive.target_stacks=2"]
 
-
-def micro_args(text_corpus, workdir):
-  return ["train", "--config", str(REPO / "configs/tiny.py"), "--workdir", str(workdir),
-          "--no-progress", "--config.data.source=text", f"--config.data.paths=('{text_corpus}',)",
-          *MICRO]
 
 
 def test_train_writes_results_json_and_prints_summary(text_corpus, tmp_path, capsys):

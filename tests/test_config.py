@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import pytest
 
 from stackwise_jax.config import BUILDING_MODES
-from stackwise_jax.config import ConfigError
 from stackwise_jax.config import default_config
 from stackwise_jax.config import load_config
 from stackwise_jax.config import to_yaml
 from stackwise_jax.config import validate
+from stackwise_jax.errors import ConfigError
 from stackwise_jax.model.lora import RANK_PATTERNS
 from stackwise_jax.model.stack import COMPUTE_DTYPES
 from stackwise_jax.model.stack import Stack

@@ -53,7 +53,7 @@ def _take(it, n):
 def _same_batches(a, b) -> bool:
   return len(a) == len(b) and all(
       np.array_equal(x["tokens"], y["tokens"]) and np.array_equal(x["example_id"], y["example_id"])
-      for x, y in zip(a, b))
+      for x, y in zip(a, b, strict=True))
 
 
 @pytest.fixture

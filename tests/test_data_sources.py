@@ -10,7 +10,8 @@ import pytest
 from conftest import REPO, micro_config
 from stackwise_jax.checkpoint import RunCheckpoints
 from stackwise_jax.cli import main
-from stackwise_jax.config import ConfigError, default_config
+from stackwise_jax.config import default_config
+from stackwise_jax.errors import ConfigError
 from stackwise_jax.data import EOS_ID, make_dataloader
 from stackwise_jax.data import prepared
 from stackwise_jax.data.prepared import prepare
@@ -73,7 +74,7 @@ def _take(it, n):
 
 def _assert_same_batches(a, b):
   assert len(a) == len(b)
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=True):
     np.testing.assert_array_equal(x["tokens"], y["tokens"])
     np.testing.assert_array_equal(x["example_id"], y["example_id"])
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import micro_config
 from stackwise_jax.data import make_dataloader
 from stackwise_jax.data.tokenizer import BYTES
-from stackwise_jax.evaluate import eval_example, evaluate
+from stackwise_jax.progressive.evaluate import eval_example, evaluate
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer, TimeStepMasking
 
 

@@ -12,11 +12,10 @@ from stackwise_jax import load_rack
 from stackwise_jax.cli import main
 from stackwise_jax.data import make_dataloader
 from stackwise_jax.data.tokenizer import BYTES
-from stackwise_jax.evaluate import eval_example
+from stackwise_jax.progressive.evaluate import eval_example
 from stackwise_jax.export import export_rack, load_export
 from stackwise_jax.progressive import ProgressiveRackBuilder, TimeStepMasking
-from conftest import micro_config
-from test_checkpoint import train_two_stacks
+from conftest import micro_config, train_two_stacks
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +68,8 @@ def test_eval_reports_each_stage_rack_as_its_training_did(trained, capsys):
   assert main(["eval", "--workdir", str(workdir)]) == 0
   rows = json.loads((workdir / "eval.json").read_text())["racks"]
   assert [(r["stage"], r["stacks"]) for r in rows] == [(1, ["stack_0"]), (2, ["stack_0", "stack_1"])]
-  for row, stage in zip(rows, results["stages"]):   # the trainer evaluated the same examples
+  # The trainer evaluated the same examples.
+  for row, stage in zip(rows, results["stages"], strict=True):
     np.testing.assert_allclose(row["loss"], stage["eval_loss"], rtol=1e-5)
     np.testing.assert_allclose(row["perplexity"], np.exp(row["loss"]), rtol=1e-6)
     np.testing.assert_allclose(row["bits_per_byte"], stage["eval_bits_per_byte"], rtol=1e-5)

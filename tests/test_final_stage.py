@@ -9,17 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, micro_config, write_corpus
+from conftest import REPO, micro_args, micro_config, write_corpus
 from stackwise_jax import ConfigError, load_rack
 from stackwise_jax.checkpoint import RunCheckpoints, open_run
 from stackwise_jax.cli import main
 from stackwise_jax.config import load_config
 from stackwise_jax.data import make_dataloader
-from stackwise_jax.evaluate import evaluate_run
+from stackwise_jax.progressive.evaluate import evaluate_run
 from stackwise_jax.plots import _eval_by_depth, _loss, _stage_cost
 from stackwise_jax.progressive import FROZEN, TRAINABLE, ProgressiveRackBuilder, ProgressiveTrainer
 from stackwise_jax.progressive.stages import grow
-from test_cli import micro_args
 
 TINY = str(REPO / "configs/tiny.py")
 TRUNKS = {"frozen": {},

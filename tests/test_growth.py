@@ -8,7 +8,8 @@ import pytest
 
 from conftest import micro_config
 from stackwise_jax import ProgressiveRackBuilder, ProgressiveTrainer
-from stackwise_jax.config import ConfigError, validate
+from stackwise_jax.config import validate
+from stackwise_jax.errors import ConfigError
 
 
 def _builder(init, mode="append", **progressive):
@@ -73,7 +74,7 @@ def test_copy_last_copies_the_trained_stack_next_to_the_new_one(mode, source):
   assert builder.init_sources[new.name] == source
   position = [s.name for s in builder.specs].index(new.name)
   assert builder.specs[position + (-1 if mode == "append" else 1)].name == source
-  for a, b in zip(_leaves(builder, new.name), _leaves(builder, source)):
+  for a, b in zip(_leaves(builder, new.name), _leaves(builder, source), strict=True):
     np.testing.assert_array_equal(a, b)
   # independent copies: changing the new stack leaves its source as it was
   kept = _leaves(builder, source)
@@ -81,7 +82,7 @@ def test_copy_last_copies_the_trained_stack_next_to_the_new_one(mode, source):
   stacks = dict(params["stacks"])
   stacks[new.name] = jax.tree.map(lambda x: x * 2 + 1, stacks[new.name])
   builder.update_params({**params, "stacks": stacks})
-  for a, b in zip(_leaves(builder, source), kept):
+  for a, b in zip(_leaves(builder, source), kept, strict=True):
     np.testing.assert_array_equal(a, b)
 
 
@@ -95,7 +96,8 @@ def test_stack_copies_by_progressive_stacking():
   for j, source in want.items():
     new = builder.add_stack()
     assert (new.index, builder.init_sources[new.name]) == (j, f"stack_{source}")
-    for a, b in zip(_leaves(builder, new.name), _leaves(builder, f"stack_{source}")):
+    for a, b in zip(_leaves(builder, new.name), _leaves(builder, f"stack_{source}"),
+                    strict=True):
       np.testing.assert_array_equal(a, b)
     _train(builder, new)
 
@@ -116,9 +118,11 @@ def test_a_copied_stack_trains_apart_from_its_frozen_source(text_corpus):
                                                          {"stack_1": "stack_0"}]
   assert {s["new_stack_init"] for s in results["stages"]} == {"copy_last"}
   after_stage_1 = _leaves(one, "stack_0")
-  for a, b in zip(_leaves(two, "stack_0"), after_stage_1):   # frozen: as stage 1 left it
+  # frozen: as stage 1 left it
+  for a, b in zip(_leaves(two, "stack_0"), after_stage_1, strict=True):
     np.testing.assert_allclose(a, b.astype(a.dtype), rtol=0, atol=0)
-  moved = [np.abs(a - b).max() for a, b in zip(_leaves(two, "stack_1"), after_stage_1)]
+  moved = [np.abs(a - b).max()
+           for a, b in zip(_leaves(two, "stack_1"), after_stage_1, strict=True)]
   assert min(moved) > 0   # every leaf of the copy trained away from its source
 
 
@@ -148,7 +152,7 @@ def test_growth_with_a_qlora_trunk():
   builder = _builder("copy_last", trunk_strategy="qlora", qlora_enabled=True, quant_block_size=32)
   _trained_stack(builder)
   new = builder.add_stack()
-  for a, b in zip(_leaves(builder, new.name), _leaves(builder, "stack_0")):
+  for a, b in zip(_leaves(builder, new.name), _leaves(builder, "stack_0"), strict=True):
     np.testing.assert_array_equal(a, b)
   builder.freeze_all_but_qlora()   # the source becomes int4 trunk; the copy stays float
   assert builder.specs[0].quantized and not builder.specs[1].quantized

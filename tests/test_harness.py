@@ -16,13 +16,12 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from stackwise_jax import load_rack  # noqa: E402
 from stackwise_jax.cli import main  # noqa: E402
-from stackwise_jax.config import ConfigError  # noqa: E402
+from stackwise_jax.errors import ConfigError  # noqa: E402
 from stackwise_jax.data.tokenizer import BYTES, load_tokenizer  # noqa: E402
 from stackwise_jax.hf.harness import RackLM, padded_length  # noqa: E402
 from stackwise_jax.progressive import ProgressiveRackBuilder  # noqa: E402
 from stackwise_jax.sample import generate  # noqa: E402
-from conftest import micro_config  # noqa: E402
-from test_checkpoint import train_two_stacks  # noqa: E402
+from conftest import micro_config, train_two_stacks  # noqa: E402
 
 CHOICE_YAML = """task: tiny_choice
 dataset_path: json
@@ -291,6 +290,7 @@ def test_rack_and_its_hugging_face_export_score_the_same_under_lm_eval(trained, 
 
 
 def test_training_and_plain_eval_do_not_import_lm_eval():
-  code = ("import sys; import stackwise_jax.cli, stackwise_jax.evaluate, stackwise_jax.sample, "
-          "stackwise_jax.progressive.trainer; assert 'lm_eval' not in sys.modules")
+  code = ("import sys; import stackwise_jax.cli, stackwise_jax.progressive.evaluate, "
+          "stackwise_jax.sample, stackwise_jax.progressive.trainer; "
+          "assert 'lm_eval' not in sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True)

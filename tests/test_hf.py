@@ -11,16 +11,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from stackwise_jax import ConfigError, ProgressiveRackBuilder, ProgressiveTrainer  # noqa: E402
+from stackwise_jax import ConfigError, ProgressiveRackBuilder  # noqa: E402
 from stackwise_jax.cli import main  # noqa: E402
-from stackwise_jax.data import make_dataloader  # noqa: E402
 from stackwise_jax.data.tokenizer import BYTES, load_file, train_bpe  # noqa: E402
 from stackwise_jax.hf.llama import export_hf  # noqa: E402
 from stackwise_jax.quant import is_stored_leaf  # noqa: E402
 from stackwise_jax.trees import plain_keys  # noqa: E402
 from stackwise_jax.sample import generate  # noqa: E402
-from conftest import micro_config, write_corpus  # noqa: E402
-from test_checkpoint import TRUNKS, _assert_same_run, _config, _train  # noqa: E402
+from conftest import (TRUNKS, assert_same_run, micro_config, text_config, train_run,  # noqa: E402
+                      write_corpus)
 
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 24)).astype(np.int32)
 MIXED_TEXT = "def f(x):\n\treturn x  # ünïcödé, naïve café 😀🚀\r\nEnd."
@@ -179,7 +178,7 @@ def test_exported_tokenizer_encodes_to_our_ids(tmp_path, kind):
   ids = theirs(MIXED_TEXT)["input_ids"]
   np.testing.assert_array_equal(ids, tokenizer.encode(MIXED_TEXT))
   assert theirs.decode(ids) == tokenizer.decode(ids) == MIXED_TEXT
-  assert theirs.bos_token_id == tokenizer.special.bos and theirs.eos_token_id == tokenizer.special.eos
+  assert (theirs.bos_token_id, theirs.eos_token_id) == (tokenizer.special.bos, tokenizer.special.eos)
   config = json.loads((out / "config.json").read_text())
   assert (config["bos_token_id"], config["pad_token_id"]) == (tokenizer.special.bos,
                                                              tokenizer.special.pad)
@@ -205,7 +204,7 @@ def _saved_llama(directory, layers=4, tie=False):
 
 def test_imported_llama_grows_and_exports_again(tmp_path):
   model = _saved_llama(tmp_path / "llama")
-  config = _config(write_corpus(tmp_path), target_stacks=4, new_stack_init="identity")
+  config = text_config(write_corpus(tmp_path), target_stacks=4, new_stack_init="identity")
   config.model.n_blocks_per_stack = 2
   builder = ProgressiveRackBuilder.from_pretrained(str(tmp_path / "llama"), config)
   assert builder.config.model.attention == "gqa" and builder.config.model.rope_theta == 500.0
@@ -216,8 +215,9 @@ def test_imported_llama_grows_and_exports_again(tmp_path):
   _assert_close(rack(rack.params, TOKENS[:, :16]), theirs, 1e-4)
   imported = jax.tree.map(np.asarray, builder.params["stacks"])
 
-  results, params = _train(builder.config, tmp_path / "run")   # from init_from, as the CLI does
-  assert len(results["stages"]) == 2 and sorted(params["stacks"]) == [f"stack_{i}" for i in range(4)]
+  results, params = train_run(builder.config, tmp_path / "run")   # from init_from, as the CLI does
+  assert len(results["stages"]) == 2
+  assert sorted(params["stacks"]) == [f"stack_{i}" for i in range(4)]
   # Identity growth: the grown model starts as the pretrained one (its first loss, its trunk).
   for name, tree in imported.items():
     jax.tree.map(np.testing.assert_array_equal, tree,
@@ -234,14 +234,14 @@ def test_imported_llama_grows_and_exports_again(tmp_path):
 
 def test_an_imported_qlora_trunk_resumes_exactly_and_samples(tmp_path, capsys):
   _saved_llama(tmp_path / "llama", layers=2)
-  config = _config(write_corpus(tmp_path), target_stacks=3, **TRUNKS["qlora"])
+  config = text_config(write_corpus(tmp_path), target_stacks=3, **TRUNKS["qlora"])
   config.training.progressive.init_from = str(tmp_path / "llama")
-  whole = _train(config, tmp_path / "whole")
+  whole = train_run(config, tmp_path / "whole")
   assert [s["activation_mode"] for s in whole[0]["stages"]] == ["streamed"]   # a LoRA trunk
   shutil.copytree(tmp_path / "whole", tmp_path / "cut")
   for step in (6, 8):   # cut off at step 3 of the one stage
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / str(step))
-  _assert_same_run(whole, _train(config, tmp_path / "cut"))
+  assert_same_run(whole, train_run(config, tmp_path / "cut"))
   capsys.readouterr()
   assert main(["sample", "--workdir", str(tmp_path / "cut"), "--prompt", "the quick",
                "--max-new-tokens", "8"]) == 0
@@ -292,8 +292,8 @@ def test_bad_init_from_exits_2_with_one_line(tmp_path, capsys, monkeypatch, case
 
 
 def test_hf_export_of_a_masked_rack_exits_2(tmp_path, capsys):
-  config = _config(write_corpus(tmp_path), target_stacks=1, training_objective="mlm")
-  _train(config, tmp_path / "run")
+  config = text_config(write_corpus(tmp_path), target_stacks=1, training_objective="mlm")
+  train_run(config, tmp_path / "run")
   assert main(["export", "--workdir", str(tmp_path / "run"), "--format", "hf"]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "--format safetensors keeps" in err, err

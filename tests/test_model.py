@@ -4,51 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import micro_config
+from conftest import micro_config, reference_logits
 from stackwise_jax.model import layers
 from stackwise_jax.model.layers import attend, attention_scores, causal_query_chunks
 from stackwise_jax.progressive import ProgressiveRackBuilder
 
 
-def reference_logits(params, config, order, tokens, causal):
-  """Pre-norm RoPE transformer written directly against the params dicts (fp32, no NNX)."""
-  m = config.model
-  hd = m.d_model // m.n_heads
 
-  def rms(x, scale):
-    return x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + m.norm_eps) * scale
-
-  def rope(x):                      # x: [B, T, H, hd]
-    t, half = x.shape[1], hd // 2
-    inv = m.rope_theta ** (-np.arange(half) / half)
-    ang = np.arange(t)[:, None] * inv[None, :]
-    cos, sin = np.cos(ang)[None, :, None, :], np.sin(ang)[None, :, None, :]
-    x1, x2 = x[..., :half], x[..., half:]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
-
-  def attention(x, p):
-    b, t, _ = x.shape
-    q = rope((x @ p["q"]["kernel"]).reshape(b, t, m.n_heads, hd))
-    k = rope((x @ p["k"]["kernel"]).reshape(b, t, m.n_kv_heads, hd))
-    v = (x @ p["v"]["kernel"]).reshape(b, t, m.n_kv_heads, hd)
-    rep = m.n_heads // m.n_kv_heads
-    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd)
-    if causal:
-      scores = jnp.where(np.tril(np.ones((t, t), bool)), scores, -1e30)
-    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v).reshape(b, t, -1)
-    return out @ p["o"]["kernel"]
-
-  eh = params["embed_head"]
-  x = eh["embed"]["embedding"][tokens]
-  for name in order:
-    for blk in params["stacks"][name]["blocks"].values():
-      x = x + attention(rms(x, blk["attn_norm"]["scale"]), blk["attn"])
-      f = blk["ffn"]
-      h = rms(x, blk["ffn_norm"]["scale"])
-      x = x + (jax.nn.silu(h @ f["gate"]["kernel"]) * (h @ f["up"]["kernel"])) @ f["down"]["kernel"]
-  x = rms(x, eh["final_norm"]["scale"])
-  return x @ eh["embed"]["embedding"].T
 
 
 @pytest.mark.parametrize("objective,attention,n_kv", [("clm", "mha", 2), ("mlm", "mha", 2),

@@ -13,8 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import write_corpus
-from test_cli import micro_args
+from conftest import micro_args, write_corpus
 
 # ~75 s of a CI worker (two processes compiling twice over): run with `python -m pytest -m slow`.
 pytestmark = pytest.mark.slow

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from conftest import write_corpus
+from conftest import micro_args, write_corpus
 from stackwise_jax.cli import main
 from stackwise_jax.plots import PLOTS, _eval_by_depth, _loss, _stage_cost
 from stackwise_jax.report import PHASES
-from test_cli import micro_args
 
 
 @pytest.fixture(scope="module")

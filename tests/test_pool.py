@@ -7,12 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import micro_config
+from conftest import assert_same_run, checkpoint_steps, micro_args, micro_config
 from stackwise_jax.checkpoint import RunCheckpoints
 from stackwise_jax.data import make_dataloader
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
 from stackwise_jax.progressive import caching
-from test_checkpoint import _assert_same_run, _steps
 
 
 def pool_config(text_corpus, epochs=2, **progressive):
@@ -98,14 +97,14 @@ def test_a_pool_run_resumes_mid_stage_to_identical_losses(text_corpus, tmp_path)
   config = pool_config(text_corpus, target_stacks=3)
   config.training.checkpoint_every, config.training.keep_checkpoints = 5, 100
   whole = _run(config, tmp_path / "whole")
-  steps = _steps(tmp_path / "whole")
+  steps = checkpoint_steps(tmp_path / "whole")
   # Every 5 steps within a stage and each stage's end (2 epochs x 8 steps = 16 steps a stage).
   assert steps == [5, 10, 15, 16, 21, 26, 31, 32, 37, 42, 47, 48]
   shutil.copytree(tmp_path / "whole", tmp_path / "cut")
   for step in steps:
     if step > 37:   # cut at stage 3, step 5
       shutil.rmtree(tmp_path / "cut" / "checkpoints" / str(step))
-  _assert_same_run(whole, _run(config, tmp_path / "cut"))
+  assert_same_run(whole, _run(config, tmp_path / "cut"))
 
 
 def test_equal_cached_stages_share_one_compiled_train_step(text_corpus, caplog):
@@ -209,7 +208,6 @@ def test_a_run_fills_the_compilation_cache_and_a_rerun_compiles_nothing_new(text
   import subprocess
   import sys
   from conftest import REPO
-  from test_cli import micro_args
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
   env.update(STACKWISE_COMPILATION_CACHE=str(tmp_path / "xla"), PYTHONPATH=str(REPO))
   entries = []

@@ -9,7 +9,7 @@ import qwix
 
 from conftest import micro_config
 from stackwise_jax import ProgressiveRackBuilder, validate
-from stackwise_jax.config import ConfigError
+from stackwise_jax.errors import ConfigError
 from stackwise_jax.model import COMPUTE_DTYPES
 from stackwise_jax.quant import FORMATS, nvfp4
 from stackwise_jax.trees import leaf_bytes

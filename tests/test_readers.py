@@ -138,3 +138,12 @@ def test_train_still_moves_a_damaged_checkpoint_aside(finished, tmp_path, capsys
   assert "is unreadable" in capsys.readouterr().err
   names = os.listdir(workdir / "checkpoints")
   assert any(n.startswith("16.unreadable-") for n in names) and "16" in names   # retrained
+
+
+def test_prepare_reads_its_inputs_and_writes_only_its_out(finished, tmp_path, capsys):
+  corpus = finished[1].parent   # the config and its text files
+  before = _state(corpus, outputs=("run",))
+  assert main(["prepare", "--config", str(finished[1]), "--out", str(tmp_path / "prepared"),
+               "--no-progress"]) == 0, capsys.readouterr().err
+  assert _state(corpus, outputs=("run",)) == before
+  assert (tmp_path / "prepared" / "manifest.json").exists()

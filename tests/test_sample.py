@@ -6,14 +6,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import micro_config
+from conftest import micro_config, text_config, train_run
 from stackwise_jax import ConfigError
 from stackwise_jax.cli import main
 from stackwise_jax.data import make_dataloader
 from stackwise_jax.data.tokenizer import MASK_ID, decode, encode
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
 from stackwise_jax.sample import generate, parse_infill, prompt_batch, unmask
-from test_checkpoint import _config, _train
 
 
 def _rack(trunk="frozen", **progressive):
@@ -168,9 +167,9 @@ def workdirs(tmp_path_factory):
   corpus.write_text(" ".join(f"word{i % 37} the quick brown fox" for i in range(3000)))
   runs = {}
   for objective in ("clm", "mlm"):
-    config = _config(str(corpus), target_stacks=2, training_objective=objective)
+    config = text_config(str(corpus), target_stacks=2, training_objective=objective)
     config.training.checkpoint_every = 0
-    _train(config, tmp / objective)
+    train_run(config, tmp / objective)
     runs[objective] = tmp / objective
   return runs
 

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from stackwise_jax import ProgressiveRackBuilder, TimeStepMasking
-from stackwise_jax.config import ConfigError, default_config, validate
+from stackwise_jax.config import default_config, validate
+from stackwise_jax.errors import ConfigError
 from stackwise_jax.data import tokenizer as tk
+from conftest import micro_args
 
 TEXT = "def f(x):\n    return x + 1  # héllo ✓ 日本 🙂\n\n\tdone = True\n"
 CORPUS = [TEXT * 3] + [f"line {i}: the quick brown fox jumps over the lazy dog {i * i}\n" * 5
@@ -228,7 +230,6 @@ def test_a_bpe_run_trains_samples_text_and_exports_its_tokenizer(text_corpus, tm
   """The CLI end to end with data.tokenizer='bpe:300': trained on the train split and saved in
   the workdir, reused by sample (which prints text) and copied by export."""
   from stackwise_jax.cli import main
-  from test_cli import micro_args
   run = tmp_path / "run"
   bpe_args = ["--config.data.tokenizer=bpe:300", "--config.model.vocab_size=300"]
   assert main([*micro_args(text_corpus, run), *bpe_args]) == 0

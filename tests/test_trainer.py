@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import micro_config
-from test_model import reference_logits
+from conftest import micro_config, reference_logits
 from stackwise_jax.data.tokenizer import special_ids
 from stackwise_jax.data import make_dataloader
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
@@ -27,6 +26,7 @@ def snapshot(tree):
 
 
 def changed(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)   # zip would stop at the shorter
   return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 

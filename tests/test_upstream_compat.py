@@ -16,7 +16,8 @@ import yaml
 from conftest import REPO
 from stackwise_jax import ProgressiveRackBuilder, TimeStepMasking
 from stackwise_jax.cli import main
-from stackwise_jax.config import ConfigError, default_config, load_config
+from stackwise_jax.config import default_config, load_config
+from stackwise_jax.errors import ConfigError
 from stackwise_jax.upstream import IGNORED
 from stackwise_jax.upstream import ORIGINAL
 from stackwise_jax.data.tokenizer import special_ids

@@ -7,7 +7,7 @@ import numpy as np
 from stackwise_jax import quant
 from stackwise_jax.config import load_config
 from stackwise_jax.data import make_dataloader
-from stackwise_jax.evaluate import eval_example, evaluate
+from stackwise_jax.progressive.evaluate import eval_example, evaluate
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
 from stackwise_jax.trees import tree_bytes
 

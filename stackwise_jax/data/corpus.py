@@ -11,7 +11,7 @@ import os
 import pathlib
 import sysconfig
 
-from stackwise_jax.config import ConfigError
+from stackwise_jax.errors import ConfigError
 
 _SKIPPED_DIRS = ("site-packages", "dist-packages")   # installed packages are not the stdlib
 
@@ -73,7 +73,7 @@ def split_files(files: Sequence[pathlib.Path],
   came out empty the file with the smallest u moves there, if train did the one with the largest u.
 
   A single file cannot be split by file: it is returned as ([file], []), and the pipeline holds out
-  the last `val_fraction` of that file's tokens instead (`pipeline.split_tokens`).
+  the last `val_fraction` of that file's tokens instead (`packing.split_tokens`).
 
   Args:
     files: the corpus files, e.g. from `builtin_corpus_files()` or `text_files()`.

@@ -18,7 +18,8 @@ import numpy as np
 import tqdm
 
 from stackwise_jax.data import tokenizer as tokenizers
-from stackwise_jax.data.pipeline import Corpus, Split, build_corpus
+from stackwise_jax.data.packing import Corpus, Split, build_corpus
+from stackwise_jax.data.sources import DOCUMENT_SOURCES, PREPARED_SOURCES
 from stackwise_jax.errors import ConfigError
 
 MANIFEST = "manifest.json"
@@ -36,13 +37,13 @@ def prepare(config, out: str, progress: bool = True, log=print) -> dict:
   A "bpe:N" tokenizer is trained on the train split and saved to out/tokenizer.json.
 
   Raises:
-    ConfigError (a ValueError): data.source='array_record', `out` already prepared, or what
+    ConfigError (a ValueError): a prepared source (array_record), `out` already prepared, or what
       `make_dataloader` refuses (bad rows, missing files, no val record).
   """
   data, seq_len = config.data, config.training.seq_len
-  if data.source == "array_record":
-    raise ConfigError("data.source='array_record': that data is prepared already; allowed: a "
-                      "source of documents (builtin, text, jsonl, parquet, hf_disk)")
+  if data.source in PREPARED_SOURCES:
+    raise ConfigError(f"data.source={data.source!r}: that data is prepared already; allowed: a "
+                      f"source of documents ({', '.join(DOCUMENT_SOURCES)})")
   if os.path.exists(os.path.join(out, MANIFEST)):
     raise ConfigError(f"--out {out}: already holds prepared data ({MANIFEST}); allowed: a new "
                       "or empty directory")

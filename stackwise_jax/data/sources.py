@@ -1,12 +1,16 @@
-"""Documents of a row source (design §10): jsonl or parquet files, or a `datasets.save_to_disk`
-directory. A document is one row's `data.text_field`, a string.
+"""Where a run's documents come from (design §10): `SOURCES`, one row per `data.source`, which
+config validation (its allowed names and data.paths), the corpus (data/packing.py), `prepare` and
+README's data table (a test checks it) all read; and the readers of the row sources.
 
-Rows are read in order: the files of `data.paths` sorted (as for text files), each file's rows in
-its order. A row whose text is empty holds no document: it is counted and skipped. A jsonl line
-that is not JSON, lacks the field, or holds a non-string there is a ConfigError naming `file:line`,
-or with `data.skip_bad_records` is counted and skipped (blank lines are ignored). parquet and
-`datasets` are imported only for their sources (the `[text]` extra).
+A row source's documents are its rows' `data.text_field`, strings: the rows of jsonl or parquet
+files, or of a `datasets.save_to_disk` directory. Rows are read in order: the files of `data.paths`
+sorted (as for text files), each file's rows in its order. A row whose text is empty holds no
+document: it is counted and skipped. A jsonl line that is not JSON, lacks the field, or holds a
+non-string there is a ConfigError naming `file:line`, or with `data.skip_bad_records` is counted and
+skipped (blank lines are ignored). parquet and `datasets` are imported only for their sources (the
+`[text]` extra).
 """
+from collections.abc import Callable
 import dataclasses
 import json
 import os
@@ -14,8 +18,6 @@ import pathlib
 
 from stackwise_jax.data import corpus
 from stackwise_jax.errors import ConfigError
-
-ROW_SOURCES = ("jsonl", "parquet", "hf_disk")
 
 
 @dataclasses.dataclass
@@ -34,30 +36,58 @@ class Documents:
   empty: int = 0
 
 
-def read_documents(data) -> Documents:
-  """The documents of `data` (a config's `data` group) whose source is one of ROW_SOURCES.
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One `data.source`.
 
-  Raises:
-    ConfigError (a ValueError): missing files, a bad row (unless data.skip_bad_records), a file
-      or dataset without the text field, a missing `[text]` extra.
+  Attributes:
+    reads: "files" (a document a file: `read(data)` gives the files, split by file), "rows" (a
+      document a row: `read(data)` gives `Documents`, split by position) or "records" (the packed
+      records `prepare` wrote, opened by data/prepared.py; no `read`).
+    paths: what data.paths holds: "any" (it is not read), "files" (files or globs, at least one)
+      or "directory" (exactly one).
+    read: (a config's `data` group) -> the documents; ConfigError for missing files, a bad row
+      (unless data.skip_bad_records), no text field, a missing `[text]` extra.
   """
-  field, skip = data.text_field, data.skip_bad_records
-  docs = Documents([], [])
-  if data.source == "jsonl":
-    docs.files = corpus.text_files(data.paths)
-    for path in docs.files:
-      _read_jsonl(path, field, skip, docs)
-  elif data.source == "parquet":
-    docs.files = corpus.text_files(data.paths)
-    for path in docs.files:
-      _add_rows(docs, _parquet_column(path, field), path, field, skip)
-  elif data.source == "hf_disk":
-    directory = data.paths[0]
-    docs.files = [pathlib.Path(directory)]
-    _add_rows(docs, _dataset_column(directory, field), directory, field, skip)
-  else:
-    raise ConfigError(f"data.source={data.source!r}: allowed here: {', '.join(ROW_SOURCES)}")
+  reads: str
+  paths: str
+  read: Callable | None = None
+
+
+def _jsonl(data) -> Documents:
+  docs = Documents([], corpus.text_files(data.paths))
+  for path in docs.files:
+    _read_jsonl(path, data.text_field, data.skip_bad_records, docs)
   return docs
+
+
+def _parquet(data) -> Documents:
+  docs = Documents([], corpus.text_files(data.paths))
+  for path in docs.files:
+    _add_rows(docs, _parquet_column(path, data.text_field), path, data.text_field,
+              data.skip_bad_records)
+  return docs
+
+
+def _hf_disk(data) -> Documents:
+  directory = data.paths[0]
+  docs = Documents([], [pathlib.Path(directory)])
+  _add_rows(docs, _dataset_column(directory, data.text_field), directory, data.text_field,
+            data.skip_bad_records)
+  return docs
+
+
+# Every data.source, in README's order.
+SOURCES = {
+    "builtin": Source("files", "any", lambda data: corpus.builtin_corpus_files()),
+    "text": Source("files", "files", lambda data: corpus.text_files(data.paths)),
+    "jsonl": Source("rows", "files", _jsonl),
+    "parquet": Source("rows", "files", _parquet),
+    "hf_disk": Source("rows", "directory", _hf_disk),
+    "array_record": Source("records", "directory"),
+}
+DOCUMENT_SOURCES = tuple(name for name, s in SOURCES.items() if s.reads != "records")
+PREPARED_SOURCES = tuple(name for name, s in SOURCES.items() if s.reads == "records")
 
 
 def _bad(docs: Documents, skip: bool, where: str, problem: str, field: str) -> None:

@@ -24,7 +24,7 @@ from stackwise_jax.errors import ConfigError
 PAD_ID = 256
 MASK_ID = 257
 BOS_ID = 258
-EOS_ID = 259   # appended after every document when a corpus is packed (see pipeline.py)
+EOS_ID = 259   # appended after every document when a corpus is packed (see packing.py)
 VOCAB_SIZE = 260
 
 # Special tokens: ours first, then the names common tokenizers use for the same role.

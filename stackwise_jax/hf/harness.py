@@ -46,7 +46,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_
 import numpy as np
 from tqdm.auto import tqdm
 
-from stackwise_jax.config import ConfigError
+from stackwise_jax.errors import ConfigError
 from stackwise_jax.data.tokenizer import sampled_ids
 from stackwise_jax.model.rack import Rack, is_causal
 from stackwise_jax.sample import pick

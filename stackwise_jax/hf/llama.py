@@ -21,7 +21,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from stackwise_jax.config import ConfigError
+from stackwise_jax.errors import ConfigError
 from stackwise_jax.model.rack import is_causal, merged_kernel
 
 CONFIG, INDEX, RECORD = "config.json", "model.safetensors.index.json", "stackwise.json"

@@ -1,4 +1,4 @@
-"""Progressive training: the builder, the trainer, activation caching, masks and time."""
+"""Progressive training: the builder, the trainer, evaluation, activation caching, masks, time."""
 from stackwise_jax.progressive.builder import FROZEN, TRAINABLE, ProgressiveRackBuilder
 from stackwise_jax.progressive.guard import TrainingDiverged
 from stackwise_jax.progressive.loader import ProgressiveDataLoader

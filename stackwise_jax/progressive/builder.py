@@ -4,13 +4,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from stackwise_jax.config import (ConfigError, default_config, resolve_init_from, validate,
-                                  with_fields)
+from stackwise_jax.config import default_config, resolve_init_from, validate, with_fields
+from stackwise_jax.errors import ConfigError
+from stackwise_jax.growth import NEW_STACK_INITS, NOT_COPYING
 from stackwise_jax.model import EmbedHead, Rack, StackSpec, init_module
 from stackwise_jax.model.lora import LoraSetting, is_adapter_path, stack_lora_setting
 from stackwise_jax.quant import BY_PRECISION, is_stored_leaf
 from stackwise_jax.trees import plain_keys
-from stackwise_jax.model.rack import init_stack, zero_residual_writes
+from stackwise_jax.model.rack import init_stack
 from stackwise_jax.progressive.masking import TimeStepMasking
 
 # Leaf labels for optax.multi_transform.
@@ -130,43 +131,22 @@ class ProgressiveRackBuilder:
     return spec
 
   def _start(self, spec: StackSpec, where: str):
-    """The float params a new stack starts from by `training.progressive.new_stack_init` (None:
-    its own random init), fed to `init_stack` as its previous params, so a quantized stack
-    stores them as it would its own. Records the copied stack in `init_sources`."""
+    """The float params a new stack starts from by `training.progressive.new_stack_init` (its row
+    of `growth.NEW_STACK_INITS`; None: its own random init), fed to `init_stack` as its previous
+    params. Records the copied stack in `init_sources`."""
     how = self.config.training.progressive.new_stack_init
-    source = self._copy_source(spec, how, where) if how in ("copy_last", "stack") else None
+    init = NEW_STACK_INITS[how]
+    trained = [s for s in self.specs if s.name in self.trained]
+    source = init.source(trained, spec.index, where) if init.source and trained else None
     self.init_sources[spec.name] = source and source.name
-    if how == "identity":
-      _, params = init_stack(self.config, dataclasses.replace(spec, quantized=False))
-      return zero_residual_writes(params)
-    if source is None:
-      return None
-    if source.quantized or source.packed or source.n_blocks != spec.n_blocks:
+    if source and (source.quantized or source.packed or source.n_blocks != spec.n_blocks):
       raise ConfigError(
           f"training.progressive.new_stack_init={how!r}: {spec.name} would start as a copy of "
           f"{source.name} ({source.n_blocks} blocks, precision {source.precision}"
           f"{', stored ' + source.format.name if source.quantized or source.packed else ''}); "
-          f"allowed: a float source of {spec.n_blocks} blocks, or new_stack_init='random' or "
-          "'identity'")
-    # Fresh buffers (jnp.array copies): a train step donates the new stack's, never its source's.
-    as_master = lambda x: jnp.array(x, jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating)
-                                    else x.dtype)
-    return jax.tree.map(as_master, self.params["stacks"][source.name])
-
-  def _copy_source(self, spec: StackSpec, how: str, where: str) -> StackSpec | None:
-    """The trained stack a new one copies (None: none is trained yet). copy_last: the one next
-    to where it is added (`where`: "append" or "prepend"). stack: the stack built 2^k places before it, k as large as possible
-    (stack j copies stack j - 2^floor(log2 j)), so whenever the rack reaches a power of two
-    stacks its later half began as a copy of its earlier half: progressive stacking (Gong et
-    al. 2019), G_stack with growth factor 2 (Du et al. 2024), one stack a stage."""
-    trained = [s for s in self.specs if s.name in self.trained]
-    if not trained:
-      return None
-    if how == "copy_last":
-      return trained[-1] if where == "append" else trained[0]
-    j = spec.index
-    wanted = j - 2 ** (j.bit_length() - 1)
-    return next((s for s in trained if s.index == wanted), None)
+          f"allowed: a float source of {spec.n_blocks} blocks, or new_stack_init="
+          + " or ".join(map(repr, NOT_COPYING)))
+    return init.start(self.config, spec, source and self.params["stacks"][source.name])
 
   def _set_stack(self, spec: StackSpec, old_params=None) -> None:
     error = spec.format and spec.format.block_error(self.config, spec.precision)

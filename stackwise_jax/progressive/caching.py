@@ -16,19 +16,23 @@ from flax import nnx
 import jax
 import numpy as np
 
+# Compiled prefix functions kept, by stack structure: a run has a handful of stack shapes; a
+# process that builds many racks (benchmarks, tests) must not keep every one it ever compiled.
+_COMPILED_KEPT = 32
 
-@functools.lru_cache(maxsize=None)
+
+@functools.lru_cache(maxsize=_COMPILED_KEPT)
 def _embed_fn(graphdef):
   return jax.jit(lambda params, inputs, time_step:
                  nnx.merge(graphdef, params).embed_tokens(inputs, time_step)[0])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=_COMPILED_KEPT)
 def _time_fn(graphdef):
   return jax.jit(lambda params, time_step: nnx.merge(graphdef, params).time_embedding(time_step))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=_COMPILED_KEPT)
 def _stack_fn(graphdef):
   return jax.jit(lambda params, h, time_emb: nnx.merge(graphdef, params)(h, time_emb))
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from stackwise_jax.config import ConfigError
+from stackwise_jax.errors import ConfigError
 from stackwise_jax.data import tokenizer
 from stackwise_jax.objectives import OBJECTIVES, mask_ratio
 

@@ -8,8 +8,10 @@ import dataclasses
 import json
 
 from stackwise_jax.checkpoint import open_run, restore_into
-from stackwise_jax.config import ConfigError
+from stackwise_jax.config import from_yaml
+from stackwise_jax.errors import ConfigError
 from stackwise_jax.progressive.builder import ProgressiveRackBuilder
+from stackwise_jax.progressive.masking import check_time_steps_kept
 
 
 def stage_specs(builder, target: int):
@@ -116,6 +118,18 @@ def load_rack(workdir: str, step: int | None = None):
 def rack_from_checkpoint(config, ckpt):
   """The rack a checkpoint (`RunCheckpoints.read`) of a run with `config` holds."""
   builder = ProgressiveRackBuilder(config)
-  replay(builder, ckpt.meta["specs"], ckpt.meta["stage"], ckpt.stage_done, ckpt.path)
-  builder.update_params(restore_into(builder.params, ckpt.params, "params"))
+  restore_checkpoint(builder, ckpt)
   return builder.build_rack()
+
+
+def restore_checkpoint(builder, ckpt, stages=None):
+  """Replays `ckpt`'s stages on `builder` (its run's config, empty; `stages`: a `stage_specs`
+  generator to go on from) and loads its params: the one way a rack comes back from a
+  checkpoint. Returns the specs of its last stage."""
+  meta = ckpt.meta
+  # Trained stacks whose time steps this config would move: one line naming the fields, before
+  # replay's whole-structure mismatch.
+  check_time_steps_kept(meta["specs"], from_yaml(meta["config"]), builder.config, ckpt.path)
+  new = replay(builder, meta["specs"], meta["stage"], ckpt.stage_done, ckpt.path, stages)
+  builder.update_params(restore_into(builder.params, ckpt.params, "params"))
+  return new

@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 
 from stackwise_jax import xla_cache
 from stackwise_jax.checkpoint import RunCheckpoints, check_compatible, latest_meta, restore_into
-from stackwise_jax.config import ConfigError, from_yaml, resolve_init_from, stage_steps, validate
+from stackwise_jax.config import from_yaml, resolve_init_from, stage_steps, validate
+from stackwise_jax.errors import ConfigError
 from stackwise_jax.data.iterable import as_dataloader
-from stackwise_jax.evaluate import eval_example, evaluate_with, token_bytes_of
+from stackwise_jax.progressive.evaluate import eval_example, evaluate_with, token_bytes_of
 from stackwise_jax.model.lora import is_adapter_path
 from stackwise_jax.objectives import OBJECTIVES
 from stackwise_jax.progressive import caching
@@ -32,8 +33,8 @@ from stackwise_jax.progressive.builder import HEAD_SIDE, FROZEN, TRAINABLE, Prog
 from stackwise_jax.progressive.feed import Prefetcher
 from stackwise_jax.progressive.guard import DivergenceGuard
 from stackwise_jax.progressive.masking import check_objective_data, check_time_steps_kept
-from stackwise_jax.progressive.stages import (is_final, replay, set_labels, stack_specs,
-                                              stage_specs)
+from stackwise_jax.progressive.stages import (is_final, restore_checkpoint, set_labels,
+                                              stack_specs, stage_specs)
 from stackwise_jax.report import PHASES
 from stackwise_jax.progressive.steps import (StepView, init_train_state, make_eval_step,
                                              make_optimizer, make_train_step, plan_stage)
@@ -41,28 +42,6 @@ from stackwise_jax.trees import leaf_bytes, plain_keys
 from stackwise_jax.sharding import global_batch, local_batch, make_mesh, replicated, tree_shardings
 
 POOL_SALT = 0         # pool mode: an example's masks are the same at every stage and epoch
-
-
-@dataclasses.dataclass
-class Stage:
-  """One stage, set up: what it trains, how, and from which examples."""
-  number: int                  # 1-based
-  new_specs: list              # the stacks it trains
-  rack: object                 # the whole rack (params as at the stage's start)
-  labels: dict                 # of the whole rack
-  plan: object                 # StagePlan
-  view: StepView | None        # what a cached step sees; None: the whole rack
-  state: dict                  # the step's train state (params of the view, optimizer state, ...)
-  train_step: object
-  eval_step: object
-  steps: int                   # train steps in the stage
-  example_at: object           # step index -> the step's example, on the device
-  prefetch: bool               # examples come by index (cache or pool): made ahead on a thread
-
-  def full_params(self, builder_params):
-    """The whole rack's params with the stage's current state in them."""
-    return self.state["params"] if self.view is None else self.view.put(builder_params,
-                                                                      self.state["params"])
 
 
 class PhaseClock:
@@ -80,6 +59,56 @@ class PhaseClock:
       self.seconds[phase] += time.perf_counter() - start
 
 
+@dataclasses.dataclass(frozen=True)
+class StageContext:
+  """What a stage is once its labels are set: the values its set-up, examples, loop and summary
+  all read."""
+  number: int                  # 1-based
+  new_specs: list              # the stacks it adds (none: the final stage)
+  final: bool                  # the final stage: the whole rack trains end to end
+  rack: object                 # the whole rack (params as at the stage's start)
+  labels: dict                 # of the whole rack
+  plan: object                 # StagePlan
+
+  @property
+  def trains(self) -> list:
+    """The stacks whose examples it trains: the new ones, or every stack in the final stage."""
+    return list(self.rack.specs) if self.final else self.new_specs
+
+
+@dataclasses.dataclass
+class Stage:
+  """One stage, set up: what it is (`context`), how it trains, and from which examples."""
+  context: StageContext
+  view: StepView | None        # what a cached step sees; None: the whole rack
+  state: dict                  # the step's train state (params of the view, optimizer state, ...)
+  train_step: object
+  eval_step: object
+  steps: int                   # train steps in the stage
+  example_at: object           # step index -> the step's example, on the device
+  prefetch: bool               # examples come by index (cache or pool): made ahead on a thread
+  eval_examples: list          # its held-out examples (with their trunk activations if cached)
+  resume: object               # the mid-stage checkpoint it goes on from, or None
+  data_start: dict             # the data iterator's state at its start (a cached stage resumes there)
+  clock: PhaseClock            # its seconds by phase
+
+  def full_params(self, builder_params):
+    """The whole rack's params with the stage's current state in them."""
+    return self.state["params"] if self.view is None else self.view.put(builder_params,
+                                                                      self.state["params"])
+
+
+@dataclasses.dataclass
+class LoopOutcome:
+  """What a stage's loop leaves: its losses, eval curve [[step, loss], ...], the last
+  evaluation's bits per byte, the steps skipped as non-finite, and the step it started from."""
+  losses: list
+  eval_curve: list
+  bits_per_byte: float | None
+  skipped: int
+  start: int
+
+
 class ProgressiveTrainer:
   """Trains a rack stage by stage. `results` holds one dict per stage (see `_result`)."""
 
@@ -94,7 +123,6 @@ class ProgressiveTrainer:
     self.progress = progress
     self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     self.checkpoints, self.metrics = checkpoints, metrics
-    xla_cache.enable(self.config)
     self.mesh = make_mesh(self.config, devices)
     self.state = None
     self.results = {"stages": [], "final_eval_loss": None, "final_eval_bits_per_byte": None}
@@ -116,6 +144,8 @@ class ProgressiveTrainer:
     DataLoader, a generator function; the original StackWise's keys too).
     """
     p = self.config.training.progressive
+    # Process-wide: set when a run starts (the CLI sets it first thing), not when it is configured.
+    xla_cache.enable(self.config)
     dataloader = as_dataloader(dataloader, self.config)
     target = p.target_stacks if target_stacks is None else target_stacks
     if not len(rack_builder.specs) <= target <= p.max_stacks:
@@ -178,7 +208,7 @@ class ProgressiveTrainer:
     (specs of the last stage, the checkpoint if that stage was cut off mid-way, else None)."""
     ckpt = self.checkpoints.latest
     meta = ckpt.meta
-    new = self.load_checkpoint(builder, ckpt, stages)
+    new = restore_checkpoint(builder, ckpt, stages)
     self.results = meta["results"]
     if data is not None:
       self.checkpoints.restore_data(data)
@@ -187,25 +217,14 @@ class ProgressiveTrainer:
     self.log(f"resuming from {ckpt.path}: stage {meta['stage']}, {where}")
     return new, None if ckpt.stage_done else ckpt
 
-  def load_checkpoint(self, builder, ckpt, stages=None):
-    """Replays `ckpt`'s stages on `builder` (same config, empty) and loads its params. Returns
-    the specs of its last stage."""
-    meta = ckpt.meta
-    # A run grown where its trained stacks' time steps would move: one line naming the fields,
-    # before replay's whole-structure mismatch.
-    check_time_steps_kept(meta["specs"], from_yaml(meta["config"]), self.config, ckpt.path)
-    new = replay(builder, meta["specs"], meta["stage"], ckpt.stage_done, ckpt.path, stages)
-    builder.update_params(restore_into(builder.params, ckpt.params, "params"))
-    return new
-
   def _save(self, builder, stage: Stage, step, data_state, progress) -> None:
     """Checkpoints the run at `step` of `stage` (`progress`: the stage's losses so far)."""
     opt = {k: v for k, v in stage.state.items() if k != "params"}
-    meta = {"stage": stage.number, "step": step, "stage_steps": stage.steps,
-            "final": is_final(stage.new_specs), "building_mode": builder.building_mode,
+    meta = {"stage": stage.context.number, "step": step, "stage_steps": stage.steps,
+            "final": stage.context.final, "building_mode": builder.building_mode,
             "specs": stack_specs(builder.specs), "results": self.results, "progress": progress}
     # Every stage before the final one has stage_steps(config) steps.
-    self.checkpoints.save((stage.number - 1) * stage_steps(self.config) + step,
+    self.checkpoints.save((stage.context.number - 1) * stage_steps(self.config) + step,
                           params=stage.full_params(builder.params), opt=opt,
                           data_state=data_state, meta=meta)
 
@@ -223,29 +242,26 @@ class ProgressiveTrainer:
       params_axes = builder.build_rack().axes()   # as declared where the params were created
       builder.update_params(jax.device_put(
           builder.params, tree_shardings(self.mesh, builder.params, params_axes)))
-      rack, labels = builder.build_rack(), builder.labels()
-      plan = plan_stage(rack, frozen, t.progressive.cache_activations)
-      self._say_why_not_cached(builder, plan, final)
+      rack = builder.build_rack()
+      context = StageContext(number, new_specs, final, rack, builder.labels(),
+                             plan_stage(rack, frozen, t.progressive.cache_activations))
+      self._say_why_not_cached(builder, context)
     with clock("cache"):
-      stage_start = data.get_state()   # where a fresh cached stage's data resumes from
-      example_at, prefetch, eval_examples = self._examples(builder, rack, labels, plan, number,
-                                                           new_specs, data, eval_examples)
+      data_start = data.get_state()   # where a fresh cached stage's data resumes from
+      example_at, prefetch, eval_examples = self._examples(builder, context, data, eval_examples)
     with clock("compile"):
-      stage = self._setup(builder, new_specs, number, rack, labels, plan, example_at, prefetch,
-                          resume)
+      stage = self._setup(context, example_at, prefetch, eval_examples, resume, data_start, clock)
       if eval_examples:   # compiled here, so eval time is evaluation only
         stage.eval_step(stage.state["params"], eval_examples[0])[0].block_until_ready()
 
-    losses, eval_curve, bits_per_byte, guard, start = self._train_loop(
-        builder, stage, target, data, eval_examples, resume, stage_start, clock)
-    steady = max(stage.steps - start - 1, 1)
+    outcome = self._train_loop(builder, stage, target, data)
+    steady = max(stage.steps - outcome.start - 1, 1)
     step_seconds = clock.seconds["train"] / steady
     with clock("train"):   # the stage's bookkeeping
       builder.update_params(stage.full_params(builder.params))
       self.state = stage.state
       builder.trained.update(s.name for s in new_specs)
-      result = self._result(builder, stage, losses, eval_curve, bits_per_byte, guard.skipped,
-                            start)
+      result = self._result(builder, stage, outcome)
     result["step_seconds"] = step_seconds
     result["tokens_per_s"] = t.batch_size * t.seq_len / max(step_seconds, 1e-9)
     self.results["stages"].append(result)
@@ -265,13 +281,12 @@ class ProgressiveTrainer:
     if self.checkpoints is not None:
       self._stop_if_asked(number, stage.steps)
 
-  def _train_loop(self, builder, stage: Stage, target, data, eval_examples, resume, stage_start,
-                  clock: PhaseClock):
-    """The stage's steps, evals and mid-stage checkpoints (from `resume`'s step, if given).
-    Returns (losses, eval curve, the last evaluation's bits per byte, the DivergenceGuard, the
-    step it started from). The stage's last step always evaluates, so that bits per byte is the
-    stage's end, resumed or not."""
-    t, number, plan = self.config.training, stage.number, stage.plan
+  def _train_loop(self, builder, stage: Stage, target, data) -> "LoopOutcome":
+    """The stage's steps, evals and mid-stage checkpoints (from `stage.resume`'s step, if
+    given). The stage's last step always evaluates, so that bits per byte is the stage's end,
+    resumed or not."""
+    t, number, plan = self.config.training, stage.context.number, stage.context.plan
+    resume, clock, eval_examples = stage.resume, stage.clock, stage.eval_examples
     losses, eval_curve, start, skipped, bits_per_byte = [], [], 0, 0, None
     if resume is not None:
       start = resume.meta["step"]
@@ -280,7 +295,7 @@ class ProgressiveTrainer:
       eval_curve, skipped = progress["eval_curve"], progress["skipped_steps"]
     guard = DivergenceGuard(t.nonfinite, t.max_skipped_steps, number, losses, skipped)
     first_step = sum(s["steps"] for s in self.results["stages"])   # the run's steps before
-    name = "final stage" if is_final(stage.new_specs) else f"stage {number}/{target}"
+    name = "final stage" if stage.context.final else f"stage {number}/{target}"
     bar = tqdm(total=stage.steps, initial=start, disable=not self.progress,
                desc=f"{name} [{plan.activation_mode}]", dynamic_ncols=True,
                file=sys.stderr)
@@ -322,7 +337,8 @@ class ProgressiveTrainer:
           guard.flush()   # a diverged state is never saved
           with clock("checkpoint"):
             fresh_cached = plan.cached and t.data_reuse == "fresh"
-            self._save(builder, stage, i + 1, stage_start if fresh_cached else data.get_state(),
+            self._save(builder, stage, i + 1,
+                       stage.data_start if fresh_cached else data.get_state(),
                        {"losses": [float(x) for x in losses], "eval_curve": eval_curve,
                         "skipped_steps": guard.skipped})
           self._stop_if_asked(number, i + 1)
@@ -331,14 +347,15 @@ class ProgressiveTrainer:
     if first_done is not None:   # the loop after its first step, less its evals and checkpoints
       elsewhere = sum(clock.seconds[p] - in_loop[p] for p in ("eval", "checkpoint"))
       clock.seconds["train"] += time.perf_counter() - first_done - elsewhere
-    return losses, eval_curve, bits_per_byte, guard, start
+    return LoopOutcome(losses, eval_curve, bits_per_byte, guard.skipped, start)
 
-  def _setup(self, builder, new_specs, number, rack, labels, plan, example_at, prefetch,
-             resume) -> Stage:
+  def _setup(self, context: StageContext, example_at, prefetch, eval_examples, resume,
+             data_start, clock) -> Stage:
     """The stage's optimizer, train state and compiled steps (shared with earlier stages whose
     step computes the same thing)."""
     t = self.config.training
-    final = is_final(new_specs)
+    number, final, rack, labels, plan = (context.number, context.final, context.rack,
+                                         context.labels, context.plan)
     steps = stage_steps(self.config, final)
     lr = t.final_stage_lr if final else t.lr
     view = StepView.of(plan) if plan.cached else None
@@ -360,12 +377,12 @@ class ProgressiveTrainer:
                           shardings=(shardings, replicated(self.mesh))),
           make_eval_step(step_rack, step_plan))
     train_step, eval_step = self._compiled[key]
-    return Stage(number, new_specs, rack, labels, plan, view, state, train_step, eval_step, steps,
-                 example_at, prefetch)
+    return Stage(context, view, state, train_step, eval_step, steps, example_at, prefetch,
+                 eval_examples, resume, data_start, clock)
 
-  def _examples(self, builder, rack, labels, plan, number, new_specs, data, eval_examples):
+  def _examples(self, builder, context: StageContext, data, eval_examples):
     """-> (step index -> example on the device, whether that is by index, eval examples) of the
-    stage training `new_specs` (masked as `TimeStepMasking.stage_example` says; the final stage
+    stage (masked as `TimeStepMasking.stage_example` says; the final stage
     as if every stack were new: each example trains the rack its stack trained on in its own
     stage, end to end).
 
@@ -374,12 +391,11 @@ class ProgressiveTrainer:
     t, p = self.config.training, self.config.training.progressive
     masking = builder.masking
     pool = t.data_reuse == "pool"
+    number, rack, labels, plan = context.number, context.rack, context.labels, context.plan
     salt = POOL_SALT if pool else number
     body = [s for s in rack.specs if s.name in plan.body]
-    final = is_final(new_specs)
-    trains = list(rack.specs) if final else new_specs
-    prepare = jax.jit(lambda batch: masking.stage_example(batch, trains, body, salt))
-    order = pool_order(t, number, stage_steps(self.config, final)) if pool else None
+    prepare = jax.jit(lambda batch: masking.stage_example(batch, context.trains, body, salt))
+    order = pool_order(t, number, stage_steps(self.config, context.final)) if pool else None
     if not plan.cached:
       self._drop_caches()
       if pool:
@@ -488,9 +504,10 @@ class ProgressiveTrainer:
       self._train_cache[1].close()
     self._train_cache = self._eval_cache = None
 
-  def _say_why_not_cached(self, builder, plan, final) -> None:
-    if self.config.training.progressive.cache_activations and not plan.cached and builder.trained:
-      why = ("the final stage trains the whole rack" if final
+  def _say_why_not_cached(self, builder, context: StageContext) -> None:
+    if (self.config.training.progressive.cache_activations and not context.plan.cached
+        and builder.trained):
+      why = ("the final stage trains the whole rack" if context.final
              else "prepend mode: the trunk follows the new stack" if builder.building_mode == "prepend"
              else "the trunk's adapters train, so cached trunk outputs would go stale")
       self._tell(why, f"cache_activations=True, but trunk activations are streamed ({why})")
@@ -500,24 +517,22 @@ class ProgressiveTrainer:
       self._told.add(reason)
       self.log(message)
 
-  def _result(self, builder, stage: Stage, losses, eval_curve, bits_per_byte, skipped,
-              start) -> dict:
-    t = self.config.training
-    final = is_final(stage.new_specs)
-    last = None if final else stage.new_specs[-1]   # the final stage adds no stack
-    trains = stage.rack.specs if final else stage.new_specs
-    losses = [float(x) for x in losses]
+  def _result(self, builder, stage: Stage, outcome: "LoopOutcome") -> dict:
+    t, context = self.config.training, stage.context
+    final, trains, eval_curve = context.final, context.trains, outcome.eval_curve
+    last = None if final else context.new_specs[-1]   # the final stage adds no stack
+    losses = [float(x) for x in outcome.losses]
     params = builder.params
     opt_names = stage.view.names if stage.view else {}
-    counts = _param_counts(params, stage.labels)
+    counts = _param_counts(params, context.labels)
     return {
-        "stage": stage.number,
+        "stage": context.number,
         "final": final,
         "stack_index": None if final else last.index,
-        "new_stacks": [s.name for s in stage.new_specs],
+        "new_stacks": [s.name for s in context.new_specs],
         "new_stack_init": self.config.training.progressive.new_stack_init,
-        "init_from": {s.name: builder.init_sources.get(s.name) for s in stage.new_specs},
-        "stack_order": list(stage.rack.order),
+        "init_from": {s.name: builder.init_sources.get(s.name) for s in context.new_specs},
+        "stack_order": list(context.rack.order),
         "building_mode": builder.building_mode,
         "time_step": None if final else last.time_step,
         "time_steps": [s.time_step for s in trains],
@@ -531,17 +546,18 @@ class ProgressiveTrainer:
         "loss_start": losses[0],
         "loss_end": _finite_mean(losses[-min(10, len(losses)):]),
         "eval_loss": eval_curve[-1][1] if eval_curve else None,
-        "eval_bits_per_byte": bits_per_byte,
+        "eval_bits_per_byte": outcome.bits_per_byte,
         "trainable_params": counts["trainable"],
         "frozen_params": counts["frozen"],
         "lora_params": counts["lora"],
-        "memory": stack_memory(stage.rack.specs, params, stage.state["opt_state"], opt_names),
-        "cache_bytes": self._train_cache[1].nbytes if stage.plan.cached else 0,
-        "cache_bytes_on_disk": self._train_cache[1].bytes_on_disk if stage.plan.cached else 0,
-        "cache_bytes_on_device": self._train_cache[1].bytes_on_device if stage.plan.cached else 0,
-        "activation_mode": stage.plan.activation_mode,
+        "memory": stack_memory(context.rack.specs, params, stage.state["opt_state"], opt_names),
+        "cache_bytes": self._train_cache[1].nbytes if context.plan.cached else 0,
+        "cache_bytes_on_disk": self._train_cache[1].bytes_on_disk if context.plan.cached else 0,
+        "cache_bytes_on_device": (self._train_cache[1].bytes_on_device if context.plan.cached
+                                  else 0),
+        "activation_mode": context.plan.activation_mode,
         "data_reuse": t.data_reuse,
-        "skipped_steps": skipped,
+        "skipped_steps": outcome.skipped,
         "peak_memory_bytes": _peak_device_memory(),
         "losses": losses,
         "eval_curve": eval_curve,

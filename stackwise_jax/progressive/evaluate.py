@@ -4,7 +4,8 @@ mode, a suffix in prepend mode) and for the rack of the latest checkpoint.
 
 The examples are the trainer's own evaluation examples (same batches, same masks and time steps),
 so a stage's loss and bits per byte here are the `eval_loss` and `eval_bits_per_byte` its training
-reported.
+reported. It lives in progressive/ because it is built from the stages' own pieces (masking, steps,
+stages) and the trainer calls it: outside the package, the two would import each other.
 """
 import math
 import sys
