@@ -57,7 +57,11 @@ def main():
   parser.add_argument("--cells", nargs="+", metavar="NxSxE",
                       help="job: only these cells, e.g. 4x40x1 8x300x3 (stacks x steps x epochs)")
   parser.add_argument("overrides", nargs="*", help="config overrides, e.g. training.batch_size=8")
-  args = parser.parse_args()
+  # Overrides (KEY=VALUE) may stand anywhere, after a list option too (`--seeds 0 1 a.b=1`).
+  argv = sys.argv[1:]
+  overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")]
+  args = parser.parse_args([arg for arg in argv if arg not in overrides])
+  args.overrides = overrides
 
   benchmark = BENCHMARKS[args.benchmark]
   full = benchmark.SETTINGS

@@ -1,5 +1,6 @@
 """scripts/bench.py: its FLOP count agrees with XLA's, its sanity checks stop it, its PyTorch reference
 computes our model, its collective byte count reads HLO."""
+import importlib.util
 import sys
 
 import jax
@@ -9,7 +10,7 @@ import pytest
 from conftest import REPO, micro_config
 
 sys.path.insert(0, str(REPO / "scripts"))   # the benchmarks (scripts/bench/) and torch_reference
-from bench import comm, stage as bench_stage  # noqa: E402
+from bench import comm, quality, stage as bench_stage  # noqa: E402
 
 MODES = {"cached": dict(cache_activations=True), "streamed": dict(cache_activations=False),
          "qlora": dict(trunk_strategy="qlora", qlora_enabled=True, progressive_qlora=True,
@@ -73,3 +74,32 @@ def test_collective_bytes_reads_plain_tuple_and_async_results():
   assert totals["all-reduce"] == 16 * 256 * 4 + 8 * 4 + 16 * 2
   assert totals["all-gather"] == 64 * 4          # counted once, at -done
   assert sum(totals.values()) == totals["all-reduce"] + totals["all-gather"]
+
+
+def test_quality_summary_of_end_to_end_alone_and_of_a_method_that_reaches_it():
+  curve = lambda *losses: [(1e12 * (i + 1), loss) for i, loss in enumerate(losses)]
+  settings = {"methods": ["end-to-end"], "seeds": [0, 1]}
+  runs = {("end-to-end", 0): curve(3.0, 2.0), ("end-to-end", 1): curve(3.2, 2.2)}
+  rows, summary = quality.summarize(runs, settings, budget=2e12)
+  assert summary["best_method"] == "end-to-end" and summary["flops_saving"] == 0.0
+  settings["methods"].append("identity")
+  runs.update({("identity", 0): curve(2.0, 1.5), ("identity", 1): curve(2.2, 1.7)})
+  rows, summary = quality.summarize(runs, settings, budget=2e12)
+  # identity's mean curve (2.1, 1.6) reaches end-to-end's final mean 2.1 at its first point
+  assert summary["best_method"] == "identity" and summary["flops_saving"] == pytest.approx(0.5)
+
+
+def test_bench_takes_config_overrides_after_its_options(monkeypatch):
+  import bench as bench_package  # noqa: F401 (scripts/ on the path, as for the other imports)
+  spec = importlib.util.spec_from_file_location("bench_cli", REPO / "scripts" / "bench.py")
+  cli = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cli)
+  seen = {}
+  monkeypatch.setattr(cli, "write", lambda *a: None)
+  monkeypatch.setitem(cli.BENCHMARKS, "quality", type("Q", (), {
+      "SETTINGS": quality.SETTINGS, "QUICK": quality.QUICK, "CONFIG": quality.CONFIG,
+      "run": staticmethod(lambda args, s: seen.update(overrides=args.overrides, seeds=s["seeds"])
+                          or ([], [], {}))}))
+  monkeypatch.setattr(sys, "argv", ["bench.py", "quality", "--seeds", "0", "1", "training.lr=1e-2"])
+  cli.main()
+  assert seen == {"overrides": ["training.lr=1e-2"], "seeds": [0, 1]}
