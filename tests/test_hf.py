@@ -214,6 +214,12 @@ def test_imported_llama_grows_and_exports_again(tmp_path):
     theirs = model(torch.tensor(TOKENS[:, :16], dtype=torch.long)).logits.numpy()
   _assert_close(rack(rack.params, TOKENS[:, :16]), theirs, 1e-4)
   imported = jax.tree.map(np.asarray, builder.params["stacks"])
+  # LLaMA Pro's block expansion, on top: an identity stack leaves the pretrained model's logits.
+  grown = ProgressiveRackBuilder.from_pretrained(str(tmp_path / "llama"), config)
+  grown.add_stack()
+  grown = grown.build_rack()
+  assert len(grown.specs) == 3
+  _assert_close(grown(grown.params, TOKENS[:, :16]), theirs, 1e-4)
 
   results, params = train_run(builder.config, tmp_path / "run")   # from init_from, as the CLI does
   assert len(results["stages"]) == 2
