@@ -85,17 +85,26 @@ def default_config() -> ml_collections.ConfigDict:
   p.max_stacks = 4
   p.target_stacks = 3
   p.building_mode = "append"        # "append" | "prepend"
-  p.trunk_strategy = "frozen"       # "frozen" | "qlora"
+  # Once a trunk exists: "frozen" (cached where it can be), "qlora" (int4 kernels, adapters
+  # train), or "train": it trains with the new stacks, at trunk_lr_scale times their lr schedule.
+  p.trunk_strategy = "frozen"       # "frozen" | "qlora" | "train"
+  p.trunk_lr_scale = 1.0
   p.new_stack_precision = "full"    # "full" | "bfloat16" | "half" | "nvfp4" | "qlora"
   # How a new stack starts: its own random init, a copy of the trained stack next to it, a copy
-  # by progressive stacking (stack j copies j - 2^floor(log2 j)), or as the identity (zeroed
-  # residual writes). One of growth.NEW_STACK_INITS.
-  p.new_stack_init = "random"       # "random" | "copy_last" | "stack" | "identity"
+  # by progressive stacking (stack j copies j - 2^floor(log2 j); several a stage: the trained rack
+  # repeated), a copy of the trained rack's middle, or as the identity (zeroed residual writes).
+  # One of growth.NEW_STACK_INITS.
+  p.new_stack_init = "random"       # "random" | "copy_last" | "stack" | "midas" | "identity"
+  # Stacks each stage adds: stage k adds entry k, the last entry every later stage (an int n in
+  # YAML or on the command line is (n,)); the last stage adds only what target_stacks needs.
+  # (1, 3): one stack, then three more at once (G_stack's growth factor 4). `stage_sizes`.
+  p.stacks_per_stage = (1,)
   # A Hugging Face Llama directory whose layers become the first stacks (the trunk new stacks grow
   # on); model sizes and the tokenizer then come from it (stackwise_jax/hf/llama.py). "": none.
   p.init_from = ""
   # Once a trunk exists: "auto" freezes the token/time embedding (it feeds the frozen trunk) and
-  # trains the head side (final norm, untied head) in append mode only; "trainable" | "frozen": all.
+  # trains the head side (final norm, untied head) in append mode only (under trunk_strategy="train"
+  # both sides train); "trainable" | "frozen": all.
   p.embedding_training = "auto"
   p.cache_activations = True
   p.cache_max_bytes = 2 * 1024**3   # host memory for the cache; beyond it, it spills to disk
@@ -408,7 +417,7 @@ _CHOICES = {
     "training.nonfinite": ("stop", "skip"),
     "training.data_reuse": ("fresh", "pool"),
     "training.progressive.building_mode": BUILDING_MODES,
-    "training.progressive.trunk_strategy": ("frozen", "qlora"),
+    "training.progressive.trunk_strategy": ("frozen", "qlora", "train"),
     "training.progressive.new_stack_precision": tuple(COMPUTE_DTYPES),
     "training.progressive.qlora_strategy": ("simplified", "progressive", "variable"),
     "training.progressive.qlora_rank_pattern": RANK_PATTERNS,
@@ -459,6 +468,20 @@ _CHECKS = [
      "a divisor of model.n_heads ({c.model.n_heads})"),
     ("training.progressive.target_stacks", lambda v, c: v <= c.training.progressive.max_stacks,
      "at most training.progressive.max_stacks ({c.training.progressive.max_stacks})"),
+    ("training.progressive.stacks_per_stage",
+     lambda v, c: len(v) > 0 and all(yaml_io.type_ok(n, 1) and n > 0 for n in v),
+     "a positive int, or a non-empty list of positive ints, e.g. [1, 3] (stage k adds entry k, "
+     "the last entry every later stage)"),
+    ("training.progressive.stacks_per_stage",
+     lambda v, c: sum(v) <= c.training.progressive.max_stacks,
+     "entries summing to at most training.progressive.max_stacks "
+     "({c.training.progressive.max_stacks}): the rack holds no more stacks"),
+    # = no more entries than len(stage_sizes(c)): the stages that grow an empty rack.
+    ("training.progressive.stacks_per_stage",
+     lambda v, c: sum(v[:-1]) < c.training.progressive.target_stacks,
+     "no more entries than the stages that grow the rack to training.progressive.target_stacks "
+     "({c.training.progressive.target_stacks}): the entries before the last must sum to less "
+     "than target_stacks, or the last is never used"),
     ("training.seq_len", lambda v, c: v <= c.model.max_seq_len,
      "at most model.max_seq_len ({c.model.max_seq_len})"),
     ("training.seq_len",
@@ -512,6 +535,11 @@ _CHECKS = [
      or c.training.progressive.progressive_qlora,
      "'frozen' unless the trunk has adapters to train: 'qlora' needs "
      "training.progressive.qlora_enabled or training.progressive.progressive_qlora"),
+    ("training.progressive.trunk_strategy",
+     lambda v, c: v != "train" or c.training.progressive.new_stack_precision != "qlora",
+     "'frozen' or 'qlora' when training.progressive.new_stack_precision='qlora': its stacks' "
+     "kernels are int4 and cannot train, so a trunk of them cannot train ('train')"),
+    ("training.progressive.trunk_lr_scale", lambda v, c: 0 < v < math.inf, "a finite float > 0"),
     ("training.progressive.qlora_enabled",
      lambda v, c: not v or not any(f.quantize for f in _stored_formats(c)),
      "False when training.progressive.new_stack_precision="
@@ -583,6 +611,20 @@ def stage_steps(config, final: bool = False) -> int:
   if final:
     return config.training.final_stage_steps
   return config.training.steps_per_stack * config.training.epochs_per_stack
+
+
+def stage_sizes(config, built: int = 0, target: int | None = None) -> list[int]:
+  """How many stacks each stage that grows the rack adds (`training.progressive.stacks_per_stage`),
+  from a rack of `built` stacks (an imported trunk's) to `target` (default target_stacks): stage k
+  adds entry k, the last entry every later stage, and the last stage only what is left to reach
+  `target`. [] when the rack has `target` stacks already."""
+  entries = config.training.progressive.stacks_per_stage
+  target = config.training.progressive.target_stacks if target is None else target
+  sizes = []
+  while built < target:
+    sizes.append(min(entries[min(len(sizes), len(entries) - 1)], target - built))
+    built += sizes[-1]
+  return sizes
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -22,8 +22,9 @@ class NewStackInit:
       previous params, so a quantized stack stores them as it would its own), or None: its own
       random init (a function of the seed and its index).
     source: (the trained stacks in forward order, none empty; the new stack's building index;
-      where it is added, "append" | "prepend") -> the stack it copies, or None. None: it copies
-      no stack.
+      where it is added, "append" | "prepend"; how many stacks its stage adds, its own included:
+      they have consecutive building indices after the trained ones) -> the stack it copies, or
+      None. None: it copies no stack.
     copies_trunk: the stack it copies may be trunk already (frozen, perhaps stored quantized),
       not only the one trained last (which is still float when it is copied).
   """
@@ -51,18 +52,41 @@ def _identity(config, spec: StackSpec, copied):
   return zero_residual_writes(params)
 
 
-def _next_to_it(trained: list, index: int, where: str):
-  """The trained stack next to where the new one is added."""
+def _next_to_it(trained: list, index: int, where: str, count: int):
+  """The trained stack next to where the new ones are added."""
   return trained[-1] if where == "append" else trained[0]
 
 
-def _stacking(trained: list, index: int, where: str):
-  """The stack built 2^k places before it, k as large as possible (stack j copies stack
-  j - 2^floor(log2 j)), so whenever the rack reaches a power of two stacks its later half began as
-  a copy of its earlier half: progressive stacking (Gong et al. 2019), G_stack with growth factor 2
-  (Du et al. 2024), one stack a stage."""
-  wanted = index - 2 ** (index.bit_length() - 1)
-  return next((s for s in trained if s.index == wanted), None)
+def _in_stage(trained: list, index: int) -> int:
+  """The new stack's place among its stage's new stacks (0: the first built)."""
+  return index - 1 - max(s.index for s in trained)
+
+
+def _stacking(trained: list, index: int, where: str, count: int):
+  """One new stack a stage: the stack built 2^k places before it, k as large as possible (stack j
+  copies stack j - 2^floor(log2 j)), so whenever the rack reaches a power of two stacks its later
+  half began as a copy of its earlier half: progressive stacking (Gong et al. 2019), G_stack with
+  growth factor 2 (Du et al. 2024). Several new stacks a stage: the trained rack repeated, G_stack's
+  stacking operator: the i-th new stack built copies the trained stack built i-th (mod their
+  number n), so a stage adding (g - 1) n stacks makes g copies of the trained rack (growth factor
+  g: `stacks_per_stage=[1, 3]` grows one trained stack to four equal ones)."""
+  if count == 1:
+    wanted = index - 2 ** (index.bit_length() - 1)
+    return next((s for s in trained if s.index == wanted), None)
+  by_index = sorted(trained, key=lambda s: s.index)
+  return by_index[_in_stage(trained, index) % len(by_index)]
+
+
+def _middle(trained: list, index: int, where: str, count: int):
+  """The middle of the trained rack (MIDAS's gradual middle stacking, Saunshi et al. 2024), the
+  copies placed where the building mode adds stacks. With n trained stacks t_0..t_{n-1} in forward
+  order and k new ones: the centred block t_s..t_{s+k-1}, s = (n - k) // 2 (one stack nearer the
+  embedding when n - k is odd: one new stack of an even rack copies the lower of its two middle
+  stacks); k > n: the trained rack repeated, t_{i mod n}. The copies keep the block's forward
+  order: appended, the i-th new stack built copies block[i]; prepended, block[k - 1 - i]."""
+  n, i = len(trained), _in_stage(trained, index)
+  block = [trained[(max(n - count, 0) // 2 + b) % n] for b in range(count)]
+  return block[i if where == "append" else count - 1 - i]
 
 
 # In README's order ("How a new stack starts").
@@ -70,6 +94,7 @@ NEW_STACK_INITS = {
     "random": NewStackInit(_own_init),
     "copy_last": NewStackInit(_copy, source=_next_to_it),
     "stack": NewStackInit(_copy, source=_stacking, copies_trunk=True),
+    "midas": NewStackInit(_copy, source=_middle, copies_trunk=True),
     "identity": NewStackInit(_identity),
 }
 # The methods that copy no stack: what a config whose stacks cannot be copied may use.

@@ -96,6 +96,8 @@ def yaml_error(source: str, text: str, error: yaml.YAMLError) -> ConfigError:
 
 # Fields whose value is a mapping with free keys (not a group of named fields).
 MAPPINGS = ("training.progressive.qlora_configs",)
+# Lists of ints where a plain int n means (n,), as it does on the command line.
+INT_LISTS = ("training.progressive.stacks_per_stage",)
 
 
 def apply_mapping(node: ml_collections.ConfigDict, data: Any, prefix: str) -> None:
@@ -129,8 +131,11 @@ def coerce(path: str, value: Any, default: Any) -> Any:
     raise ConfigError(f"{path}=None: null is not allowed here; expected {type_name(default)}")
   if default is None:
     return value
+  if path in INT_LISTS and type_ok(value, 1):
+    value = (value,)
   if not type_ok(value, default):
-    raise ConfigError(f"{path}={value!r}: expected {type_name(default)}")
+    expected = "an int or a list of ints, e.g. [1, 3]" if path in INT_LISTS else type_name(default)
+    raise ConfigError(f"{path}={value!r}: expected {expected}")
   if isinstance(default, float):
     return float(value)
   if isinstance(default, tuple):

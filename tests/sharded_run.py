@@ -2,10 +2,10 @@
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_run.py CORPUS OUT.json WORKDIR
 
-Writes per-step losses of 2-stage runs on one device and on a 2×4 (data × fsdp) mesh, for a frozen
-and a qlora trunk; the shardings of the 2×4 run's params and optimizer state; the losses of a
-run checkpointed on a 1×8 mesh, cut off mid-stage and resumed on a 4×2 mesh; and the bytes a
-device holds for a compiled step where params dominate, data-parallel (8×1) and FSDP (1×8).
+Writes per-step losses of 2-stage runs on one device and on a 2×4 (data × fsdp) mesh, for a frozen,
+a qlora and a training trunk; the shardings of the 2×4 run's params and optimizer state; the
+losses of a run checkpointed on a 1×8 mesh, cut off mid-stage and resumed on a 4×2 mesh; and the
+bytes a device holds for a compiled step where params dominate, data-parallel (8×1) and FSDP (1×8).
 """
 import json
 import os
@@ -27,7 +27,8 @@ from stackwise_jax.sharding import batch_spec, make_mesh, replicated, tree_shard
 
 TRUNKS = {"frozen": {},
           "qlora": dict(trunk_strategy="qlora", qlora_enabled=True, progressive_qlora=True,
-                        quant_block_size=16)}
+                        quant_block_size=16),
+          "train": dict(trunk_strategy="train")}
 
 
 def config_for(corpus, data, fsdp, **progressive):

@@ -15,7 +15,7 @@ from bench import comm, quality, stage as bench_stage  # noqa: E402
 MODES = {"cached": dict(cache_activations=True), "streamed": dict(cache_activations=False),
          "qlora": dict(trunk_strategy="qlora", qlora_enabled=True, progressive_qlora=True,
                        quant_block_size=16),
-         "end-to-end": dict(enabled=False)}
+         "end-to-end": dict(enabled=False), "train": dict(trunk_strategy="train")}
 
 
 def gqa_config(mode):
@@ -28,7 +28,7 @@ def gqa_config(mode):
 
 
 @pytest.mark.parametrize("mode, stacks", [("cached", 2), ("streamed", 3), ("qlora", 2),
-                                          ("end-to-end", 2)])
+                                          ("end-to-end", 2), ("train", 2)])
 def test_model_flops_match_xla_cost_analysis(mode, stacks):
   stage = bench_stage.build_stage(gqa_config(mode), stacks)
   assert abs(stage.flops - stage.xla_flops) <= 0.05 * stage.xla_flops
@@ -90,7 +90,6 @@ def test_quality_summary_of_end_to_end_alone_and_of_a_method_that_reaches_it():
 
 
 def test_bench_takes_config_overrides_after_its_options(monkeypatch):
-  import bench as bench_package  # noqa: F401 (scripts/ on the path, as for the other imports)
   spec = importlib.util.spec_from_file_location("bench_cli", REPO / "scripts" / "bench.py")
   cli = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cli)

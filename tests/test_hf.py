@@ -273,6 +273,9 @@ def _train_cli(tmp_path, *overrides):
     ("indivisible", "model.n_blocks_per_stack=3: "),
     ("d_model", "model.d_model=64: "),
     ("no_weights", "model.safetensors is missing"),
+    # from its 2 stacks one stage reaches target_stacks=3: a second entry would never be used
+    ("schedule", "stacks_per_stage=(1, 1): allowed: entries before the last summing to less than "
+                 "the 1 stacks that target_stacks=3 adds to the 2 imported"),
 ])
 def test_bad_init_from_exits_2_with_one_line(tmp_path, capsys, monkeypatch, case, expected):
   monkeypatch.syspath_prepend(str(pytest.importorskip("conftest").REPO / "tests"))
@@ -289,6 +292,8 @@ def test_bad_init_from_exits_2_with_one_line(tmp_path, capsys, monkeypatch, case
     overrides.append("--config.model.n_blocks_per_stack=3")
   elif case == "d_model":
     overrides.append("--config.model.d_model=64")
+  elif case == "schedule":
+    overrides.append("--config.training.progressive.stacks_per_stage=(1, 1)")
   else:
     (llama / "model.safetensors").unlink()
   assert _train_cli(tmp_path, *overrides) == 2

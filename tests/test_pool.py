@@ -63,8 +63,12 @@ def test_every_epoch_goes_over_the_whole_pool_in_a_new_order(text_corpus):
   np.testing.assert_array_equal(order, pool_order(config.training, stage=2))   # from the seed
 
 
-def test_extended_cache_entries_equal_a_from_scratch_trunk_forward(text_corpus, monkeypatch):
-  config = pool_config(text_corpus, target_stacks=3)
+@pytest.mark.parametrize("schedule", [(1,), (1, 2, 1)])
+def test_extended_cache_entries_equal_a_from_scratch_trunk_forward(text_corpus, monkeypatch,
+                                                                   schedule):
+  """One stack a stage, and (1, 2, 1): stage 3's cache is stage 2's extended by two stacks."""
+  config = pool_config(text_corpus, target_stacks={(1,): 3, (1, 2, 1): 4}[schedule],
+                       stacks_per_stage=schedule)
   caches, builds, messages = [], [], []
   close = caching.ActivationCache.close
   monkeypatch.setattr(caching.ActivationCache, "close", lambda self: caches.append(self))
@@ -76,15 +80,15 @@ def test_extended_cache_entries_equal_a_from_scratch_trunk_forward(text_corpus, 
   # Stage 2 built the cache (pool and eval batches) through stack_0; stage 3 only extended it.
   assert set(builds) == {("stack_0",)}
   assert len(builds) == config.training.steps_per_stack + config.training.eval_batches
-  assert any("extended by one stack a stage" in m for m in messages)
+  assert any("extended by the stacks a stage adds" in m for m in messages)
   (cache,) = caches
   full = ProgressiveRackBuilder(config)
-  for _ in range(3):
-    full.add_stack()
+  full.add_stacks(config.training.progressive.target_stacks)
   full.update_params(params)
   rack = full.build_rack()
+  trunk = tuple(rack.order[:-schedule[-1]])   # the last stage's trunk
   forward = jax.jit(lambda p, ex: rack.apply_stacks(
-      p, ("stack_0", "stack_1"), *rack.embed(p, ex["inputs"], ex["time_step"])))
+      p, trunk, *rack.embed(p, ex["inputs"], ex["time_step"])))
   for j in (0, len(cache) - 1):
     h, example = cache.get(j)
     np.testing.assert_allclose(h, forward(params, example), rtol=1e-5, atol=1e-5)

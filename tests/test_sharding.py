@@ -33,9 +33,9 @@ def sharded(tmp_path_factory):
   return json.loads(out.read_text())
 
 
-# fp32 trunk: only the order of the cross-device sums differs. qlora: the int4 trunk computes in
-# bf16, whose rounding the changed order moves a little more.
-@pytest.mark.parametrize("trunk,rtol", [("frozen", 1e-5), ("qlora", 1e-4)])
+# fp32 trunk (frozen, or training): only the order of the cross-device sums differs. qlora: the
+# int4 trunk computes in bf16, whose rounding the changed order moves a little more.
+@pytest.mark.parametrize("trunk,rtol", [("frozen", 1e-5), ("qlora", 1e-4), ("train", 1e-5)])
 def test_two_by_four_mesh_gives_the_single_device_losses(sharded, trunk, rtol):
   run = sharded[trunk]
   assert sharded["devices"] == 8 and run["mesh"] == {"data": 2, "fsdp": 4}
@@ -43,7 +43,7 @@ def test_two_by_four_mesh_gives_the_single_device_losses(sharded, trunk, rtol):
   np.testing.assert_allclose(run["sharded"], run["single"], rtol=rtol)
 
 
-@pytest.mark.parametrize("trunk", ["frozen", "qlora"])
+@pytest.mark.parametrize("trunk", ["frozen", "qlora", "train"])
 def test_params_and_optimizer_state_are_split_over_fsdp(sharded, trunk):
   params, opt = sharded[trunk]["param_specs"], sharded[trunk]["opt_specs"]
   # The last stage's state: a cached step holds only its view (the new stack as `new_0`).
@@ -60,6 +60,10 @@ def test_params_and_optimizer_state_are_split_over_fsdp(sharded, trunk):
   if trunk == "qlora":   # the int4 trunk's kernels and its adapters are split too
     assert params["stacks/stack_0/blocks/0/attn/q/kernel/array/qvalue"] == "P('fsdp', None)"
     assert params["stacks/stack_0/blocks/0/attn/q/adapter/lora_a"] == "P('fsdp', None)"
+  if trunk == "train":   # the trunk's Adam moments too
+    trunk_kernel = "stacks/stack_0/blocks/0/attn/q/kernel"
+    assert [spec for path, spec in opt.items() if path.endswith(trunk_kernel)] == [
+        "P('fsdp', None)"] * 2
 
 
 def test_fsdp_step_holds_far_fewer_bytes_a_device_than_data_parallel(sharded):

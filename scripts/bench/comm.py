@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from stackwise_jax.config import load_config
-from stackwise_jax.progressive.builder import TRAINABLE
+from stackwise_jax.progressive.builder import FROZEN
 
 from bench.common import MODES, fail, in_subprocess
 from bench.stage import build_stage
@@ -59,7 +59,7 @@ def worker(config_path, overrides, devices) -> list[dict]:
       stage = build_stage(load_config(config_path, [*overrides, *fields, *mesh]), k)
       trainable = sum(x.nbytes for x, label in zip(jax.tree.leaves(stage.state["params"]),
                                                    jax.tree.leaves(stage.labels))
-                      if label == TRAINABLE)
+                      if label != FROZEN)
       compiled = stage.lowered.compile()
       totals = collective_bytes(compiled.as_text())
       memory = compiled.memory_analysis()

@@ -5,7 +5,7 @@ import jax
 from stackwise_jax.model.layers import attention_scores
 from stackwise_jax.model.lora import is_adapter_path
 from stackwise_jax.model.rack import is_causal
-from stackwise_jax.progressive.builder import TRAINABLE
+from stackwise_jax.progressive.builder import FROZEN
 
 from bench.common import fail
 
@@ -48,12 +48,12 @@ def model_flops(config, rack, labels, plan, fsdp: bool) -> tuple[float, float]:
   for spec in rack.specs:
     if spec.name not in plan.body:
       continue
-    base_trains = any(label == TRAINABLE and not is_adapter_path(path) for path, label in
+    base_trains = any(label != FROZEN and not is_adapter_path(path) for path, label in
                       jax.tree_util.tree_leaves_with_path(labels["stacks"][spec.name]))
     step += spec.n_blocks * ((3 if base_trains else 2) * dense + 3 * attention + 3 * lora(spec)
                              + fsdp * (dense + attention + lora(spec)))
   e = labels["embed_head"]
-  head_trains = (e["embed"]["embedding"] if m.tie_embeddings else e["head"]["kernel"]) == TRAINABLE
+  head_trains = (e["embed"]["embedding"] if m.tie_embeddings else e["head"]["kernel"]) != FROZEN
   step += ((3 if head_trains else 2) + fsdp) * 2 * tokens * m.d_model * m.vocab_size
   return step + (0 if plan.cached else prefix), prefix
 

@@ -239,6 +239,13 @@ def resolve_init_from(config, overridden=()):
   if p.target_stacks <= layers // per_stack:
     raise ConfigError(f"training.progressive.target_stacks={p.target_stacks}: allowed: more than "
                       f"the {layers // per_stack} stacks imported from {directory}")
+  # The imported stacks are no stage: stacks_per_stage's entries grow the rack from them.
+  if layers // per_stack + sum(p.stacks_per_stage[:-1]) >= p.target_stacks:
+    raise ConfigError(
+        f"training.progressive.stacks_per_stage={tuple(p.stacks_per_stage)!r}: allowed: entries "
+        f"before the last summing to less than the {p.target_stacks - layers // per_stack} stacks "
+        f"that target_stacks={p.target_stacks} adds to the {layers // per_stack} imported from "
+        f"{directory} (the last entry would never be used)")
   why = llama_incompatibility(config)
   if why:
     raise ConfigError(f"training.progressive.init_from={directory!r}: {why}")

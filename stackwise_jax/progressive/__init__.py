@@ -1,5 +1,5 @@
 """Progressive training: the builder, the trainer, evaluation, activation caching, masks, time."""
-from stackwise_jax.progressive.builder import FROZEN, TRAINABLE, ProgressiveRackBuilder
+from stackwise_jax.progressive.builder import FROZEN, TRAINABLE, TRUNK, ProgressiveRackBuilder
 from stackwise_jax.progressive.guard import TrainingDiverged
 from stackwise_jax.progressive.loader import ProgressiveDataLoader
 from stackwise_jax.progressive.masking import TimeStepMasking

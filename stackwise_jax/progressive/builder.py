@@ -14,9 +14,11 @@ from stackwise_jax.trees import plain_keys
 from stackwise_jax.model.rack import init_stack
 from stackwise_jax.progressive.masking import TimeStepMasking
 
-# Leaf labels for optax.multi_transform.
-TRAINABLE, FROZEN = "trainable", "frozen"
-# A stack's mode: all leaves trainable, all frozen, or only its adapters trainable.
+# Leaf labels for optax.multi_transform. TRUNK: a trunk stack's leaf that trains with the new
+# stacks (trunk_strategy="train"), at the lr scaled by trunk_lr_scale. A leaf trains unless FROZEN.
+TRAINABLE, FROZEN, TRUNK = "trainable", "frozen", "trunk"
+# A stack's mode: all leaves trainable (TRAINABLE, or TRUNK: labelled so), all frozen, or only its
+# adapters trainable.
 ADAPTERS_ONLY = "adapters_only"
 # Init streams: 0 is the embedding/head, stack i uses i + 1.
 _EMBED_STREAM = 0
@@ -86,24 +88,34 @@ class ProgressiveRackBuilder:
   # --- growing ---------------------------------------------------------------------------------
   def append_stack(self, n_blocks: int | None = None, precision: str | None = None) -> StackSpec:
     """Adds a stack after the existing ones (nearest the head)."""
-    self.specs.append(self._new_stack(n_blocks, precision, "append"))
-    self._place_time_steps()
-    return self.specs[-1]
+    return self._add("append", n_blocks, precision)
 
   def prepend_stack(self, n_blocks: int | None = None, precision: str | None = None) -> StackSpec:
     """Adds a stack before the existing ones (nearest the embedding)."""
-    self.specs.insert(0, self._new_stack(n_blocks, precision, "prepend"))
-    self._place_time_steps()
-    return self.specs[0]
+    return self._add("prepend", n_blocks, precision)
 
   def add_stack(self, n_blocks: int | None = None, precision: str | None = None) -> StackSpec:
     """Adds a stack where this builder's building mode puts it."""
-    add = self.append_stack if self.building_mode == "append" else self.prepend_stack
-    return add(n_blocks, precision)
+    return self._add(self.building_mode, n_blocks, precision)
 
-  def _new_stack(self, n_blocks, precision, where: str, start=None) -> StackSpec:
+  def add_stacks(self, count: int, n_blocks: int | None = None,
+                 precision: str | None = None) -> list[StackSpec]:
+    """Adds `count` stacks where this builder's building mode puts them, as one stage's new stacks
+    (`training.progressive.stacks_per_stage`): a copying `new_stack_init` chooses their sources
+    together (`stack`: the trained rack repeated; `midas`: its middle block). Returns their specs
+    in building order."""
+    return [self._add(self.building_mode, n_blocks, precision, count) for _ in range(count)]
+
+  def _add(self, where: str, n_blocks, precision, count: int = 1) -> StackSpec:
+    """Adds one of a stage's `count` new stacks at `where` ("append" | "prepend")."""
+    spec = self._new_stack(n_blocks, precision, where, count=count)
+    self.specs.insert(len(self.specs) if where == "append" else 0, spec)
+    self._place_time_steps()
+    return self.specs[-1 if where == "append" else 0]
+
+  def _new_stack(self, n_blocks, precision, where: str, start=None, count: int = 1) -> StackSpec:
     """A new stack's spec, its params set (from `start`, float params as plain dicts, or by
-    `new_stack_init`) and its label."""
+    `new_stack_init` as one of a stage's `count` new stacks) and its label."""
     p, m = self.config.training.progressive, self.config.model
     if len(self.specs) >= p.max_stacks:
       raise ValueError(f"training.progressive.max_stacks={p.max_stacks}: the rack already has "
@@ -126,18 +138,19 @@ class ProgressiveRackBuilder:
       for trunk in self.specs:
         if trunk.progressive_lora is None:
           self._respec(trunk, progressive_lora=progressive)
-    self._set_stack(spec, self._start(spec, where) if start is None else start)
+    self._set_stack(spec, self._start(spec, where, count) if start is None else start)
     self._labels[spec.name] = ADAPTERS_ONLY if spec.quantized else TRAINABLE
     return spec
 
-  def _start(self, spec: StackSpec, where: str):
-    """The float params a new stack starts from by `training.progressive.new_stack_init` (its row
-    of `growth.NEW_STACK_INITS`; None: its own random init), fed to `init_stack` as its previous
-    params. Records the copied stack in `init_sources`."""
+  def _start(self, spec: StackSpec, where: str, count: int = 1):
+    """The float params a new stack (one of its stage's `count`) starts from by
+    `training.progressive.new_stack_init` (its row of `growth.NEW_STACK_INITS`; None: its own
+    random init), fed to `init_stack` as its previous params. Records the copied stack in
+    `init_sources`."""
     how = self.config.training.progressive.new_stack_init
     init = NEW_STACK_INITS[how]
     trained = [s for s in self.specs if s.name in self.trained]
-    source = init.source(trained, spec.index, where) if init.source and trained else None
+    source = init.source(trained, spec.index, where, count) if init.source and trained else None
     self.init_sources[spec.name] = source and source.name
     if source and (source.quantized or source.packed or source.n_blocks != spec.n_blocks):
       raise ConfigError(
@@ -218,6 +231,23 @@ class ProgressiveRackBuilder:
       self._cast_base(spec, jnp.float32)
     return self.labels()
 
+  def train_trunk(self, indices=None) -> dict:
+    """Lets every leaf of the given stacks (default: all trained stacks) train with the new ones,
+    labelled TRUNK (`trunk_strategy="train"`: `make_optimizer` scales their lr by
+    `trunk_lr_scale`): fp32 masters, as `unfreeze_all` makes them (packed nvfp4 kernels unpacked
+    and fake-quantized again). A stack with int4 kernels cannot train them: a ValueError.
+    Returns the labels pytree."""
+    specs = self._select(indices)
+    int4 = [s.name for s in specs if s.quantized]
+    if int4:
+      raise ValueError(f"{', '.join(int4)}: int4 (qlora) kernels cannot train; a trunk that "
+                       "trains (trunk_strategy='train') needs float or nvfp4 stacks")
+    for spec in specs:
+      spec = self._unpack(spec)
+      self._labels[spec.name] = TRUNK
+      self._cast_base(spec, jnp.float32)
+    return self.labels()
+
   def _pack(self, spec: StackSpec) -> StackSpec:
     """A stack whose layers quantize their own kernels (nvfp4) stores them packed once it stops
     training (other stacks: unchanged)."""
@@ -264,10 +294,10 @@ class ProgressiveRackBuilder:
     return [by_index[i] for i in indices]
 
   def labels(self) -> dict:
-    """A label (TRAINABLE / FROZEN) per params leaf, same structure as `params`.
+    """A label (TRAINABLE / TRUNK / FROZEN) per params leaf, same structure as `params`.
 
     Integer leaves and stored kernels' leaves (int4, packed nvfp4) are always FROZEN; in an
-    ADAPTERS_ONLY stack only adapter leaves train.
+    ADAPTERS_ONLY stack only adapter leaves train; a TRUNK stack's other leaves are TRUNK.
     """
     label_tree = lambda tree, label: jax.tree.map(lambda _: label, tree)
     side = lambda key: self._labels["head_side" if key in HEAD_SIDE else "input_side"]
@@ -275,7 +305,9 @@ class ProgressiveRackBuilder:
     def stack_label(mode, path, x):
       if mode == FROZEN or not jnp.issubdtype(x.dtype, jnp.floating) or _is_stored(path):
         return FROZEN
-      return TRAINABLE if mode == TRAINABLE or is_adapter_path(path) else FROZEN
+      if mode in (TRAINABLE, TRUNK):
+        return mode
+      return TRAINABLE if is_adapter_path(path) else FROZEN
 
     return {"embed_head": {key: label_tree(tree, side(key))
                            for key, tree in self.params["embed_head"].items()},

@@ -8,24 +8,24 @@ import dataclasses
 import json
 
 from stackwise_jax.checkpoint import open_run, restore_into
-from stackwise_jax.config import from_yaml
+from stackwise_jax.config import from_yaml, stage_sizes
 from stackwise_jax.errors import ConfigError
 from stackwise_jax.progressive.builder import ProgressiveRackBuilder
 from stackwise_jax.progressive.masking import check_time_steps_kept
 
 
 def stage_specs(builder, target: int):
-  """Yields the specs each stage adds: untrained stacks first, then one new stack a stage (or,
-  with progressive training off, all remaining stacks in one stage); then, with
-  `training.final_stage`, an empty list: the final stage, which adds nothing and trains the
-  whole rack (`is_final`)."""
+  """Yields the specs each stage adds: untrained stacks first, then the new stacks of each stage
+  as `training.progressive.stacks_per_stage` says (`config.stage_sizes`; with progressive
+  training off, all remaining stacks in one stage); then, with `training.final_stage`, an empty
+  list: the final stage, which adds nothing and trains the whole rack (`is_final`)."""
   untrained = [s for s in builder.specs if s.name not in builder.trained]
   if untrained:
     yield untrained
   if not builder.config.training.progressive.enabled and len(builder.specs) < target:
-    yield [builder.add_stack() for _ in range(target - len(builder.specs))]
-  while len(builder.specs) < target:
-    yield [builder.add_stack()]
+    yield builder.add_stacks(target - len(builder.specs))
+  for size in stage_sizes(builder.config, len(builder.specs), target):
+    yield builder.add_stacks(size)
   if builder.config.training.final_stage and builder.specs:
     yield []
 
@@ -36,12 +36,14 @@ def is_final(new_specs) -> bool:
 
 
 def set_labels(builder, final: bool = False) -> set[str]:
-  """Design §4: trunk frozen (or adapters only); embedding/head by `embedding_training`. Returns
-  the names of the frozen stacks.
+  """Design §4: trunk frozen, adapters only or trained (by `trunk_strategy`); embedding/head by
+  `embedding_training`. Returns the names of the frozen stacks.
 
   "auto": once a trunk exists, the input side (token/time embedding) is frozen, since it feeds
   the frozen trunk (training it would change the trunk's input and stale the cache); the head
-  side (final norm, untied head) trains in append mode and is frozen in prepend mode.
+  side (final norm, untied head) trains in append mode and is frozen in prepend mode. Under
+  `trunk_strategy="train"` the trunk trains too (`train_trunk`), nothing is cached, and "auto"
+  trains both sides, as the final stage does.
 
   The `final` stage trains every stack as far as its precision allows (`unfreeze_all`) and both
   sides of the embedding/head, unless `embedding_training="frozen"`.
@@ -54,10 +56,10 @@ def set_labels(builder, final: bool = False) -> set[str]:
     return {s.name for s in builder.specs if builder.is_frozen(s.name)}
   has_trunk = bool(builder.trained)
   if has_trunk:
-    freeze = builder.freeze_trunk if p.trunk_strategy == "frozen" else builder.freeze_all_but_qlora
-    freeze()
+    {"frozen": builder.freeze_trunk, "qlora": builder.freeze_all_but_qlora,
+     "train": builder.train_trunk}[p.trunk_strategy]()
   mode = p.embedding_training
-  if not has_trunk or mode == "trainable":
+  if not has_trunk or mode == "trainable" or (mode == "auto" and p.trunk_strategy == "train"):
     builder.set_embedding_trainable(input_side=True, head_side=True)
   elif mode == "frozen":
     builder.set_embedding_trainable(input_side=False, head_side=False)
@@ -73,11 +75,17 @@ def grow(builder, target: int, n_stages: int | None = None, last_done: bool = Tr
   stacks). The last stage's stacks count as trained only if `last_done`. `stages`: a
   `stage_specs` generator to draw from (the trainer's, to go on from there). Returns (specs of
   the last stage, names of the stacks frozen in it, its 1-based number)."""
-  stages = stage_specs(builder, target) if stages is None else stages
+  stages = iter(stage_specs(builder, target) if stages is None else stages)
   new, frozen, stage = None, set(), 0
-  for upcoming in stages:
-    if new is not None:
-      builder.trained.update(s.name for s in new)
+  while True:
+    # As in a run, a stage's stacks are trained before the next stage adds its own (which a
+    # copying new_stack_init copies).
+    done = {s.name for s in new or ()} - builder.trained
+    builder.trained.update(done)
+    upcoming = next(stages, None)
+    if upcoming is None:
+      builder.trained.difference_update(done)   # the last stage's: trained only if last_done
+      break
     new, stage = upcoming, stage + 1
     frozen = set_labels(builder, is_final(new))
     if stage == n_stages:

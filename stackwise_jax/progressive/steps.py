@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from stackwise_jax.model import Rack
-from stackwise_jax.progressive.builder import FROZEN, TRAINABLE
+from stackwise_jax.progressive.builder import FROZEN, TRAINABLE, TRUNK
 from stackwise_jax.sharding import step_compiler_options, use_mesh
 
 
@@ -86,9 +86,11 @@ class StepView:
 
 def make_optimizer(training_config, labels, total_steps: int,
                    lr: float | None = None) -> optax.GradientTransformation:
-  """AdamW with warm-up + cosine to peak `lr` (default: training.lr) for trainable leaves;
-  set_to_zero (no state) for frozen ones. An update whose gradients are not finite is dropped
-  whole (optax.apply_if_finite), so params never take a NaN or Inf."""
+  """AdamW with warm-up + cosine to peak `lr` (default: training.lr) for trainable leaves; the
+  same with the schedule times training.progressive.trunk_lr_scale for TRUNK leaves (a trunk
+  that trains); set_to_zero (no state) for frozen ones. Gradients are clipped by their global
+  norm over every leaf that trains (training.grad_clip). An update whose gradients are not
+  finite is dropped whole (optax.apply_if_finite), so params never take a NaN or Inf."""
   t = training_config
   lr = t.lr if lr is None else lr
   schedule = optax.warmup_cosine_decay_schedule(
@@ -96,9 +98,25 @@ def make_optimizer(training_config, labels, total_steps: int,
       decay_steps=max(total_steps, 1), end_value=lr * 0.1)
   # Decay matrices only; norm scales stay undecayed.
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
-  adamw = optax.adamw(schedule, weight_decay=t.weight_decay, mask=decay_mask)
-  trainable = optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw) if t.grad_clip > 0 else adamw
-  by_label = optax.multi_transform({TRAINABLE: trainable, FROZEN: optax.set_to_zero()}, labels)
+  adamw = lambda schedule: optax.adamw(schedule, weight_decay=t.weight_decay, mask=decay_mask)
+
+  def clipped(tx, trains=None):
+    """`tx` after clipping the gradients' global norm (over the leaves `trains` marks)."""
+    if t.grad_clip <= 0:
+      return tx
+    clip = optax.clip_by_global_norm(t.grad_clip)
+    return optax.chain(clip if trains is None else optax.masked(clip, trains), tx)
+
+  if TRUNK in jax.tree.leaves(labels):
+    # Two branches train: one clip over both, as an end-to-end step clips (masked: frozen leaves
+    # may be int4).
+    scale = t.progressive.trunk_lr_scale
+    by_label = clipped(optax.multi_transform(
+        {TRAINABLE: adamw(schedule), TRUNK: adamw(lambda step: scale * schedule(step)),
+         FROZEN: optax.set_to_zero()}, labels), jax.tree.map(lambda l: l != FROZEN, labels))
+  else:   # one branch trains: clipped inside it, the optimizer state layout runs have saved
+    by_label = optax.multi_transform(
+        {TRAINABLE: clipped(adamw(schedule)), FROZEN: optax.set_to_zero()}, labels)
   return optax.apply_if_finite(by_label, _NEVER_APPLY_NONFINITE)
 
 
@@ -116,9 +134,10 @@ def prefix_activations(rack: Rack, names, params, example):
 
 def split_by_label(params, labels):
   """-> (trainable, frozen): two trees shaped like `params`, each with None where the other holds
-  the leaf."""
-  pick = lambda wanted: jax.tree.map(lambda x, l: x if l == wanted else None, params, labels)
-  return pick(TRAINABLE), pick(FROZEN)
+  the leaf. Every label but FROZEN trains."""
+  pick = lambda trains: jax.tree.map(lambda x, l: x if (l != FROZEN) == trains else None,
+                                     params, labels)
+  return pick(True), pick(False)
 
 
 def join(trainable, frozen):

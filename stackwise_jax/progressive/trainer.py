@@ -29,7 +29,7 @@ from stackwise_jax.progressive.evaluate import eval_example, evaluate_with, toke
 from stackwise_jax.model.lora import is_adapter_path
 from stackwise_jax.objectives import OBJECTIVES
 from stackwise_jax.progressive import caching
-from stackwise_jax.progressive.builder import HEAD_SIDE, FROZEN, TRAINABLE, ProgressiveRackBuilder
+from stackwise_jax.progressive.builder import HEAD_SIDE, FROZEN, ProgressiveRackBuilder
 from stackwise_jax.progressive.feed import Prefetcher
 from stackwise_jax.progressive.guard import DivergenceGuard
 from stackwise_jax.progressive.masking import check_objective_data, check_time_steps_kept
@@ -295,7 +295,8 @@ class ProgressiveTrainer:
       eval_curve, skipped = progress["eval_curve"], progress["skipped_steps"]
     guard = DivergenceGuard(t.nonfinite, t.max_skipped_steps, number, losses, skipped)
     first_step = sum(s["steps"] for s in self.results["stages"])   # the run's steps before
-    name = "final stage" if stage.context.final else f"stage {number}/{target}"
+    name = ("final stage" if stage.context.final
+            else f"stage {number} ({len(stage.context.rack.specs)}/{target} stacks)")
     bar = tqdm(total=stage.steps, initial=start, disable=not self.progress,
                desc=f"{name} [{plan.activation_mode}]", dynamic_ncols=True,
                file=sys.stderr)
@@ -433,8 +434,8 @@ class ProgressiveTrainer:
   @staticmethod
   def _extends(kept, plan) -> bool:
     """Whether activations `kept` (prefix names, store) serve `plan`'s prefix as they are or
-    with the one stack the prefix gained since."""
-    return kept is not None and kept[0] in (plan.prefix, plan.prefix[:-1])
+    with the stacks the prefix gained since (one a stage, or several: `stacks_per_stage`)."""
+    return kept is not None and tuple(plan.prefix[:len(kept[0])]) == tuple(kept[0])
 
   def _train_activations(self, rack, plan, number, make_examples,
                          extend) -> caching.ActivationCache:
@@ -447,10 +448,10 @@ class ProgressiveTrainer:
       names, store = self._train_cache
       if names != plan.prefix:
         self._tell("extend", "pool mode: the trunk's input is the same at every stage, so its "
-                   "cached activations are extended by one stack a stage, not recomputed")
+                   "cached activations are extended by the stacks a stage adds, not recomputed")
         for j in range(len(store)):
           g = self._cached_example(store, j)
-          h = runner.extend(rack.params, plan.prefix[-1], g["h"], g).astype(dtype)
+          h = _extended(runner, rack, plan.prefix, names, g["h"], g)
           store.put(j, self._stored_form(store, j, h), store.examples[j])   # same example
     else:
       examples = make_examples()
@@ -478,13 +479,13 @@ class ProgressiveTrainer:
 
   def _eval_activations(self, rack, plan, examples) -> list:
     """The prefix activations of the eval examples (global arrays): the previous stage's
-    extended by one stack, else built; rounded as the train cache stores them, so both ways
-    give the same bits."""
+    extended by the stacks added since, else built; rounded as the train cache stores them, so
+    both ways give the same bits."""
     runner, dtype = caching.PrefixRunner(rack), caching.cache_dtype(rack, plan.prefix)
     if self._extends(self._eval_cache, plan):
       names, store = self._eval_cache
       if names != plan.prefix:
-        store = [runner.extend(rack.params, plan.prefix[-1], h, ex).astype(dtype)
+        store = [_extended(runner, rack, plan.prefix, names, h, ex)
                  for h, ex in zip(store, examples)]
     else:
       store = [runner.build(rack.params, plan.prefix, ex).astype(dtype) for ex in examples]
@@ -505,9 +506,11 @@ class ProgressiveTrainer:
     self._train_cache = self._eval_cache = None
 
   def _say_why_not_cached(self, builder, context: StageContext) -> None:
-    if (self.config.training.progressive.cache_activations and not context.plan.cached
-        and builder.trained):
+    p = self.config.training.progressive
+    if p.cache_activations and not context.plan.cached and builder.trained:
       why = ("the final stage trains the whole rack" if context.final
+             else "the trunk trains with the new stack (trunk_strategy='train')"
+             if p.trunk_strategy == "train"
              else "prepend mode: the trunk follows the new stack" if builder.building_mode == "prepend"
              else "the trunk's adapters train, so cached trunk outputs would go stale")
       self._tell(why, f"cache_activations=True, but trunk activations are streamed ({why})")
@@ -573,6 +576,15 @@ class ProgressiveTrainer:
                                 f"{stage}, step {step}: checkpoint saved in "
                                 f"{self.checkpoints.directory}; run the same command to resume",
                                 self._stop_signal)
+
+
+def _extended(runner, rack, prefix, names, h, example):
+  """Activations `h` of prefix `names` carried through the stacks `prefix` has after them, each
+  output rounded to its cache dtype as `PrefixRunner.build` rounds it (the same bits)."""
+  for k in range(len(names), len(prefix)):
+    h = runner.extend(rack.params, prefix[k], h, example).astype(
+        caching.cache_dtype(rack, prefix[:k + 1]))
+  return h
 
 
 def check_resumable(workdir: str, config) -> None:
@@ -670,7 +682,7 @@ def _param_counts(params, labels) -> dict:
   counts = {"trainable": 0, "frozen": 0, "lora": 0}
   leaves = jax.tree_util.tree_leaves_with_path(params)
   for (path, x), label in zip(leaves, jax.tree.leaves(labels)):
-    counts["trainable" if label == TRAINABLE else "frozen"] += x.size
+    counts["frozen" if label == FROZEN else "trainable"] += x.size
     counts["lora"] += x.size if is_adapter_path(path) else 0
   return counts
 
