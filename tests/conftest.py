@@ -157,3 +157,15 @@ def reference_logits(params, config, order, tokens, causal):
       x = x + (jax.nn.silu(h @ f["gate"]["kernel"]) * (h @ f["up"]["kernel"])) @ f["down"]["kernel"]
   x = rms(x, eh["final_norm"]["scale"])
   return x @ eh["embed"]["embedding"].T
+
+
+def mark_trained(builder, spec):
+  """Marks `spec` trained, its float params shifted away from any fresh init (by its index, so
+  stacks differ from each other too); returns it."""
+  params = builder.params
+  stacks = dict(params["stacks"])
+  shift = lambda x: x + 0.01 * (spec.index + 1) if jnp.issubdtype(x.dtype, jnp.floating) else x
+  stacks[spec.name] = jax.tree.map(shift, stacks[spec.name])
+  builder.update_params({**params, "stacks": stacks})
+  builder.trained.add(spec.name)
+  return spec

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import micro_config
+from conftest import mark_trained, micro_config
 from stackwise_jax import ProgressiveRackBuilder, ProgressiveTrainer
 from stackwise_jax.config import validate
 from stackwise_jax.errors import ConfigError
@@ -20,18 +20,7 @@ def _builder(init, mode="append", **progressive):
 
 def _trained_stack(builder):
   """Adds a stack and marks it trained, with params unlike any fresh init."""
-  return _train(builder, builder.add_stack())
-
-
-def _train(builder, spec):
-  """Marks `spec` trained, its float params shifted away from any fresh init."""
-  params = builder.params
-  stacks = dict(params["stacks"])
-  shift = lambda x: x + 0.01 * (spec.index + 1) if jnp.issubdtype(x.dtype, jnp.floating) else x
-  stacks[spec.name] = jax.tree.map(shift, stacks[spec.name])
-  builder.update_params({**params, "stacks": stacks})
-  builder.trained.add(spec.name)
-  return spec
+  return mark_trained(builder, builder.add_stack())
 
 
 def _leaves(builder, name):
@@ -99,7 +88,7 @@ def test_stack_copies_by_progressive_stacking():
     for a, b in zip(_leaves(builder, new.name), _leaves(builder, f"stack_{source}"),
                     strict=True):
       np.testing.assert_array_equal(a, b)
-    _train(builder, new)
+    mark_trained(builder, new)
 
 
 def test_a_copied_stack_trains_apart_from_its_frozen_source(text_corpus):

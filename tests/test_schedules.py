@@ -4,12 +4,11 @@ import math
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (assert_same_run, checkpoint_steps, micro_args, micro_config, text_config,
-                      train_run)
+from conftest import (assert_same_run, checkpoint_steps, mark_trained, micro_args, micro_config,
+                      text_config, train_run)
 from stackwise_jax import ProgressiveRackBuilder
 from stackwise_jax.cli import main
 from stackwise_jax.config import from_yaml, load_config, stage_sizes, to_yaml, validate
@@ -20,17 +19,6 @@ def _builder(init, mode="append", **progressive):
   config = micro_config(**{"new_stack_init": init, "building_mode": mode, "max_stacks": 6,
                            "target_stacks": 6, **progressive})
   return ProgressiveRackBuilder(validate(config))
-
-
-def _train(builder, spec):
-  """Marks `spec` trained, its float params shifted away from any fresh init (and every other
-  stack's: by its index)."""
-  params = builder.params
-  stacks = dict(params["stacks"])
-  shift = lambda x: x + 0.01 * (spec.index + 1) if jnp.issubdtype(x.dtype, jnp.floating) else x
-  stacks[spec.name] = jax.tree.map(shift, stacks[spec.name])
-  builder.update_params({**params, "stacks": stacks})
-  builder.trained.add(spec.name)
 
 
 def _assert_same_params(builder, name, source):
@@ -62,7 +50,7 @@ def test_one_then_three_stacks_with_stack_init_makes_four_copies_of_the_trained_
   stages = stage_specs(builder, 4)
   first, _, number = grow(builder, 4, n_stages=1, stages=stages)
   assert ([s.name for s in first], number) == (["stack_0"], 1)
-  _train(builder, first[0])   # as if stage 1 trained it: unlike any fresh init
+  mark_trained(builder, first[0])   # as if stage 1 trained it: unlike any fresh init
   second, frozen, _ = grow(builder, 4, stages=stages)   # the generator's next stage
   assert ([s.name for s in second], frozen) == (["stack_1", "stack_2", "stack_3"], {"stack_0"})
   assert len(builder.specs) == 4
@@ -77,7 +65,7 @@ def test_several_new_stacks_repeat_the_trained_rack_in_order(mode):
   (forward order) is the trained block twice (G_stack, growth factor 2)."""
   builder = _builder("stack", mode)
   for spec in builder.add_stacks(3):
-    _train(builder, spec)
+    mark_trained(builder, spec)
   trained = ["stack_0", "stack_1", "stack_2"]
   new = builder.add_stacks(3)
   assert [builder.init_sources[s.name] for s in new] == trained
@@ -94,7 +82,7 @@ def test_one_stack_a_stage_keeps_progressive_stacking():
   builder = _builder("stack")
   for _ in range(3):
     spec = builder.add_stack()
-    _train(builder, spec)
+    mark_trained(builder, spec)
   assert builder.init_sources["stack_2"] == "stack_0"
   assert builder.add_stack().name == "stack_3" and builder.init_sources["stack_3"] == "stack_1"
   _assert_same_params(builder, "stack_3", "stack_1")
@@ -113,7 +101,7 @@ def test_one_stack_a_stage_keeps_progressive_stacking():
 def test_midas_copies_the_middle_of_the_trained_rack(trained, count, mode, sources):
   builder = _builder("midas", mode, max_stacks=8, target_stacks=8)
   for _ in range(trained):
-    _train(builder, builder.add_stack())
+    mark_trained(builder, builder.add_stack())
   new = builder.add_stacks(count)
   assert [builder.init_sources[s.name] for s in new] == sources
   for spec, source in zip(new, sources):
