@@ -386,10 +386,8 @@ def _prepare_export(args):
   checkpoints.close()
   ckpt, config = checkpoints.latest, checkpoints.config
   if args.format == "hf":
-    from stackwise_jax.hf.llama import llama_incompatibility
-    why = llama_incompatibility(config)
-    if why:
-      raise ConfigError(f"--format hf: {why}; --format safetensors keeps this rack as it is")
+    from stackwise_jax.hf.llama import check_exportable
+    check_exportable(config)
   out = args.out or os.path.join(args.workdir, "export")
   check_writable(out)
   config.training.workdir = args.workdir   # a trained BPE is read from there

@@ -10,6 +10,7 @@ below it, `model-0000k-of-0000n.safetensors` and an index above it, as `save_pre
 them), so host memory holds the rack and one shard. Import reads one tensor at a time too.
 Neither needs torch or transformers: only safetensors and json.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -52,6 +53,13 @@ def llama_incompatibility(config) -> str | None:
   return None
 
 
+def check_exportable(config) -> None:
+  """ConfigError (`export --format hf`) for a rack of `config` that has no Llama equivalent."""
+  why = llama_incompatibility(config)
+  if why:
+    raise ConfigError(f"--format hf: {why}; --format safetensors keeps this rack as it is")
+
+
 # --- export ---------------------------------------------------------------------------------------
 
 def export_hf(rack, directory: str, *, tokenizer, dtype: str = "float32", record: dict,
@@ -60,9 +68,7 @@ def export_hf(rack, directory: str, *, tokenizer, dtype: str = "float32", record
   the safetensors weights in `dtype` ("float32" | "bfloat16"), the tokenizer's files and
   `stackwise.json` (`record`, with what was merged). Returns the weight files written."""
   from stackwise_jax.hf.tokenizer_files import write_tokenizer
-  why = llama_incompatibility(rack.config)
-  if why:
-    raise ConfigError(f"--format hf: {why}; --format safetensors keeps this rack as it is")
+  check_exportable(rack.config)
   if dtype not in DTYPES:
     raise ConfigError(f"--dtype={dtype!r}: allowed: {', '.join(DTYPES)}")
   os.makedirs(directory, exist_ok=True)
@@ -263,22 +269,26 @@ def read_weights(directory: str, config) -> tuple[dict, list[list[dict]]]:
   imported stack a list of block params), fp32, read one tensor at a time."""
   hf = read_config_json(directory)
   files = _weight_files(directory)
-  where = {}
-  for path in files:
-    with safetensors.safe_open(path, framework="numpy") as f:
-      where.update(dict.fromkeys(f.keys(), path))
+  with contextlib.ExitStack() as opened:   # each file opened once; tensors read as needed
+    where = {}
+    for path in files:
+      f = opened.enter_context(safetensors.safe_open(path, framework="numpy"))
+      where.update(dict.fromkeys(f.keys(), f))
 
-  def get(name):
-    if name not in where:
-      raise ConfigError(f"training.progressive.init_from={directory!r}: tensor {name} is missing "
-                        f"from {', '.join(map(os.path.basename, files))}")
-    with safetensors.safe_open(where[name], framework="numpy") as f:
-      return np.asarray(f.get_tensor(name), np.float32)
+    def get(name):
+      if name not in where:
+        raise ConfigError(f"training.progressive.init_from={directory!r}: tensor {name} is "
+                          f"missing from {', '.join(map(os.path.basename, files))}")
+      return np.asarray(where[name].get_tensor(name), np.float32)
 
+    return _our_params(hf, config.model.n_blocks_per_stack, get)
+
+
+def _our_params(hf: dict, per_stack: int, get) -> tuple[dict, list[list[dict]]]:
+  """`read_weights`' result, each Llama tensor read by `get(name)`."""
   embed_head = {"embed": {"embedding": get(_EMBED)}, "final_norm": {"scale": get(_NORM)}}
   if not model_fields(hf)["tie_embeddings"]:
     embed_head["head"] = {"kernel": get(_HEAD).T}
-  per_stack = config.model.n_blocks_per_stack
   blocks = []
   for layer in range(hf["num_hidden_layers"]):
     prefix = f"model.layers.{layer}."

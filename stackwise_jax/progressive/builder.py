@@ -226,9 +226,7 @@ class ProgressiveRackBuilder:
       if spec.quantized:   # int4 kernels cannot train
         self._labels[spec.name] = ADAPTERS_ONLY
         continue
-      spec = self._unpack(spec)
-      self._labels[spec.name] = TRAINABLE
-      self._cast_base(spec, jnp.float32)
+      self._train_whole(spec, TRAINABLE)
     return self.labels()
 
   def train_trunk(self, indices=None) -> dict:
@@ -243,10 +241,15 @@ class ProgressiveRackBuilder:
       raise ValueError(f"{', '.join(int4)}: int4 (qlora) kernels cannot train; a trunk that "
                        "trains (trunk_strategy='train') needs float or nvfp4 stacks")
     for spec in specs:
-      spec = self._unpack(spec)
-      self._labels[spec.name] = TRUNK
-      self._cast_base(spec, jnp.float32)
+      self._train_whole(spec, TRUNK)
     return self.labels()
+
+  def _train_whole(self, spec: StackSpec, label: str) -> None:
+    """Every leaf of a float or nvfp4 stack trains under `label`: packed kernels dequantized and
+    frozen bf16/fp16 base weights cast back into fp32 masters."""
+    spec = self._unpack(spec)
+    self._labels[spec.name] = label
+    self._cast_base(spec, jnp.float32)
 
   def _pack(self, spec: StackSpec) -> StackSpec:
     """A stack whose layers quantize their own kernels (nvfp4) stores them packed once it stops
