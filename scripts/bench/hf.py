@@ -4,7 +4,8 @@ fresh process (ru_maxrss is a process's peak so far).
 For each config (`--config`, and `configs/gpu_1b.py` unless --quick): a rack grown the trainer's
 way to target_stacks stacks (random params; frozen stacks stored in their compute dtype, as a
 finished run holds them) is exported with `export --format hf`'s function in float32, then that
-directory is imported with `ProgressiveRackBuilder.from_pretrained`.
+directory is imported with `ProgressiveRackBuilder.from_pretrained`. `seconds` times that call
+alone (not the process start-up, imports or building the rack); the peak RSS is the process's.
 """
 import os
 import resource
