@@ -4,7 +4,7 @@ plus the quantization error of the trunk formats and the bytes moved by collecti
   python scripts/bench.py {depth,mfu,memory,quality,torch,quant,comm,job,data,reference,hf}
       [--quick]
       [--out FILE.json] [--config FILE] [--stages N] [--steps N] [--seeds S ...] [--depths K ...]
-      [--methods M ...]
+      [--methods M ...] [--lrs LR ...] [--corpus builtin|PATH_GLOB] [--size tiny|small]
       [config overrides]
 
 Each sub-benchmark writes FILE.json ({"benchmark", "date", "machine", "command", "config",
@@ -52,6 +52,9 @@ def main():
     parser.add_argument(f"--{name}", type=int)
   for name in ("seeds", "depths", "workers"):
     parser.add_argument(f"--{name}", type=int, nargs="+")
+  parser.add_argument("--lrs", type=float, nargs="+", help="quality: the lrs each method is swept over")
+  parser.add_argument("--corpus", help="quality: builtin, or a glob of plain text files")
+  parser.add_argument("--size", help="quality: tiny or small (bench/quality.py SIZES)")
   parser.add_argument("--modes", nargs="+", choices=list(MODES))
   parser.add_argument("--methods", nargs="+", help="quality: e.g. end-to-end identity+final")
   parser.add_argument("--cells", nargs="+", metavar="NxSxE",
@@ -76,7 +79,7 @@ def main():
     if any(len(cell) != 3 or min(cell) < 1 for cell in args.grid):
       parser.error(f"--cells {' '.join(args.cells)}: allowed: three positive ints per cell")
   for name in ("stages", "steps", "devices", "files", "batches", "seeds", "depths", "workers",
-               "modes", "methods", "grid"):
+               "lrs", "corpus", "size", "modes", "methods", "grid"):
     value = getattr(args, name, None)
     if value is not None:
       if name not in full:

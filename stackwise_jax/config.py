@@ -146,6 +146,25 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.val_fraction = 0.05
   c.data.shuffle_seed = 0
   c.data.num_workers = 0
+  # "concat": documents concatenated and cut into records (attention crosses documents, as in
+  # nanoGPT); "documents": records carry segment ids, attention and loss stay within a document.
+  c.data.packing = "concat"
+  # Several sources sampled by weight (data/mixture.py): a list of dicts, each with `source`,
+  # `paths`, `weight` and optionally `text_field`; () = data.source alone. mixture_by_stage: per
+  # stage a list of weights, one per mixture entry (the last row holds for later stages); () =
+  # the entries' own weights for every stage.
+  c.data.mixture = ()
+  c.data.mixture_by_stage = ()
+
+  # Weights & Biases, beside TensorBoard (stackwise_jax/metrics.py; the `wandb` extra).
+  c.logging = ml_collections.ConfigDict()
+  c.logging.wandb = False
+  c.logging.wandb_project = "stackwise-jax"
+  c.logging.wandb_entity = ""
+  c.logging.wandb_run_name = ""     # "": the workdir's name
+  c.logging.wandb_tags = ()
+  c.logging.wandb_notes = ""
+  c.logging.wandb_mode = "online"   # "online" | "offline" | "disabled"
 
   # Device mesh (design §11, stackwise_jax/sharding.py): data × fsdp = the devices; -1 = the rest.
   c.mesh = ml_collections.ConfigDict()
@@ -408,6 +427,10 @@ def _parse_tuple(text: str) -> tuple[Any, ...]:
 
 # --- Validation: one flat table of checks. ---
 
+# How records are packed from documents (data/packing.py).
+PACKINGS = ("concat", "documents")
+MIXTURE_KEYS = ("source", "paths", "weight", "text_field")
+
 # Building modes: progressive/builder.py grows the rack by them (it imports config, hence here).
 BUILDING_MODES = ("append", "prepend")
 
@@ -429,6 +452,8 @@ _CHOICES = {
     "training.progressive.time_encoding_type": ("sinusoidal", "learned"),
     "training.progressive.stack_time_mapping": ("linear", "exponential", "custom"),
     "data.source": tuple(SOURCES),
+    "data.packing": PACKINGS,
+    "logging.wandb_mode": ("online", "offline", "disabled"),
 }
 
 _POSITIVE = (
@@ -501,6 +526,16 @@ _CHECKS = [
     ("model.norm_eps", lambda v, c: 0 < v < math.inf, "a finite float > 0"),
     ("training.progressive.mlm_min_ratio", lambda v, c: 0 <= v <= 1, "a float in [0, 1]"),
     ("data.val_fraction", lambda v, c: 0 < v < 1, "a float in (0, 1)"),
+    ("data.mixture", lambda v, c: all(_mixture_entry_ok(e) for e in v),
+     "a list of {{source: one of " + ", ".join(map(repr, SOURCES)) + ", paths: a list of files "
+     "or globs, weight: a finite float >= 0, text_field (optional): a string}}"),
+    ("data.mixture", lambda v, c: not v or sum(e["weight"] for e in v) > 0,
+     "weights that are not all zero: at least one source must be sampled"),
+    ("data.mixture_by_stage", lambda v, c: not v or c.data.mixture,
+     "() unless data.mixture lists the sources whose weights it gives"),
+    ("data.mixture_by_stage",
+     lambda v, c: all(_weights_ok(row, len(c.data.mixture)) for row in v),
+     "rows of one weight per data.mixture entry, each a finite float >= 0, not all zero"),
     ("training.progressive.cache_device_bytes",
      lambda v, c: v is None or (yaml_io.type_ok(v, 1) and v >= 0),
      "None (a quarter of a GPU's or TPU's memory, none on a CPU) or an int >= 0"),
@@ -569,6 +604,25 @@ _CHECKS = [
      "exactly one directory when data.source={c.data.source!r}"),
     ("data.text_field", lambda v, c: bool(v), "a non-empty field name"),
 ]
+
+
+def _mixture_entry_ok(entry) -> bool:
+  if not isinstance(entry, (dict, ml_collections.ConfigDict)):
+    return False
+  entry = dict(entry)
+  return (set(entry) <= set(MIXTURE_KEYS) and {"source", "weight"} <= set(entry)
+          and entry["source"] in SOURCES
+          and isinstance(entry.get("paths", ()), (list, tuple))
+          and all(isinstance(p, str) for p in entry.get("paths", ()))
+          and isinstance(entry.get("text_field", ""), str)
+          and _weights_ok([entry["weight"]], 1, allow_zero=True))
+
+
+def _weights_ok(row, n: int, allow_zero: bool = False) -> bool:
+  return (isinstance(row, (list, tuple)) and len(row) == n
+          and all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < math.inf
+                  for w in row)
+          and (allow_zero or sum(row) > 0))
 
 
 def _lora_entry_ok(key: Any, entry: Any) -> bool:

@@ -76,17 +76,65 @@ def test_collective_bytes_reads_plain_tuple_and_async_results():
   assert sum(totals.values()) == totals["all-reduce"] + totals["all-gather"]
 
 
+def _curve(*losses, flops=1e12, tokens=1000):
+  return [(flops * (i + 1), tokens * (i + 1), loss) for i, loss in enumerate(losses)]
+
+
 def test_quality_summary_of_end_to_end_alone_and_of_a_method_that_reaches_it():
-  curve = lambda *losses: [(1e12 * (i + 1), loss) for i, loss in enumerate(losses)]
-  settings = {"methods": ["end-to-end"], "seeds": [0, 1]}
-  runs = {("end-to-end", 0): curve(3.0, 2.0), ("end-to-end", 1): curve(3.2, 2.2)}
-  rows, summary = quality.summarize(runs, settings, budget=2e12)
+  settings = {"methods": ["end-to-end"], "seeds": [0, 1], "lrs": [1e-3]}
+  runs = {("end-to-end", 1e-3, 0): _curve(3.0, 2.0), ("end-to-end", 1e-3, 1): _curve(3.2, 2.2)}
+  tuned = quality.pick_lrs(runs, settings)
+  rows, summary = quality.summarize(runs, settings, tuned, budget=2e12, e2e_tokens=2000)
   assert summary["best_method"] == "end-to-end" and summary["flops_saving"] == 0.0
   settings["methods"].append("identity")
-  runs.update({("identity", 0): curve(2.0, 1.5), ("identity", 1): curve(2.2, 1.7)})
-  rows, summary = quality.summarize(runs, settings, budget=2e12)
-  # identity's mean curve (2.1, 1.6) reaches end-to-end's final mean 2.1 at its first point
+  # identity: twice end-to-end's tokens per FLOP (a cached trunk's steps are cheaper)
+  runs.update({("identity", 1e-3, 0): _curve(2.0, 1.5, tokens=2000),
+               ("identity", 1e-3, 1): _curve(2.2, 1.7, tokens=2000)})
+  tuned = quality.pick_lrs(runs, settings)
+  rows, summary = quality.summarize(runs, settings, tuned, budget=2e12, e2e_tokens=2000)
+  # identity's mean curve (2.1, 1.6) reaches end-to-end's final mean 2.1 at its first point:
+  # half the FLOPs budget, and 2000 tokens, as many as end-to-end's
   assert summary["best_method"] == "identity" and summary["flops_saving"] == pytest.approx(0.5)
+  identity = next(r for r in rows if r["method"] == "identity")
+  assert identity["tokens_saving"] == pytest.approx(0.0)
+  assert identity["loss_at_e2e_tokens"] == pytest.approx(2.1)
+  assert [p[:3] for p in identity["curve"]] == [[1e12, 2000, pytest.approx(2.1)],
+                                                [2e12, 4000, pytest.approx(1.6)]]
+
+
+def test_quality_lr_sweep_picks_each_methods_lowest_seed_mean_eval_loss():
+  lrs, seeds = [1e-3, 3e-3, 1e-2], [0, 1, 2]
+  # final eval loss by (method, lr), per seed; end-to-end is best at 1e-2 on the mean although
+  # 3e-3 has the single best seed, identity at 1e-3, and only the final point counts
+  finals = {("end-to-end", 1e-3): [2.5, 2.5, 2.5], ("end-to-end", 3e-3): [1.9, 2.6, 2.6],
+            ("end-to-end", 1e-2): [2.2, 2.2, 2.2],
+            ("identity", 1e-3): [1.8, 1.9, 2.0], ("identity", 3e-3): [2.0, 2.0, 2.0],
+            ("identity", 1e-2): [2.4, 2.4, 2.4]}
+  runs = {(m, lr, seed): _curve(0.5 if lr == 1e-2 else 5.0, losses[seed])
+          for (m, lr), losses in finals.items() for seed in seeds}
+  settings = {"methods": ["end-to-end", "identity"], "seeds": seeds, "lrs": lrs}
+  tuned = quality.pick_lrs(runs, settings)
+  assert tuned == {"end-to-end": 1e-2, "identity": 1e-3}
+  rows, summary = quality.summarize(runs, settings, tuned, budget=2e12, e2e_tokens=2000)
+  by_method = {r["method"]: r for r in rows}
+  assert by_method["end-to-end"]["lr"] == 1e-2 and by_method["identity"]["lr"] == 1e-3
+  assert by_method["end-to-end"]["eval_loss"] == pytest.approx(2.2)   # its own lr's runs
+  assert summary["tuned_lrs"] == tuned
+  assert sorted(summary["lr_at_sweep_edge"]) == ["end-to-end", "identity"]
+
+
+def test_quality_methods_map_to_the_recipes_config_values():
+  get = lambda method: dict(o.split("=", 1) for o in quality.method_overrides(method, 4))
+  p = "training.progressive."
+  assert get("G_stack")[p + "stacks_per_stage"] == "(1, 3)"
+  assert get("G_stack")[p + "new_stack_init"] == "stack"
+  assert get("G_stack")[p + "trunk_strategy"] == get("MIDAS")[p + "trunk_strategy"] == "train"
+  assert get("MIDAS")[p + "new_stack_init"] == "midas"
+  assert get("identity+train")[p + "trunk_strategy"] == "train"
+  assert get("identity")[p + "cache_activations"] == "True"
+  assert get("identity+final")["training.final_stage"] == "True"
+  with pytest.raises(SystemExit, match="allowed: end-to-end"):
+    quality.method_overrides("identity+both", 4)
 
 
 def test_bench_takes_config_overrides_after_its_options(monkeypatch):
