@@ -15,6 +15,7 @@ At its picked lr, a method's seed-mean eval curve is read two ways: the FLOPs at
 reaches end-to-end's final mean eval loss (`flops_saving`, G_stack's measure on the FLOPs axis),
 and the tokens at which it does (`tokens_saving`, G_stack's axis). Points are interpolated linearly.
 """
+import json
 import math
 import os
 import statistics
@@ -94,7 +95,8 @@ def stage_costs(args, s, method: str) -> list[tuple[float, float]]:
   (a final stage, which costs end-to-end's step, not included)."""
   base = base_overrides(args, s)
   target = load_config(args.config, base).training.progressive.target_stacks
-  overrides = [*base, *method_overrides(method, target)]
+  # A final stage's cost is end-to-end's step (run adds it); the stages before it are the init's.
+  overrides = [*base, *method_overrides(method.removesuffix("+final"), target)]
   config = load_config(args.config, overrides)
   if method == "end-to-end":
     return [(build_stage(config, target).flops, 0.0)]
@@ -113,6 +115,11 @@ def run(args, s):
   e2e_flops = stage_costs(args, s, "end-to-end")[0][0]
   budget = s["steps"] * e2e_flops
   runs, rows, plans = {}, [], {}
+  # Every finished run is appended here, and read back instead of run again: an interrupted
+  # benchmark goes on where it stopped (delete the file to start afresh).
+  log_path = os.path.splitext(args.out)[0] + ".runs.jsonl"
+  os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+  done = read_done(log_path)
   for method in s["methods"]:
     costs = stage_costs(args, s, method)
     final = method.endswith("+final")
@@ -130,16 +137,22 @@ def run(args, s):
         if final:
           overrides += [f"training.final_stage_steps={final_steps}",
                         f"training.final_stage_lr={lr * FINAL_LR_RATIO}"]
-        config = load_config(args.config, overrides)
-        start = time.perf_counter()
-        results = ProgressiveTrainer(config, progress=False, log=lambda _: None
-                                     ).train_progressively(ProgressiveRackBuilder(config),
-                                                           make_dataloader(config))
-        curve = eval_curve(results["stages"], costs, tokens_per_step)
-        runs[method, lr, seed] = curve
-        rows.append({"method": method, "lr": lr, "seed": seed, "stages": len(results["stages"]),
-                     "train_tflop": curve[-1][0] / 1e12, "seconds": time.perf_counter() - start,
-                     "eval_loss": results["final_eval_loss"]})
+        key = json.dumps([args.config, overrides])
+        if key not in done:
+          config = load_config(args.config, overrides)
+          start = time.perf_counter()
+          results = ProgressiveTrainer(config, progress=False, log=lambda _: None
+                                       ).train_progressively(ProgressiveRackBuilder(config),
+                                                             make_dataloader(config))
+          curve = eval_curve(results["stages"], costs, tokens_per_step)
+          done[key] = {"curve": curve, "row": {
+              "method": method, "lr": lr, "seed": seed, "stages": len(results["stages"]),
+              "train_tflop": curve[-1][0] / 1e12, "seconds": time.perf_counter() - start,
+              "eval_loss": results["final_eval_loss"]}}
+          with open(log_path, "a") as f:
+            f.write(json.dumps({"key": key, **done[key]}) + "\n")
+        runs[method, lr, seed] = [tuple(point) for point in done[key]["curve"]]
+        rows.append(done[key]["row"])
         print(f"  {method} lr {lr:g} seed {seed}: eval loss {rows[-1]['eval_loss']:.4f}, "
               f"{rows[-1]['seconds']:.0f} s", file=sys.stderr)
   check_positive(rows, "seconds", "eval_loss", "train_tflop")
@@ -160,6 +173,16 @@ def run(args, s):
              ("loss at e2e's tokens", "loss_at_e2e_tokens", "{:.4f}"),
              ("tokens saved", "tokens_saving", "{:+.1%}"), ("seconds / run", "seconds", "{:.0f}")]
   return columns, summary_rows, summary
+
+
+def read_done(path: str) -> dict:
+  """The runs an earlier, interrupted call finished: key -> {"curve", "row"}."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    entries = [json.loads(line) for line in f if line.strip()]
+  print(f"quality: {len(entries)} finished runs read back from {path}", file=sys.stderr)
+  return {e["key"]: {"curve": e["curve"], "row": e["row"]} for e in entries}
 
 
 def growth_points(costs, steps: int, final_steps: int) -> str:
