@@ -45,7 +45,9 @@ RESUMABLE_CHANGES = ("training.workdir", "training.eval_every", "training.log_ev
                      "training.async_checkpointing",
                      "training.progressive.target_stacks", "training.progressive.max_stacks",
                      "training.compilation_cache_dir", "data.num_workers", "mesh.data",
-                     "mesh.fsdp")
+                     "mesh.fsdp", "logging.wandb", "logging.wandb_project",
+                     "logging.wandb_entity", "logging.wandb_run_name", "logging.wandb_tags",
+                     "logging.wandb_notes", "logging.wandb_mode")
 _ITEMS = ("params", "opt", "data", "meta")
 _META_KEYS = ("stage", "step", "specs", "results", "progress", "config", "steps_per_stack")
 
@@ -375,5 +377,15 @@ def _flat(d, prefix=""):
     if isinstance(value, dict):
       out.update(_flat(value, f"{prefix}{key}."))
     else:
-      out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+      out[f"{prefix}{key}"] = _plain(value)
   return out
+
+
+def _plain(value):
+  """Tuples as lists at any depth (data.mixture's entries hold paths, mixture_by_stage rows): a
+  config read back from its YAML compares equal to the one given on the command line."""
+  if isinstance(value, (tuple, list)):
+    return [_plain(v) for v in value]
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  return value

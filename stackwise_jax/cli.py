@@ -113,20 +113,23 @@ def _prepare_train(args, overrides, cleanup):
   from stackwise_jax.checkpoint import RunCheckpoints
   from stackwise_jax.data import make_dataloader
   from stackwise_jax.files import WorkdirLock
+  from stackwise_jax.metrics import check_wandb
   from stackwise_jax.progressive import TimeStepMasking
   from stackwise_jax.progressive.masking import check_objective_data
   from stackwise_jax.sharding import make_mesh
   from stackwise_jax import xla_cache
   config = load_config(args.config, overrides)
   config.training.workdir = args.workdir
+  check_wandb(config)   # logging.wandb without the extra: one line, before any work
   xla_cache.enable(config)   # process-wide, before anything compiles (JAX checks it once)
   TimeStepMasking(config)   # a custom time mapping must be registered (e.g. by the config file)
   check_saveable(config)    # the run saves its config and checkpoints
+  # Before anything starts JAX's backend (orbax's manager below asks for the process index).
+  if args.distributed or os.environ.get("STACKWISE_DISTRIBUTED") == "1":
+    _initialize_distributed(args)
   if not args.fresh:   # before the data is read: a bpe:N tokenizer is trained into the workdir
     from stackwise_jax.progressive.trainer import check_resumable
     check_resumable(args.workdir, config)
-  if args.distributed or os.environ.get("STACKWISE_DISTRIBUTED") == "1":
-    _initialize_distributed(args)
   make_mesh(config)   # mesh sizes and batch size against the devices there are
   # Each host reads its own share of every batch; bad data paths fail here.
   dataloader = make_dataloader(config, jax.process_index(), jax.process_count())
@@ -180,7 +183,7 @@ def _train(config, dataloader, checkpoints, args) -> int:
   import jax
   from stackwise_jax.progressive import (ProgressiveRackBuilder, ProgressiveTrainer,
                                          TrainingDiverged, TrainingInterrupted)
-  from stackwise_jax.metrics import TensorBoard
+  from stackwise_jax.metrics import Metrics, TensorBoard, WandB, wandb_wanted
   from stackwise_jax.plots import plot_run
   from stackwise_jax.report import summary_table, write_json
   primary = jax.process_index() == 0   # on several hosts one of them writes the shared files
@@ -189,7 +192,19 @@ def _train(config, dataloader, checkpoints, args) -> int:
       f.write(to_yaml(config))
   print(dataloader.describe(), file=sys.stderr)
   builder = ProgressiveRackBuilder(config)
-  metrics = TensorBoard(os.path.join(args.workdir, "tensorboard")) if primary else None
+  metrics = wandb_run = None
+  if primary:   # only process 0 logs
+    latest = checkpoints.latest
+    try:
+      wandb_run = (WandB(config, args.workdir, resumed=latest is not None,
+                     stages=latest.meta["results"]["stages"] if latest is not None else ())
+               if wandb_wanted(config) else None)
+    except ConfigError as e:   # W&B did not start
+      checkpoints.close()
+      print(f"stackwise-jax: error: {e}", file=sys.stderr)
+      return 2
+    tensorboard = TensorBoard(os.path.join(args.workdir, "tensorboard"))
+    metrics = Metrics([tensorboard, *([wandb_run] if wandb_run else [])])
   trainer = ProgressiveTrainer(config, checkpoints=checkpoints, metrics=metrics,
                                progress=not args.no_progress and primary)
   trained = False
@@ -208,18 +223,26 @@ def _train(config, dataloader, checkpoints, args) -> int:
     return 2
   finally:
     checkpoints.close()
-    if metrics is not None:
+    if metrics is not None and not trained:
       # A full disk that stopped training fails the events' last flush too: the first error,
       # which names the file, is the one to report.
-      with contextlib.nullcontext() if trained else contextlib.suppress(OSError):
+      with contextlib.suppress(OSError):
         metrics.close()
   if primary:
     results_path = os.path.join(args.workdir, "results.json")
-    write_json(results_path, results)
-    print(summary_table(results))
-    print(f"results: {results_path}")
-    plots = plot_run(results, os.path.join(args.workdir, "plots"))
-    print(f"plots: {', '.join(plots)}; TensorBoard: tensorboard --logdir {metrics.logdir}")
+    try:
+      write_json(results_path, results)
+      print(summary_table(results))
+      print(f"results: {results_path}")
+      plots = plot_run(results, os.path.join(args.workdir, "plots"))
+      if wandb_run is not None:   # after the plots, which it logs as images
+        wandb_run.end(results, plots)
+    except BaseException:
+      with contextlib.suppress(OSError):   # the first error is the one to report
+        metrics.close()
+      raise
+    metrics.close()
+    print(f"plots: {', '.join(plots)}; TensorBoard: tensorboard --logdir {tensorboard.logdir}")
   return 0
 
 

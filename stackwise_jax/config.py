@@ -536,6 +536,9 @@ _CHECKS = [
     ("data.mixture_by_stage",
      lambda v, c: all(_weights_ok(row, len(c.data.mixture)) for row in v),
      "rows of one weight per data.mixture entry, each a finite float >= 0, not all zero"),
+    ("data.mixture_by_stage", lambda v, c: not v or c.training.data_reuse != "pool",
+     "() when training.data_reuse='pool': every stage trains on the one pool drawn at the start "
+     "(at the entries' own weights)"),
     ("training.progressive.cache_device_bytes",
      lambda v, c: v is None or (yaml_io.type_ok(v, 1) and v >= 0),
      "None (a quarter of a GPU's or TPU's memory, none on a CPU) or an int >= 0"),
@@ -546,6 +549,10 @@ _CHECKS = [
     ("data.tokenizer", lambda v, c: tokenizer.is_valid_name(v),
      "'bytes', 'bpe:N' (N >= 260), or the path of an existing tokenizer.json or SentencePiece "
      ".model file"),
+    ("data.tokenizer", lambda v, c: not c.data.mixture or tokenizer.kind(v) != "bpe",
+     "'bytes' or a tokenizer file when data.mixture lists sources (they share one tokenizer, "
+     "and a 'bpe:N' is trained on one source's texts: train it in a run of one source and pass "
+     "its WORKDIR/tokenizer.json)"),
     ("training.progressive.custom_time_mapping",
      lambda v, c: c.training.progressive.stack_time_mapping != "custom" or bool(v),
      "a registered time-mapping name, or a callable (stack level, max_stacks, num_time_steps) -> "

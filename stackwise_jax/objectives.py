@@ -38,9 +38,15 @@ def mask_ratio(time_step, num_time_steps: int, min_ratio: float):
   return 1.0 - (1.0 - min_ratio) * ((num_time_steps - 1) - time_step) / (num_time_steps - 1)
 
 
-def clm_mask(batch_size: int, seq_len: int) -> jax.Array:
-  """float32 [B, T]: 1 everywhere except 0 at the last position, which has no next token to predict."""
-  return jnp.ones((batch_size, seq_len), jnp.float32).at[:, -1].set(0.0)
+def clm_mask(batch_size: int, seq_len: int, segment_ids=None) -> jax.Array:
+  """float32 [B, T]: 1 everywhere except 0 at the last position, which has no next token to predict,
+  and, given segment_ids int [B, T] (data.packing="documents"), 0 where the next token starts
+  another segment (an EOS: the next document's first token is not its target)."""
+  mask = jnp.ones((batch_size, seq_len), jnp.float32).at[:, -1].set(0.0)
+  if segment_ids is None:
+    return mask
+  same = (segment_ids[:, 1:] == segment_ids[:, :-1]).astype(jnp.float32)   # [B, T - 1]
+  return mask.at[:, :-1].multiply(same)
 
 
 def mlm_mask(example_ids, time_steps, seq_len: int, *, seed: int, num_time_steps: int,
@@ -73,7 +79,8 @@ def mlm_mask(example_ids, time_steps, seq_len: int, *, seed: int, num_time_steps
 
 # Example functions: (tokens int32 [B, T], batch, time_steps int32 [B], *, seed, num_time_steps,
 # min_ratio, mask_token_id) -> (inputs [B, T], targets int32 [B, T], loss rule [B, T]). The
-# keywords are Python values (static under jit); a function ignores those it does not use.
+# keywords are Python values (static under jit); a function ignores those it does not use. With
+# data.packing="documents" the batch holds "segment_ids" [B, T]: no target may cross a segment.
 
 def _mlm_example(tokens, batch, time_steps, *, seed, num_time_steps, min_ratio, mask_token_id):
   masked = mlm_mask(batch["example_id"], time_steps, tokens.shape[1], seed=seed,
@@ -85,7 +92,7 @@ def _clm_example(tokens, batch, time_steps, **_):
   b, t = tokens.shape
   # The last target is a placeholder (0, a valid id for any vocab); clm_mask drops it from the loss.
   targets = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), jnp.int32)], axis=1)
-  return tokens, targets, clm_mask(b, t)
+  return tokens, targets, clm_mask(b, t, batch.get("segment_ids"))
 
 
 def _custom_example(tokens, batch, time_steps, **_):

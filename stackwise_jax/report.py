@@ -75,15 +75,21 @@ def memory_table(memory: dict) -> list[str]:
   return _table(rows)
 
 
+def summary_rows(stages: list[dict]) -> tuple[list[str], list[list[str]]]:
+  """The summary table's headers and its row of cells for each of `stages` (results' stages);
+  also the W&B `stages` table (metrics.py)."""
+  columns = _COLUMNS
+  if any(s.get("skipped_steps") for s in stages):   # training.nonfinite="skip"
+    columns += (("skipped", "skipped_steps", "{}"),)
+  return ([h for h, _, _ in columns],
+          [[_cell(s, key, fmt) for _, key, fmt in columns] for s in stages])
+
+
 def summary_table(results: dict) -> str:
   """A plain-text table, one row per stage; the final eval loss and bits per byte; the last stage's
   memory per stack."""
-  columns = _COLUMNS
-  if any(s.get("skipped_steps") for s in results["stages"]):   # training.nonfinite="skip"
-    columns += (("skipped", "skipped_steps", "{}"),)
-  rows = [[h for h, _, _ in columns]]
-  rows += [[_cell(s, key, fmt) for _, key, fmt in columns] for s in results["stages"]]
-  lines = _table(rows)
+  headers, rows = summary_rows(results["stages"])
+  lines = _table([headers, *rows])
   for name, key in (("final eval loss", "final_eval_loss"),
                     ("final eval bits per byte", "final_eval_bits_per_byte")):
     final = results.get(key)

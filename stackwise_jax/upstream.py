@@ -282,12 +282,9 @@ ORIGINAL: dict[str, str | Rule | None] = {
     "training.log_interval": "training.log_every",
     "training.save_interval": "training.checkpoint_every",
     "training.checkpoint_dir": "training.workdir",   # the CLI's --workdir replaces it
-    "training.use_wandb": IGNORED,
-    "training.wandb_project": IGNORED,
-    "training.wandb_entity": IGNORED,
-    "training.wandb_run_name": IGNORED,
-    "training.wandb_tags": IGNORED,
-    "training.wandb_notes": IGNORED,
+    "training.use_wandb": "logging.wandb",   # W&B needs the wandb extra
+    **{f"training.wandb_{k}": _unless_null(f"logging.wandb_{k}")   # null: ours ("" or ())
+       for k in ("project", "entity", "run_name", "tags", "notes")},
     # The progressive block uses our names; training.strategy wins over its `enabled`.
     "training.progressive.enabled": _fallback(_P + "enabled"),
     **{_P + k: _P + k for k in ("max_stacks", "target_stacks", "building_mode", "trunk_strategy",

@@ -2,6 +2,7 @@
 independent plain-JAX forward pass; test modules import them from here, never from each other."""
 import os
 import pathlib
+import struct
 import tempfile
 
 # The tests, and the CLI subprocesses they start (which inherit this environment), compile the
@@ -169,3 +170,20 @@ def mark_trained(builder, spec):
   builder.update_params({**params, "stacks": stacks})
   builder.trained.add(spec.name)
   return spec
+
+
+def tensorboard_scalars(logdir) -> dict:
+  """{tag: [(step, value)]} read back from the TFRecord framing of the event files in `logdir`
+  (length, its CRC, the Event proto, its CRC)."""
+  from tensorboardX.proto import event_pb2
+  scalars = {}
+  for path in sorted(pathlib.Path(logdir).glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    at = 0
+    while at < len(data):
+      (length,) = struct.unpack("<Q", data[at:at + 8])
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+      at += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars

@@ -1,14 +1,11 @@
 """What a researcher looks at (design §12): the PNG plots of a run, drawn from its results, and the
 TensorBoard events written while it trained."""
 import json
-import pathlib
-import struct
 
 import numpy as np
 import pytest
-from tensorboardX.proto import event_pb2
 
-from conftest import micro_args, write_corpus
+from conftest import micro_args, tensorboard_scalars, write_corpus
 from stackwise_jax.cli import main
 from stackwise_jax.plots import PLOTS, _eval_by_depth, _loss, _stage_cost
 from stackwise_jax.report import PHASES
@@ -24,25 +21,9 @@ def run(tmp_path_factory):
   return workdir, json.loads((workdir / "results.json").read_text())
 
 
-def _events(logdir: pathlib.Path) -> dict:
-  """{tag: [(step, value)]} read back from the TFRecord framing of the event files (length,
-  its CRC, the Event proto, its CRC)."""
-  scalars = {}
-  for path in sorted(logdir.glob("events.out.tfevents.*")):
-    data = path.read_bytes()
-    at = 0
-    while at < len(data):
-      (length,) = struct.unpack("<Q", data[at:at + 8])
-      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
-      at += 12 + length + 4
-      for value in event.summary.value:
-        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-  return scalars
-
-
 def test_tensorboard_holds_the_losses_of_the_results(run):
   workdir, results = run
-  scalars = _events(workdir / "tensorboard")
+  scalars = tensorboard_scalars(workdir / "tensorboard")
   first, second = results["stages"]
   train = [(s, first["losses"][s - 1]) for s in (2, 4, 6)]
   train += [(6 + s, second["losses"][s - 1]) for s in (2, 4, 6)]

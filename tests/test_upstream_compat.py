@@ -171,6 +171,8 @@ FULL_EXPECTED = {
     "training.progressive.qlora_rank_pattern": "increasing",
     "training.progressive.qlora_alpha_pattern": "decreasing",
     "data.source": "text", "data.paths": ("corpus/*.txt",), "data.num_workers": 1,
+    "logging.wandb": False, "logging.wandb_project": "p",   # the null ones keep ours
+    "logging.wandb_entity": "", "logging.wandb_tags": (),
 }
 
 
@@ -441,7 +443,9 @@ TINY_RUN = ["--config.model.vocab_size=260", "--config.model.d_model=32",
             "--config.model.n_blocks_per_stack=1", "--config.training.batch_size=4",
             "--config.training.seq_len=16", "--config.training.steps_per_stack=3",
             "--config.training.warmup_steps=1", "--config.training.eval_batches=1",
-            "--config.training.progressive.target_stacks=2", "--config.data.source=text"]
+            "--config.training.progressive.target_stacks=2", "--config.data.source=text",
+            # tiny_llama_config.yaml has use_wandb: true (tests/test_wandb.py logs offline)
+            "--config.logging.wandb_mode=disabled"]
 
 
 @pytest.mark.parametrize("name, duplicates", [

@@ -5,6 +5,8 @@ A batch becomes {"tokens": int32 [B, T], "example_id": int32 [B]} (plus "targets
 objective): `tokens` from "tokens" or "input_ids"; positions where "attention_mask" is 0 hold
 the tokenizer's pad id, which the loss leaves out; `targets` from "targets" or "target_ids";
 `example_id` as given, else the batch's running position in the stream (so masks stay a pure function of it).
+With data.packing="documents" a row's documents are told apart by the config tokenizer's EOS, as in
+our own records (`packing.document_segments`, applied where a batch becomes an example).
 Such a source has no held-out split: `eval_batches(n)` are its first n batches unless an eval
 source is given. The iterator's state is the number of batches it has given; a resumed run skips
 that many, so a source must yield the same batches in the same order each time it is iterated.

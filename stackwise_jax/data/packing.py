@@ -6,6 +6,8 @@ Packing is concat-then-split: every document's tokens followed by the tokenizer'
 of a split in one flat array, cut into non-overlapping records of exactly seq_len tokens (the tail is
 dropped). Record i of a split is tokens[i * seq_len:(i + 1) * seq_len] and i is its example id, the
 key that makes masks deterministic (design §7). Ids are per split: train and val both start at 0.
+`data.packing="documents"` keeps this layout (a document longer than a record is split at record
+edges) and tells the documents in a record apart by its EOS tokens (`document_segments`).
 Tokens are stored as uint16 (uint32 for a vocabulary over 65,536 ids).
 
 Documents come from `data.source` (data/sources.py `SOURCES`): files (builtin, text: a file is a
@@ -16,6 +18,8 @@ import dataclasses
 import pathlib
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -62,6 +66,24 @@ def pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
   """Returns `tokens` [N] cut into records [N // seq_len, seq_len] (a view; the tail is dropped)."""
   n = len(tokens) // seq_len
   return tokens[:n * seq_len].reshape(n, seq_len)
+
+
+def document_segments(tokens, eos_id: int) -> tuple[jax.Array, jax.Array]:
+  """The documents of packed records (data.packing="documents"): tokens int [B, T] ->
+  (segment_ids, positions), int32 [B, T].
+
+  A segment starts at each record's start and after each EOS (an EOS ends its document, so it
+  belongs to it); segment ids count from 0 in each record, positions from 0 at each segment
+  start. A pure function of the tokens: any batch (a source's, prepared records, a user's
+  iterable) gets the same segments, under jit or not.
+  """
+  tokens = jnp.asarray(tokens)
+  t = tokens.shape[1]
+  starts = jnp.zeros(tokens.shape, bool).at[:, 1:].set(tokens[:, :-1] == eos_id)
+  segment_ids = jnp.cumsum(starts, axis=1, dtype=jnp.int32)
+  index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
+  segment_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)   # [B, T]
+  return segment_ids, index - segment_start
 
 
 def _cut(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:

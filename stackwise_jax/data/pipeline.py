@@ -15,7 +15,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from stackwise_jax.data import packing, prepared, sources
+from stackwise_jax.data import mixture, packing, prepared, sources
 from stackwise_jax.data.packing import Corpus
 from stackwise_jax.data.tokenizer import BYTES, Tokenizer
 from stackwise_jax.errors import ConfigError
@@ -167,10 +167,11 @@ class DataLoader:
 
 
 def make_dataloader(config: ml_collections.ConfigDict, shard_index: int = 0,
-                    shard_count: int = 1, log: Callable[[str], None] = print) -> DataLoader:
+                    shard_count: int = 1, log: Callable[[str], None] = print,
+                    ) -> "DataLoader | mixture.MixtureLoader":
   """Builds the DataLoader that `config.data` and `config.training` describe, with the run's
   tokenizer (`dataloader.tokenizer`; a "bpe:N" is trained on the train split's texts, see
-  `load_tokenizer`).
+  `load_tokenizer`); a MixtureLoader where data.mixture lists sources (data/mixture.py).
 
   Raises:
     ConfigError (a ValueError) naming the field: unknown data.source, missing data.paths, a bad
@@ -181,6 +182,8 @@ def make_dataloader(config: ml_collections.ConfigDict, shard_index: int = 0,
   if training.batch_size % shard_count:
     raise ConfigError(f"training.batch_size={training.batch_size}: allowed: a multiple of the "
                       f"{shard_count} hosts, which each read an equal share of every batch")
+  if data.mixture:   # several sources, weighted by stage
+    return mixture.make_mixture_loader(config, shard_index, shard_count, log)
   if data.source in sources.PREPARED_SOURCES:
     packed = prepared.open_corpus(config, log)
   else:

@@ -37,10 +37,15 @@ def prepare(config, out: str, progress: bool = True, log=print) -> dict:
   A "bpe:N" tokenizer is trained on the train split and saved to out/tokenizer.json.
 
   Raises:
-    ConfigError (a ValueError): a prepared source (array_record), `out` already prepared, or what
-      `make_dataloader` refuses (bad rows, missing files, no val record).
+    ConfigError (a ValueError): a mixture (data.mixture), a prepared source (array_record), `out`
+      already prepared, or what `make_dataloader` refuses (bad rows, missing files, no val
+      record).
   """
   data, seq_len = config.data, config.training.seq_len
+  if data.mixture:
+    raise ConfigError("data.mixture: prepare writes the records of one source; allowed: () here "
+                      "(prepare each source on its own, then list the prepared directories as "
+                      "array_record entries of data.mixture)")
   if data.source in PREPARED_SOURCES:
     raise ConfigError(f"data.source={data.source!r}: that data is prepared already; allowed: a "
                       f"source of documents ({', '.join(DOCUMENT_SOURCES)})")

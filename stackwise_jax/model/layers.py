@@ -6,6 +6,8 @@ dtype. Each param declares the logical axes of its dims where it is created (sha
 """
 import math
 import os
+import sys
+from typing import NamedTuple
 
 from flax import nnx
 import jax
@@ -16,11 +18,12 @@ from stackwise_jax.sharding import axes, kernel_leaf_axes
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding. x: [batch, seq, heads, head_dim]; positions: [seq]."""
+  """Rotary position embedding. x: [batch, seq, heads, head_dim]; positions: [seq], or
+  [batch, seq] (each row its own: documents packed in a row)."""
   half = x.shape[-1] // 2
   freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)          # [half]
-  angles = positions.astype(jnp.float32)[:, None] * freqs[None, :]        # [seq, half]
-  sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+  angles = positions.astype(jnp.float32)[..., None] * freqs               # [(batch,) seq, half]
+  sin, cos = jnp.sin(angles)[..., None, :], jnp.cos(angles)[..., None, :]   # [(b,) seq, 1, half]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
@@ -127,12 +130,42 @@ def attention_implementation(backend: str, dtype, mask) -> str | None:
   return None
 
 
-def attend(q, k, v, *, causal: bool, mask=None) -> jax.Array:
+class Segments(NamedTuple):
+  """Documents packed in each row (data.packing="documents", `packing.document_segments`): a
+  token attends only to tokens of its own segment, and RoPE counts from the segment's start."""
+  ids: jax.Array         # int32 [batch, seq]
+  positions: jax.Array   # int32 [batch, seq]
+
+  @classmethod
+  def of(cls, example: dict) -> "Segments | None":
+    """An example's segments; None where it has none (concat packing, sampling, export)."""
+    return cls(example["segment_ids"], example["positions"]) if "segment_ids" in example else None
+
+
+_NOTED = set()
+
+
+def _note_once(message: str) -> None:
+  """Prints `message` on stderr the first time in a process (a step prints it while traced)."""
+  if message not in _NOTED:
+    _NOTED.add(message)
+    print(message, file=sys.stderr, flush=True)
+
+
+def attend(q, k, v, *, causal: bool, mask=None, segment_ids=None) -> jax.Array:
   """Scaled dot-product attention. q: [batch, seq, heads, head_dim]; k, v: [batch, keys,
   kv_heads, head_dim] (GQA: jax.nn.dot_product_attention shares each kv head among a group of
-  query heads); mask: broadcastable to [batch, heads, seq, keys], or None."""
+  query heads); mask: broadcastable to [batch, heads, seq, keys], or None; segment_ids: int
+  [batch, seq] (self-attention: keys = seq), or None: a query sees only keys of its segment."""
+  if segment_ids is not None:
+    same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]   # [batch, 1, seq, keys]
+    if attention_implementation(jax.default_backend(), q.dtype, None) == "cudnn":
+      _note_once("note: data.packing='documents': attention runs XLA's implementation, not "
+                "cuDNN's fused kernel (which takes no segment mask here)")
   chunks = causal_query_chunks(q.shape[1]) if causal and mask is None else []
   if len(chunks) <= 1:
+    if segment_ids is not None:
+      mask = same if mask is None else mask & same
     implementation = attention_implementation(jax.default_backend(), q.dtype, mask)
     if implementation is not None:
       try:
@@ -143,9 +176,12 @@ def attend(q, k, v, *, causal: bool, mask=None) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
   outs = []
   for start, end in chunks:
-    visible = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]   # [queries, keys]
+    # [1, 1, queries, keys]
+    visible = (jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None])[None, None]
+    if segment_ids is not None:
+      visible = visible & same[:, :, start:end, :end]
     outs.append(jax.nn.dot_product_attention(q[:, start:end], k[:, :end], v[:, :end],
-                                             mask=visible[None, None]))
+                                             mask=visible))
   return jnp.concatenate(outs, axis=1)
 
 
@@ -163,15 +199,17 @@ class Attention(nnx.Module):
     self.v = linear(d_model, n_kv_heads * self.head_dim, ("embed", "hidden"))
     self.o = linear(n_heads * self.head_dim, d_model, ("hidden", "embed"))
 
-  def __call__(self, x: jax.Array, cache: dict | None = None, pos=0):
+  def __call__(self, x: jax.Array, cache: dict | None = None, pos=0,
+               segments: Segments | None = None):
     """x: [batch, seq, d_model] -> [batch, seq, d_model].
 
     Decoding (`cache` = {"k", "v"}: [batch, max_len, n_kv_heads, head_dim], see `Rack.init_cache`):
     x holds positions pos .. pos + seq - 1; their keys and values are written into the cache and
     each query attends to every cached position up to its own. Returns (output, updated cache).
+    `segments` (no cache): each row holds several documents, attended to and positioned apart.
     """
     b, t, _ = x.shape
-    positions = pos + jnp.arange(t)
+    positions = pos + jnp.arange(t) if segments is None else segments.positions   # [(b,) t]
     q = rope(self.q(x).reshape(b, t, self.n_heads, self.head_dim), positions, self.rope_theta)
     k = rope(self.k(x).reshape(b, t, self.n_kv_heads, self.head_dim), positions, self.rope_theta)
     v = self.v(x).reshape(b, t, self.n_kv_heads, self.head_dim)
@@ -184,7 +222,8 @@ class Attention(nnx.Module):
     if q.dtype == jnp.float16:
       # fp16 logits overflow easily, and XLA:CPU has no fp16 dot with fp32 accumulation.
       q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-    out = attend(q, k, v, causal=self.causal and cache is None, mask=mask).astype(x.dtype)
+    out = attend(q, k, v, causal=self.causal and cache is None, mask=mask,
+                 segment_ids=None if segments is None else segments.ids).astype(x.dtype)
     out = self.o(out.reshape(b, t, self.n_heads * self.head_dim))
     return out if cache is None else (out, cache)
 

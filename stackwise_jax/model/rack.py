@@ -127,14 +127,17 @@ class Rack:
   def time_embedding(self, params: Params, time_step):
     return self._embed_head("time_embedding", params, time_step)
 
-  def apply_stacks(self, params: Params, names, h, time_emb=None, dropout_key=None, active=None):
+  def apply_stacks(self, params: Params, names, h, time_emb=None, dropout_key=None, active=None,
+                   segments=None):
     """Runs the named stacks in the given order. h: [batch, seq, d_model] fp32. `active`: bool
     [batch, len(names)], or None (all run): where False, the example passes that stack unchanged
-    (and sends it no gradient)."""
+    (and sends it no gradient). `segments`: the documents of each row (`layers.Segments.of` an
+    example, data.packing="documents"), or None: a row is one sequence."""
     keys = (jax.random.split(dropout_key, max(len(names), 1)) if dropout_key is not None
             else [None] * len(names))
     for i, (name, key) in enumerate(zip(names, keys)):
-      out = nnx.merge(self.graphdefs[name], params["stacks"][name])(h, time_emb, key)
+      out = nnx.merge(self.graphdefs[name], params["stacks"][name])(h, time_emb, key,
+                                                                   segments=segments)
       h = out if active is None else jnp.where(active[:, i, None, None], out, h)
     return h
 
@@ -160,10 +163,12 @@ class Rack:
           h, time_emb, None, cache[name], pos)
     return self.logits(params, h), cache
 
-  def __call__(self, params: Params, tokens, time_step=None, dropout_key=None):
-    """Full forward. tokens: [batch, seq] int32 -> logits [batch, seq, vocab] fp32."""
+  def __call__(self, params: Params, tokens, time_step=None, dropout_key=None, segments=None):
+    """Full forward. tokens: [batch, seq] int32 -> logits [batch, seq, vocab] fp32. `segments`:
+    see `apply_stacks`."""
     h, time_emb = self.embed(params, tokens, time_step)
-    return self.logits(params, self.apply_stacks(params, self.order, h, time_emb, dropout_key))
+    return self.logits(params, self.apply_stacks(params, self.order, h, time_emb, dropout_key,
+                                                 segments=segments))
 
 
 def init_module(module_fn, seed: int, stream: int):

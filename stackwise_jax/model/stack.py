@@ -35,13 +35,14 @@ class Block(nnx.Module):
                                  kernel_metadata=axes("time", "embed"), rngs=rngs)
                       if time_dim else None)
 
-  def __call__(self, x, time_emb=None, dropout_key=None, cache=None, pos=0):
-    """x: [batch, seq, d_model]; time_emb: [batch, time_dim] or None. With a KV `cache`
-    (decoding, see `Attention`) returns (x, updated cache)."""
+  def __call__(self, x, time_emb=None, dropout_key=None, segments=None, cache=None, pos=0):
+    """x: [batch, seq, d_model]; time_emb: [batch, time_dim] or None; segments: the documents
+    of each row (`layers.Segments`) or None. With a KV `cache` (decoding, see `Attention`)
+    returns (x, updated cache)."""
     keys = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
     if self.time_proj is not None:
       x = x + self.time_proj(time_emb)[:, None, :].astype(x.dtype)
-    attn = self.attn(self.attn_norm(x), cache, pos)
+    attn = self.attn(self.attn_norm(x), cache, pos, segments)
     attn, cache = attn if cache is not None else (attn, None)
     x = x + dropout(attn, self.dropout_rate, keys[0])
     x = x + dropout(self.ffn(self.ffn_norm(x)), self.dropout_rate, keys[1])
@@ -61,17 +62,19 @@ class Stack(nnx.Module):
         Block(model_config, causal=causal, dtype=self.dtype, time_dim=time_dim, rngs=rngs)
         for _ in range(n_blocks)])
 
-  def __call__(self, x, time_emb=None, dropout_key=None, caches=None, pos=0):
-    """With `caches` (one KV cache per block; decoding) returns (x, updated caches)."""
+  def __call__(self, x, time_emb=None, dropout_key=None, caches=None, pos=0, segments=None):
+    """With `caches` (one KV cache per block; decoding) returns (x, updated caches). `segments`:
+    the documents of each row (`layers.Segments`, batch-shaped like x), or None."""
     keys = (jax.random.split(dropout_key, len(self.blocks)) if dropout_key is not None
             else [None] * len(self.blocks))
     x = x.astype(self.dtype)
     if caches is None:
+      segments = jax.tree.map(split_batch, segments)
       for block, key in zip(self.blocks, keys):
-        x = gathered_call(block, split_batch(x), time_emb, key)
+        x = gathered_call(block, split_batch(x), time_emb, key, segments)
       return x.astype(jnp.float32)
     updated = []
     for block, cache in zip(self.blocks, caches):
-      x, cache = block(x, time_emb, None, cache, pos)
+      x, cache = block(x, time_emb, None, None, cache, pos)
       updated.append(cache)
     return x.astype(jnp.float32), updated

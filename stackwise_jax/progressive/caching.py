@@ -16,6 +16,8 @@ from flax import nnx
 import jax
 import numpy as np
 
+from stackwise_jax.model.layers import Segments
+
 # Compiled prefix functions kept, by stack structure: a run has a handful of stack shapes; a
 # process that builds many racks (benchmarks, tests) must not keep every one it ever compiled.
 _COMPILED_KEPT = 32
@@ -34,12 +36,15 @@ def _time_fn(graphdef):
 
 @functools.lru_cache(maxsize=_COMPILED_KEPT)
 def _stack_fn(graphdef):
-  return jax.jit(lambda params, h, time_emb: nnx.merge(graphdef, params)(h, time_emb))
+  return jax.jit(lambda params, h, time_emb, segments:
+                 nnx.merge(graphdef, params)(h, time_emb, segments=segments))
 
 
 class PrefixRunner:
   """The frozen prefix of a rack, run one stack at a time with one compiled function per stack
-  shape. Examples are dicts as `TimeStepMasking.example` makes them; h: [B, T, d_model]."""
+  shape. Examples are dicts as `TimeStepMasking.example` makes them (their segments, with
+  data.packing="documents", mask the attention; an entry keeps its example, so a cached stage
+  sees the same segments); h: [B, T, d_model]."""
 
   def __init__(self, rack):
     self.rack = rack
@@ -59,7 +64,8 @@ class PrefixRunner:
     """One more stack on top of activations `h` of `example`."""
     time_emb = _time_fn(self.rack.graphdefs["embed_head"])(params["embed_head"],
                                                             example["time_step"])
-    return _stack_fn(self.rack.graphdefs[name])(params["stacks"][name], h, time_emb)
+    return _stack_fn(self.rack.graphdefs[name])(params["stacks"][name], h, time_emb,
+                                                 Segments.of(example))
 
 
 def cache_dtype(rack, names) -> np.dtype:

@@ -73,6 +73,18 @@ def _loss_bytes(table, targets, loss_mask):
   return jnp.sum(jnp.take(table, targets, mode="fill", fill_value=0) * loss_mask)
 
 
+def evaluate_by_source(rack, masking, dataloader, n_batches: int, token_bytes=None,
+                       place=lambda batch: batch) -> dict:
+  """A mixture's evaluation by source (data/mixture.py): {name: `evaluate_with`'s dict} of
+  `rack` on the first `n_batches` batches of each source's own val split
+  (`dataloader.eval_batches_by_source`), masked as `eval_example` masks. `place`: a host batch
+  -> what the step takes (the trainer's: global arrays on its mesh)."""
+  step = make_eval_step(rack)
+  return {name: evaluate_with(step, rack.params, [eval_example(masking, place(b)) for b in batches],
+                              token_bytes=token_bytes)
+          for name, batches in dataloader.eval_batches_by_source(n_batches).items()}
+
+
 def token_bytes_of(dataloader, config) -> np.ndarray | None:
   """int32 [vocab]: UTF-8 bytes per token id of the run's tokenizer: the dataloader's `tokenizer`
   where it has one, else the byte tokenizer's when `data.tokenizer` is "bytes"; else None (no
@@ -87,9 +99,10 @@ def evaluate_run(checkpoints: RunCheckpoints, n_batches: int | None = None, data
                  progress: bool = False) -> list[dict]:
   """One row per stage end kept in a run's checkpoints (`checkpoint.open_run`), plus the latest
   checkpoint if it was taken mid-stage: {"stage", "step", "stacks" (forward order), loss,
-  perplexity, accuracy, tokens, bits_per_byte}. `dataloader`: the run's (default: made from its
-  config; its tokenizer gives the bytes per token, `token_bytes_of`); `progress`: a progress bar
-  over racks x batches."""
+  perplexity, accuracy, tokens, bits_per_byte}; for a mixture also "by_source" (each source's
+  own val split, `evaluate_by_source`; the row's own numbers are on the mixed eval batches).
+  `dataloader`: the run's (default: made from its config; its tokenizer gives the bytes per
+  token, `token_bytes_of`); `progress`: a progress bar over racks x batches."""
   config, latest = checkpoints.config, checkpoints.latest
   # Stage ends of the stages before the final one (whose own steps may be any number).
   ends = stage_steps(config) * sum(not s.get("final") for s in latest.meta["results"]["stages"])
@@ -109,4 +122,7 @@ def evaluate_run(checkpoints: RunCheckpoints, n_batches: int | None = None, data
       rack = rack_from_checkpoint(config, ckpt)
       rows.append({"stage": ckpt.meta["stage"], "step": step, "stacks": list(rack.order),
                    **evaluate(rack, examples, bar, token_bytes)})
+      if hasattr(dataloader, "eval_batches_by_source"):
+        rows[-1]["by_source"] = evaluate_by_source(rack, masking, dataloader, len(batches),
+                                                   token_bytes)
   return rows

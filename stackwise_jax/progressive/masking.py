@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from stackwise_jax.errors import ConfigError
 from stackwise_jax.data import tokenizer
+from stackwise_jax.data.packing import document_segments
 from stackwise_jax.objectives import OBJECTIVES, mask_ratio
 
 TimeMapping = Callable[[int, int, int], int]   # (stack_idx, max_stacks, num_time_steps) -> time step
@@ -68,7 +69,7 @@ def sample_time_steps(example_ids, *, seed: int, salt: int, num_time_steps: int,
 
 def make_training_example(batch: dict, time_steps, *, objective: str, seed: int, num_time_steps: int,
                           min_ratio: float, mask_token_id: int,
-                          pad_id: int = tokenizer.PAD_ID) -> dict:
+                          pad_id: int = tokenizer.PAD_ID, eos_id: int | None = None) -> dict:
   """Turns a token batch into what the train step consumes, by `objective`'s row of `OBJECTIVES`.
 
   Args:
@@ -80,10 +81,13 @@ def make_training_example(batch: dict, time_steps, *, objective: str, seed: int,
     seed, num_time_steps, min_ratio: see `objectives.mlm_mask`.
     mask_token_id: the token that replaces masked inputs (`tokenizer.special_ids(config).mask`).
     pad_id: the tokenizer's pad id; targets equal to it never count in the loss.
+    eos_id: with data.packing="documents", the tokenizer's EOS id, which ends each document of a
+      record (`packing.document_segments`); None (concat): a record is one sequence.
 
   Returns:
     {"inputs": int32 [B, T], "targets": int32 [B, T], "loss_mask": float32 [B, T],
-     "time_step": int32 [B]}.
+     "time_step": int32 [B]}; with `eos_id` also "segment_ids" and "positions", int32 [B, T],
+     which the model reads (attention within a segment, RoPE positions) and caches keep.
   """
   if objective not in OBJECTIVES:
     raise ConfigError(f"training.progressive.training_objective={objective!r}: allowed: "
@@ -91,11 +95,17 @@ def make_training_example(batch: dict, time_steps, *, objective: str, seed: int,
   check_objective_data(objective, batch)
   tokens = jnp.asarray(batch["tokens"], jnp.int32)
   time_steps = jnp.broadcast_to(jnp.asarray(time_steps, jnp.int32), (tokens.shape[0],))
+  segments = {}
+  if eos_id is not None:
+    # Derived here, where every batch becomes an example, rather than in one data pipeline: every
+    # source (grain, prepared shards, mixtures, a user's iterable) then gets the same segments.
+    segments = dict(zip(("segment_ids", "positions"), document_segments(tokens, eos_id)))
   inputs, targets, rule = OBJECTIVES[objective].example(
-      tokens, batch, time_steps, seed=seed, num_time_steps=num_time_steps, min_ratio=min_ratio,
-      mask_token_id=mask_token_id)
+      tokens, {**batch, **segments}, time_steps, seed=seed, num_time_steps=num_time_steps,
+      min_ratio=min_ratio, mask_token_id=mask_token_id)
   return {"inputs": inputs.astype(jnp.int32), "targets": targets,
-          "loss_mask": combined_masks(rule, targets != pad_id), "time_step": time_steps}
+          "loss_mask": combined_masks(rule, targets != pad_id), "time_step": time_steps,
+          **segments}
 
 
 def check_objective_data(objective: str, batch: dict) -> None:
@@ -128,6 +138,7 @@ class TimeStepMasking:
     self.min_ratio = p.mlm_min_ratio
     special = tokenizer.special_ids(config)
     self.mask_token_id, self.pad_id = special.mask, special.pad
+    self.eos_id = special.eos if config.data.packing == "documents" else None
     self.stack_time_mapping = p.stack_time_mapping
     self.time_per_stack = p.time_per_stack
     self.max_stacks = p.max_stacks
@@ -195,7 +206,7 @@ class TimeStepMasking:
     return make_training_example(
         batch, time_steps, objective=self.objective, seed=self.seed,
         num_time_steps=self.num_time_steps, min_ratio=self.min_ratio,
-        mask_token_id=self.mask_token_id, pad_id=self.pad_id)
+        mask_token_id=self.mask_token_id, pad_id=self.pad_id, eos_id=self.eos_id)
 
   def stage_example(self, batch, new_specs, body_specs, salt: int) -> dict:
     """The training example of the stage that trains `new_specs` (StackSpecs), whose step runs

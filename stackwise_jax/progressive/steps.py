@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from stackwise_jax.model import Rack
+from stackwise_jax.model.layers import Segments
 from stackwise_jax.progressive.builder import FROZEN, TRAINABLE, TRUNK
 from stackwise_jax.sharding import step_compiler_options, use_mesh
 
@@ -129,7 +130,7 @@ def masked_cross_entropy(logits, targets, loss_mask):
 def prefix_activations(rack: Rack, names, params, example):
   """Embedding then the named (frozen) stacks: [B, T, d_model] fp32."""
   h, time_emb = rack.embed(params, example["inputs"], example["time_step"])
-  return rack.apply_stacks(params, names, h, time_emb)
+  return rack.apply_stacks(params, names, h, time_emb, segments=Segments.of(example))
 
 
 def split_by_label(params, labels):
@@ -161,8 +162,9 @@ def make_train_step(rack: Rack, plan: StagePlan, tx, labels, shardings=None):
   its loss or gradients are NaN or Inf (with fp16 loss scaling, only its loss: overflowing
   gradients are routine there and the scale backs off); such an update is never applied.
   `example` holds inputs/targets/loss_mask/time_step, for a cached stage `h`: the prefix
-  output [B, T, d_model], and where new stacks train together at their own time steps
-  `active` (`TimeStepMasking.stage_example`). `shardings`: (the state's
+  output [B, T, d_model], where new stacks train together at their own time steps
+  `active` (`TimeStepMasking.stage_example`), and with data.packing="documents"
+  segment_ids/positions (`layers.Segments`). `shardings`: (the state's
   NamedShardings, a replicated one) from sharding.py; the state keeps its shardings from step to
   step, the example's follow it. The step is traced under their mesh: each block gathers its
   params when it runs (sharding.gathered_call), never the whole model at once."""
@@ -172,7 +174,8 @@ def make_train_step(rack: Rack, plan: StagePlan, tx, labels, shardings=None):
       h, time_emb = rack.embed(params, example["inputs"], example["time_step"])
     else:   # the embedding only feeds the body through the (gradient-free) prefix
       time_emb = rack.time_embedding(params, example["time_step"])
-    h = rack.apply_stacks(params, plan.body, h, time_emb, dropout_key, example.get("active"))
+    h = rack.apply_stacks(params, plan.body, h, time_emb, dropout_key, example.get("active"),
+                          Segments.of(example))
     return masked_cross_entropy(rack.logits(params, h), example["targets"], example["loss_mask"])
 
   def step(state, example):
@@ -221,12 +224,13 @@ def make_eval_step(rack: Rack, plan: StagePlan | None = None):
   With a cached `plan` the example's `h` (the prefix output) goes through `plan.body`."""
 
   def step(params, example):
+    segments = Segments.of(example)
     if plan is not None and plan.cached:
       h = rack.apply_stacks(params, plan.body, example["h"],
-                            rack.time_embedding(params, example["time_step"]))
+                            rack.time_embedding(params, example["time_step"]), segments=segments)
       logits = rack.logits(params, h)
     else:
-      logits = rack(params, example["inputs"], example["time_step"])
+      logits = rack(params, example["inputs"], example["time_step"], segments=segments)
     mask = example["loss_mask"]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, example["targets"])
     correct = (jnp.argmax(logits, -1) == example["targets"]) * mask

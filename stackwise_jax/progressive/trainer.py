@@ -17,6 +17,7 @@ import time
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -25,7 +26,8 @@ from stackwise_jax.checkpoint import RunCheckpoints, check_compatible, latest_me
 from stackwise_jax.config import from_yaml, resolve_init_from, stage_steps, validate
 from stackwise_jax.errors import ConfigError
 from stackwise_jax.data.iterable import as_dataloader
-from stackwise_jax.progressive.evaluate import eval_example, evaluate_with, token_bytes_of
+from stackwise_jax.progressive.evaluate import (eval_example, evaluate_by_source, evaluate_with,
+                                                token_bytes_of)
 from stackwise_jax.model.lora import is_adapter_path
 from stackwise_jax.objectives import OBJECTIVES
 from stackwise_jax.progressive import caching
@@ -169,6 +171,11 @@ class ProgressiveTrainer:
         for new, resume in self._stage_plan(rack_builder, target, data):
           stage = len(self.results["stages"]) + 1
           self._run_stage(rack_builder, new, stage, target, data, eval_examples, resume)
+        if hasattr(dataloader, "eval_batches_by_source"):   # a mixture (data/mixture.py)
+          self.results["final_eval_by_source"] = evaluate_by_source(
+              rack_builder.build_rack(), rack_builder.masking, dataloader,
+              self.config.training.eval_batches, self._token_bytes,
+              lambda b: global_batch(self.mesh, b))
     finally:
       self._drop_caches()
       self._wait_for_checkpoints()   # stopped or failed too: what was saved still reaches disk
@@ -247,6 +254,8 @@ class ProgressiveTrainer:
                              plan_stage(rack, frozen, t.progressive.cache_activations))
       self._say_why_not_cached(builder, context)
     with clock("cache"):
+      if hasattr(data, "set_stage"):   # a mixture's weights may change by stage (data/mixture.py)
+        data.set_stage(number)
       data_start = data.get_state()   # where a fresh cached stage's data resumes from
       example_at, prefetch, eval_examples = self._examples(builder, context, data, eval_examples)
     with clock("compile"):
@@ -262,6 +271,8 @@ class ProgressiveTrainer:
       self.state = stage.state
       builder.trained.update(s.name for s in new_specs)
       result = self._result(builder, stage, outcome)
+      if hasattr(data, "set_stage"):
+        result["mixture"] = self._mixture(data, stage)
     result["step_seconds"] = step_seconds
     result["tokens_per_s"] = t.batch_size * t.seq_len / max(step_seconds, 1e-9)
     self.results["stages"].append(result)
@@ -565,6 +576,21 @@ class ProgressiveTrainer:
         "losses": losses,
         "eval_curve": eval_curve,
     }
+
+  def _mixture(self, data, stage: Stage) -> dict:
+    """A mixture's weights in `stage` (normalized) and the tokens each source gave its steps:
+    the records the stage drew (fresh data: the iterator counts them, in its checkpointed
+    state), or those of the pool batches its steps went over (pool)."""
+    t, number = self.config.training, stage.context.number
+    if t.data_reuse == "pool":
+      records = sum(np.bincount(self._pool[j]["source"], minlength=len(data.names))
+                    for j in pool_order(t, number, stage.steps))
+      if jax.process_count() > 1:   # each host counted its share of every batch
+        records = multihost_utils.process_allgather(records).sum(0)
+    else:
+      records = data.records_by_stage(number)
+    return {"weights": dict(zip(data.names, map(float, data.weights_at(number)))),
+            "tokens_by_source": {name: int(n) * t.seq_len for name, n in zip(data.names, records)}}
 
   def _metric(self, tag, value, step) -> None:
     if self.metrics is not None:
