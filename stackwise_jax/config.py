@@ -69,7 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.training.max_skipped_steps = 10
   # "fresh": every stage draws new batches. "pool" (the original StackWise's way): every stage
   # trains epochs_per_stack epochs over the same steps_per_stack batches, and a frozen trunk's
-  # cached activations are extended by one stack a stage instead of recomputed.
+  # cached activations are extended by the stacks a stage adds instead of recomputed.
   c.training.data_reuse = "fresh"
   c.training.epochs_per_stack = 1
   # An optional last stage after the progressive ones: the whole rack trains end to end for

@@ -121,7 +121,7 @@ def pool_runs(tmp_path_factory):
 
 
 def test_two_hosts_extend_their_share_of_the_activation_cache_to_one_process_losses(pool_runs):
-  assert all("cached activations are extended by one stack" in err for err in pool_runs["errs"])
+  assert all("cached activations are extended by the stacks a stage adds" in err for err in pool_runs["errs"])
   one, two = _losses(pool_runs["tmp"] / "one"), _losses(pool_runs["tmp"] / "two")
   assert [len(s) for s in two] == [12, 12, 12]
   np.testing.assert_allclose(two, one, rtol=1e-5)
