@@ -2,6 +2,7 @@
 independent plain-JAX forward pass; test modules import them from here, never from each other."""
 import os
 import pathlib
+import shutil
 import struct
 import tempfile
 
@@ -106,6 +107,15 @@ def checkpoint_steps(workdir) -> list[int]:
   """The checkpoint steps of the run in `workdir`, in order."""
   return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
                 if p.name.isdigit())
+
+
+def cut_copy(workdir, to, last_step: int) -> None:
+  """Copies the run in `workdir` to `to` as if it had stopped after checkpoint `last_step`: the
+  later checkpoints are left out."""
+  shutil.copytree(workdir, to)
+  for step in checkpoint_steps(to):
+    if step > last_step:
+      shutil.rmtree(pathlib.Path(to) / "checkpoints" / str(step))
 
 
 def assert_same_run(a, b):

@@ -1,7 +1,6 @@
 """Runs that survive (design §9): resume equals an uninterrupted run, kills and signals lose nothing,
 other configs are refused, unreadable checkpoints fall back, a workdir alone gives the rack."""
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, TRUNKS, assert_same_run, checkpoint_steps, micro_args, text_config, train_run
+from conftest import (REPO, TRUNKS, assert_same_run, checkpoint_steps, cut_copy, micro_args,
+                      text_config, train_run)
 from stackwise_jax import ConfigError, load_rack
 from stackwise_jax.checkpoint import RunCheckpoints
 from stackwise_jax.data import make_dataloader
@@ -30,10 +30,7 @@ def test_resume_mid_stage_equals_the_uninterrupted_run(text_corpus, tmp_path, tr
   assert steps == [3, 6, 8, 11, 14, 16]   # every 3 steps and each stage's end (8 steps a stage)
   # Cut the run off after step 11 = stage 2, step 3: a cached stage for the frozen trunk (its
   # cache is rebuilt), streamed through the qlora trunk.
-  shutil.copytree(tmp_path / "whole", tmp_path / "cut")
-  for step in steps:
-    if step > 11:
-      shutil.rmtree(tmp_path / "cut" / "checkpoints" / str(step))
+  cut_copy(tmp_path / "whole", tmp_path / "cut", 11)
   resumed = train_run(config, tmp_path / "cut")
   assert resumed[0]["stages"][1]["activation_mode"] == (
       "cached" if trunk == "frozen" else "streamed")

@@ -2,12 +2,11 @@
 refused or counted, and `prepare`'s ArrayRecord shards giving the text pipeline's batches."""
 import json
 import pathlib
-import shutil
 
 import numpy as np
 import pytest
 
-from conftest import REPO, micro_config
+from conftest import REPO, cut_copy, micro_config
 from stackwise_jax.checkpoint import RunCheckpoints
 from stackwise_jax.cli import main
 from stackwise_jax.config import default_config
@@ -270,9 +269,7 @@ def test_a_run_from_prepared_shards_resumes_to_the_text_runs_losses(tmp_path):
   config.training.checkpoint_every, config.training.keep_checkpoints = 3, 100
   whole = _train(config, tmp_path / "whole")
   assert whole == _train(source, tmp_path / "text")
-  shutil.copytree(tmp_path / "whole", tmp_path / "cut")
-  for step in (6, 8):   # checkpoints at steps 3, 6 and 8: resume from step 3
-    shutil.rmtree(tmp_path / "cut" / "checkpoints" / str(step))
+  cut_copy(tmp_path / "whole", tmp_path / "cut", 3)   # checkpoints at 3, 6, 8: resume from 3
   assert _train(config, tmp_path / "cut") == whole
 
 

@@ -2,7 +2,6 @@
 exported rack is a `LlamaForCausalLM` whose logits and greedy tokens are ours, its tokenizer
 encodes to our ids, and a Llama saved by transformers imports as the trunk new stacks grow on."""
 import json
-import shutil
 
 import jax
 import numpy as np
@@ -18,8 +17,8 @@ from stackwise_jax.hf.llama import export_hf  # noqa: E402
 from stackwise_jax.quant import is_stored_leaf  # noqa: E402
 from stackwise_jax.trees import plain_keys  # noqa: E402
 from stackwise_jax.sample import generate  # noqa: E402
-from conftest import (TRUNKS, assert_same_run, micro_config, text_config, train_run,  # noqa: E402
-                      write_corpus)
+from conftest import (TRUNKS, assert_same_run, cut_copy, micro_config, text_config,  # noqa: E402
+                      train_run, write_corpus)
 
 TOKENS = np.random.default_rng(0).integers(0, 256, (2, 24)).astype(np.int32)
 MIXED_TEXT = "def f(x):\n\treturn x  # ünïcödé, naïve café 😀🚀\r\nEnd."
@@ -244,9 +243,7 @@ def test_an_imported_qlora_trunk_resumes_exactly_and_samples(tmp_path, capsys):
   config.training.progressive.init_from = str(tmp_path / "llama")
   whole = train_run(config, tmp_path / "whole")
   assert [s["activation_mode"] for s in whole[0]["stages"]] == ["streamed"]   # a LoRA trunk
-  shutil.copytree(tmp_path / "whole", tmp_path / "cut")
-  for step in (6, 8):   # cut off at step 3 of the one stage
-    shutil.rmtree(tmp_path / "cut" / "checkpoints" / str(step))
+  cut_copy(tmp_path / "whole", tmp_path / "cut", 3)   # cut off at step 3 of the one stage
   assert_same_run(whole, train_run(config, tmp_path / "cut"))
   capsys.readouterr()
   assert main(["sample", "--workdir", str(tmp_path / "cut"), "--prompt", "the quick",

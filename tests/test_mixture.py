@@ -3,12 +3,11 @@ deterministic from the seed, resumed exactly; per-stage weights and tokens by so
 by source, in the results; bad weights exit 2 naming the field."""
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
 
-from conftest import (MICRO, REPO, TRUNKS, assert_same_run, checkpoint_steps, micro_args,
+from conftest import (MICRO, REPO, TRUNKS, assert_same_run, checkpoint_steps, cut_copy, micro_args,
                       micro_config, text_config, train_run, write_corpus)
 from stackwise_jax.checkpoint import check_compatible
 from stackwise_jax.cli import main
@@ -158,10 +157,7 @@ def test_resume_mid_stage_gives_the_same_losses_and_counts(sources, tmp_path, tr
   assert steps == [3, 6, 8, 11, 14, 16]
   # Cut off after stage 2's third step: its data comes back from the checkpoint (a cached
   # stage's from the stage's start, a streamed one's from step 3), stage and counts with it.
-  shutil.copytree(tmp_path / "whole", tmp_path / "cut")
-  for step in steps:
-    if step > 11:
-      shutil.rmtree(tmp_path / "cut" / "checkpoints" / str(step))
+  cut_copy(tmp_path / "whole", tmp_path / "cut", 11)
   resumed = train_run(config, tmp_path / "cut")
   assert resumed[0]["stages"][1]["activation_mode"] == (
       "cached" if trunk == "frozen" else "streamed")

@@ -4,15 +4,14 @@ and the ids travel with cached activations, resumes and prepared shards."""
 import json
 import math
 import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import (assert_same_run, checkpoint_steps, micro_args, micro_config, text_config,
-                      train_run)
+from conftest import (assert_same_run, checkpoint_steps, cut_copy, micro_args, micro_config,
+                      text_config, train_run)
 from stackwise_jax.cli import main
 from stackwise_jax.data import make_dataloader
 from stackwise_jax.data.iterable import as_dataloader
@@ -181,10 +180,7 @@ def test_resume_mid_stage_is_bit_identical(tmp_path):
   assert whole[0]["stages"][0]["losses"] != concat_losses   # the segments change the run
   assert checkpoint_steps(tmp_path / "whole") == [3, 6, 8, 11, 14, 16]
   # Cut off after step 11 = stage 2 (cached), step 3.
-  shutil.copytree(tmp_path / "whole", tmp_path / "cut")
-  for step in checkpoint_steps(tmp_path / "cut"):
-    if step > 11:
-      shutil.rmtree(tmp_path / "cut" / "checkpoints" / str(step))
+  cut_copy(tmp_path / "whole", tmp_path / "cut", 11)
   resumed = train_run(config, tmp_path / "cut")
   assert resumed[0]["stages"][1]["activation_mode"] == "cached"
   assert_same_run(whole, resumed)

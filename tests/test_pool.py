@@ -1,13 +1,12 @@
 """Data reuse the original's way (training.data_reuse="pool"), cache extension, one compiled step
 per stack shape, and where a stage's time goes."""
 import logging
-import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import assert_same_run, checkpoint_steps, micro_args, micro_config
+from conftest import assert_same_run, checkpoint_steps, cut_copy, micro_args, micro_config
 from stackwise_jax.checkpoint import RunCheckpoints
 from stackwise_jax.data import make_dataloader
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
@@ -104,10 +103,7 @@ def test_a_pool_run_resumes_mid_stage_to_identical_losses(text_corpus, tmp_path)
   steps = checkpoint_steps(tmp_path / "whole")
   # Every 5 steps within a stage and each stage's end (2 epochs x 8 steps = 16 steps a stage).
   assert steps == [5, 10, 15, 16, 21, 26, 31, 32, 37, 42, 47, 48]
-  shutil.copytree(tmp_path / "whole", tmp_path / "cut")
-  for step in steps:
-    if step > 37:   # cut at stage 3, step 5
-      shutil.rmtree(tmp_path / "cut" / "checkpoints" / str(step))
+  cut_copy(tmp_path / "whole", tmp_path / "cut", 37)   # cut at stage 3, step 5
   assert_same_run(whole, _run(config, tmp_path / "cut"))
 
 

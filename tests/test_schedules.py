@@ -1,14 +1,13 @@
 """Growth schedules (training.progressive.stacks_per_stage, design §10b): a stage may add several
 stacks; `stack` then repeats the trained rack (G_stack) and `midas` copies its middle (MIDAS)."""
 import math
-import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import (assert_same_run, checkpoint_steps, mark_trained, micro_args, micro_config,
-                      text_config, train_run)
+from conftest import (assert_same_run, checkpoint_steps, cut_copy, mark_trained, micro_args,
+                      micro_config, text_config, train_run)
 from stackwise_jax import ProgressiveRackBuilder
 from stackwise_jax.cli import main
 from stackwise_jax.config import from_yaml, load_config, stage_sizes, to_yaml, validate
@@ -149,10 +148,7 @@ def test_one_then_three_trains_and_resumes_mid_stage_bit_identically(text_corpus
   steps = checkpoint_steps(tmp_path / "whole")
   assert steps == [3, 6, 8, 11, 14, 16]
   # Cut off after step 11 = stage 2, step 3: its three new stacks' optimizer state comes back.
-  shutil.copytree(tmp_path / "whole", tmp_path / "cut")
-  for step in steps:
-    if step > 11:
-      shutil.rmtree(tmp_path / "cut" / "checkpoints" / str(step))
+  cut_copy(tmp_path / "whole", tmp_path / "cut", 11)
   assert_same_run(whole, train_run(config, tmp_path / "cut"))
 
 

@@ -2,15 +2,14 @@
 it trains with the new stack, labelled TRUNK, at `trunk_lr_scale` times the new stack's lr
 schedule; nothing is cached. A stage is then one end-to-end training of its rack; it checkpoints
 and resumes like any stage."""
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_same_run, checkpoint_steps, micro_args, micro_config, text_config, \
-    train_run, write_corpus
+from conftest import (assert_same_run, checkpoint_steps, cut_copy, micro_args, micro_config,
+                      text_config, train_run, write_corpus)
 from stackwise_jax import load_rack
 from stackwise_jax.checkpoint import open_run
 from stackwise_jax.cli import main
@@ -136,10 +135,7 @@ def test_resume_mid_stage_equals_the_uninterrupted_run(run, tmp_path):
   steps = checkpoint_steps(workdir)
   assert steps == [3, 6, 8, 11, 14, 16]
   # Cut the run off after step 11 = stage 2, step 3: the trunk's optimizer state comes back too.
-  shutil.copytree(workdir, tmp_path / "cut")
-  for step in steps:
-    if step > 11:
-      shutil.rmtree(tmp_path / "cut" / "checkpoints" / str(step))
+  cut_copy(workdir, tmp_path / "cut", 11)
   resumed = train_run(config, tmp_path / "cut")
   assert resumed[0]["stages"][1]["activation_mode"] == "streamed"
   assert_same_run(whole, resumed)
