@@ -26,6 +26,7 @@ from stackwise_jax.config import load_config, stage_sizes
 from stackwise_jax.data import make_dataloader
 from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer
 
+from bench import REPO
 from bench.common import MODES, check_positive
 from bench.stage import build_stage
 
@@ -137,7 +138,7 @@ def run(args, s):
         if final:
           overrides += [f"training.final_stage_steps={final_steps}",
                         f"training.final_stage_lr={lr * FINAL_LR_RATIO}"]
-        key = json.dumps([args.config, overrides])
+        key = json.dumps([os.path.relpath(args.config, REPO), overrides])
         if key not in done:
           config = load_config(args.config, overrides)
           start = time.perf_counter()
