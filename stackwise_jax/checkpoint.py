@@ -44,7 +44,8 @@ RESUMABLE_CHANGES = ("training.workdir", "training.eval_every", "training.log_ev
                      "training.checkpoint_every", "training.keep_checkpoints",
                      "training.async_checkpointing",
                      "training.progressive.target_stacks", "training.progressive.max_stacks",
-                     "training.compilation_cache_dir", "data.num_workers", "mesh.data",
+                     "training.compilation_cache_dir", "training.compile_ahead",
+                     "data.num_workers", "mesh.data",
                      "mesh.fsdp", "logging.wandb", "logging.wandb_project",
                      "logging.wandb_entity", "logging.wandb_run_name", "logging.wandb_tags",
                      "logging.wandb_notes", "logging.wandb_mode")

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 
 from stackwise_jax.config import check_saveable, load_config, to_yaml
 from stackwise_jax.errors import ConfigError
@@ -184,9 +185,11 @@ def _train(config, dataloader, checkpoints, args) -> int:
   from stackwise_jax.progressive import (ProgressiveRackBuilder, ProgressiveTrainer,
                                          TrainingDiverged, TrainingInterrupted)
   from stackwise_jax.metrics import Metrics, TensorBoard, WandB, wandb_wanted
-  from stackwise_jax.plots import plot_run
-  from stackwise_jax.report import summary_table, write_json
+  from stackwise_jax.report import seconds_outside_stages, summary_table, write_json
   primary = jax.process_index() == 0   # on several hosts one of them writes the shared files
+  # A resumed run's earlier stages ran in earlier processes: this one's wall time holds the rest.
+  done_before = (len(checkpoints.latest.meta["results"]["stages"])
+                 if checkpoints.latest is not None else 0)
   if primary:
     with open(os.path.join(args.workdir, "config.yaml"), "w") as f:
       f.write(to_yaml(config))
@@ -229,12 +232,17 @@ def _train(config, dataloader, checkpoints, args) -> int:
       with contextlib.suppress(OSError):
         metrics.close()
   if primary:
+    from stackwise_jax.plots import plot_run   # matplotlib: imported after training, not before it
     results_path = os.path.join(args.workdir, "results.json")
+    outside = lambda: seconds_outside_stages(results["stages"][done_before:], args.started)
     try:
+      results["seconds_outside_stages"] = outside()
+      write_json(results_path, results)   # before the plots: a failing plot leaves the results
+      plots = plot_run(results, os.path.join(args.workdir, "plots"))
+      results["seconds_outside_stages"] = outside()   # the plots' time too
       write_json(results_path, results)
       print(summary_table(results))
       print(f"results: {results_path}")
-      plots = plot_run(results, os.path.join(args.workdir, "plots"))
       if wandb_run is not None:   # after the plots, which it logs as images
         wandb_run.end(results, plots)
     except BaseException:
@@ -463,12 +471,16 @@ def _prepare_data(config, args) -> int:
   return 0
 
 
-def main(argv=None) -> int:
+def main(argv=None, started=None) -> int:
+  """`started`: the `time.perf_counter()` reading at which the process started (`entry` passes
+  it), from which a train run's `seconds_outside_stages` counts; default: this call."""
+  started = time.perf_counter() if started is None else started
   argv = sys.argv[1:] if argv is None else list(argv)
   with contextlib.ExitStack() as cleanup:   # e.g. the workdir lock of a train command
     try:
       rest, overrides = _split_overrides(argv)
       args = _parser().parse_args(rest)
+      args.started = started
       if args.command != "prepare" and not args.workdir.strip():
         raise ConfigError(f"--workdir {args.workdir!r}: allowed: a directory path (an empty one "
                           "would write into the current directory)")
@@ -512,7 +524,9 @@ def _report_file_error(e: Exception) -> int:
 def entry() -> None:
   """The console script. After a file error, background writer threads (orbax, TensorBoard) may
   still be failing: the process ends at once so they cannot print past the one-line message."""
-  code = main()
+  from stackwise_jax.report import process_seconds
+  age = process_seconds()   # interpreter start-up and imports included
+  code = main(started=None if age is None else time.perf_counter() - age)
   if code == 1:
     sys.stdout.flush()
     sys.stderr.flush()

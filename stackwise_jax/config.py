@@ -79,6 +79,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.training.final_stage_lr = 1e-4
   # XLA's persistent compilation cache ("" or "off": none); $STACKWISE_COMPILATION_CACHE wins.
   c.training.compilation_cache_dir = "~/.cache/stackwise-jax/xla"
+  # While a stage trains, the next stage's steps and trunk forward compile on a background thread
+  # (progressive/ahead.py), so the next stage starts with them compiled. Results are the same.
+  c.training.compile_ahead = True
 
   p = c.training.progressive = ml_collections.ConfigDict()
   p.enabled = True                  # False: one stage training all target_stacks end to end

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import time
 
 from stackwise_jax.quant import stack_format
 
@@ -86,17 +87,39 @@ def summary_rows(stages: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def summary_table(results: dict) -> str:
-  """A plain-text table, one row per stage; the final eval loss and bits per byte; the last stage's
-  memory per stack."""
+  """A plain-text table, one row per stage; the final eval loss and bits per byte; the seconds
+  outside the stages (a train command's); the last stage's memory per stack."""
   headers, rows = summary_rows(results["stages"])
   lines = _table([headers, *rows])
   for name, key in (("final eval loss", "final_eval_loss"),
                     ("final eval bits per byte", "final_eval_bits_per_byte")):
     final = results.get(key)
     lines.append(f"{name}: {final:.4f}" if final is not None else f"{name}: -")
+  if results.get("seconds_outside_stages") is not None:   # the train command's own process
+    lines.append(f"seconds outside stages: {results['seconds_outside_stages']:.1f} (start-up, "
+                 "imports, data set-up, results and plots)")
   if results["stages"] and results["stages"][-1].get("memory"):
     lines += ["", "memory per stack (last stage):", *memory_table(results["stages"][-1]["memory"])]
   return "\n".join(lines)
+
+
+def process_seconds() -> float | None:
+  """Seconds since this process started, interpreter start-up included (Linux's /proc, to 10
+  ms); None where that is not known."""
+  try:
+    with open("/proc/uptime") as f:
+      uptime = float(f.read().split()[0])
+    with open("/proc/self/stat") as f:   # field 22, starttime, after the name in parentheses
+      started = int(f.read().rsplit(")", 1)[1].split()[19])
+    return uptime - started / os.sysconf("SC_CLK_TCK")
+  except (OSError, ValueError, IndexError, AttributeError):
+    return None
+
+
+def seconds_outside_stages(stages: list[dict], started: float) -> float:
+  """The wall seconds since `started` (a `time.perf_counter()` reading) that `stages` (the stages
+  this process ran) do not count: start-up, imports, data set-up, results and plots."""
+  return time.perf_counter() - started - sum(s["seconds"] for s in stages)
 
 
 def strict_json(value):

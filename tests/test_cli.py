@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -28,6 +29,29 @@ def test_train_writes_results_json_and_prints_summary(text_corpus, tmp_path, cap
   assert "loss start" in out and "final eval loss" in out and "bits/byte" in out
   assert f"final eval bits per byte: {final_bpb:.4f}" in out
   assert (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_stages_and_seconds_outside_them_add_up_to_the_process_wall_time(text_corpus, tmp_path):
+  """seconds_outside_stages counts from the interpreter's start to results.json's last write, so
+  with the stages' seconds it is the wall time, timed here from outside, up to the last line the
+  command prints (5%). After that line the interpreter tears down (the XLA client, modules: ~1-2 s,
+  which no process can time of itself); the whole process takes longer by that only."""
+  env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+  command = [sys.executable, "-m", "stackwise_jax", *micro_args(text_corpus, tmp_path)]
+  start = time.perf_counter()
+  proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                          env=env)
+  lines = [(line, time.perf_counter() - start) for line in proc.stdout]
+  assert proc.wait(timeout=600) == 0
+  process = time.perf_counter() - start
+  results = json.loads((tmp_path / "results.json").read_text())
+  counted = results["seconds_outside_stages"] + sum(s["seconds"] for s in results["stages"])
+  last = lines[-1][1]   # "plots: ...", printed after results.json's last write
+  assert results["seconds_outside_stages"] > 0
+  assert abs(counted - last) <= 0.05 * last, (counted, last, process)
+  assert counted <= process
+  footer = f"seconds outside stages: {results['seconds_outside_stages']:.1f}"
+  assert any(line.startswith(footer) for line, _ in lines)
 
 
 def test_qlora_trunk_config_reports_memory_per_stack(text_corpus, tmp_path, capsys):

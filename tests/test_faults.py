@@ -197,6 +197,95 @@ def test_a_diverging_cli_run_exits_3_and_resumes_to_the_same_divergence(text_cor
   assert _one_line_error(again, code=3) == line
 
 
+def _latest_state(workdir, config):
+  """(step, params, optimizer state, meta's progress) of `workdir`'s latest checkpoint, as numpy."""
+  checkpoints = RunCheckpoints(str(workdir), config, log=lambda _: None)
+  latest = checkpoints.latest
+  checkpoints.close()
+  return (latest.step, jax.tree.map(np.asarray, latest.params),
+          jax.tree.map(np.asarray, latest.opt), latest.meta["progress"])
+
+
+def _diverged_at(config, workdir, bad) -> str:
+  with pytest.raises(TrainingDiverged) as e:
+    _train_poisoned(config, workdir, bad)
+  return str(e.value)
+
+
+def test_stop_mode_reading_every_5_steps_names_the_same_step_and_keeps_the_same_state(
+    text_corpus, tmp_path):
+  # Step 7 diverges; read every step, the guard stops at step 8's dispatch. Read every 5 steps,
+  # steps 7..11 are read together at step 12's: steps 8..11 ran, but nothing after step 6's
+  # checkpoint is saved, and the verdict names step 7 as before.
+  runs = {}
+  for log_every in (1, 5):
+    config = _guard_config(text_corpus, steps_per_stack=14, checkpoint_every=6,
+                           log_every=log_every)
+    message = _diverged_at(config, tmp_path / str(log_every), bad={6})
+    runs[log_every] = (message, _latest_state(tmp_path / str(log_every), config))
+  assert "diverged at step 7: loss nan not finite; last finite loss" in runs[1][0]
+  assert runs[5][0] == runs[1][0]
+  (step_1, *state_1), (step_5, *state_5) = runs[1][1], runs[5][1]
+  assert step_1 == step_5 == 6
+  jax.tree.map(np.testing.assert_array_equal, state_5, state_1)
+
+
+def test_skip_mode_reading_every_5_steps_skips_records_and_evaluates_the_same(text_corpus,
+                                                                             tmp_path):
+  results, states = {}, {}
+  for log_every in (1, 5):
+    config = _guard_config(text_corpus, nonfinite="skip", steps_per_stack=12, checkpoint_every=7,
+                           eval_every=4, log_every=log_every)
+    results[log_every] = _train_poisoned(config, tmp_path / str(log_every), bad={2, 5, 8})
+    states[log_every] = _latest_state(tmp_path / str(log_every), config)
+  one, five = results[1]["stages"][0], results[5]["stages"][0]
+  assert one["skipped_steps"] == five["skipped_steps"] == 3
+  np.testing.assert_array_equal(np.array(five["losses"]), np.array(one["losses"]))   # NaN = NaN
+  assert five["eval_curve"] == one["eval_curve"] and len(one["eval_curve"]) == 3
+  assert five["eval_bits_per_byte"] == one["eval_bits_per_byte"]
+  jax.tree.map(np.testing.assert_array_equal, states[5][:3], states[1][:3])
+
+
+def test_skip_mode_reading_every_5_steps_stops_after_the_same_steps_in_a_row(text_corpus,
+                                                                            tmp_path):
+  messages = {log_every: _diverged_at(
+      _guard_config(text_corpus, nonfinite="skip", max_skipped_steps=2, log_every=log_every),
+      tmp_path / str(log_every), bad={1, 3, 4}) for log_every in (1, 5)}
+  assert messages[5] == messages[1]
+  assert "step 5: loss nan not finite (2 steps in a row skipped" in messages[1]
+
+
+def test_losses_and_verdicts_are_read_every_log_every_steps_in_one_transfer(text_corpus,
+                                                                            monkeypatch):
+  from stackwise_jax.progressive import evaluate, guard
+  calls = {"read_steps": [], "fetch_stacked": [], "_loss_bytes": []}   # first argument's length
+
+  def counted(module, name):
+    function = getattr(module, name)
+
+    def call(first, *rest):
+      calls[name].append(len(first) if isinstance(first, list) else 1)
+      return function(first, *rest)
+
+    monkeypatch.setattr(module, name, call)
+
+  counted(guard, "read_steps")
+  counted(evaluate, "fetch_stacked")
+  counted(evaluate, "_loss_bytes")
+  config = micro_config(target_stacks=2)
+  config.data.source, config.data.paths = "text", (text_corpus,)
+  config.training.steps_per_stack, config.training.log_every = 12, 5
+  results = ProgressiveTrainer(config, progress=False, log=lambda _: None).train_progressively(
+      ProgressiveRackBuilder(config), make_dataloader(config))
+  # Per stage: steps 1-5 read at step 6's dispatch, 6-10 at step 11's, 11-12 before the eval,
+  # where every step used to be read on its own.
+  assert calls["read_steps"] == [5, 5, 2] * 2
+  assert [len(s["losses"]) for s in results["stages"]] == [12, 12]
+  # One transfer per eval (one eval a stage) and one for the eval bytes, counted once a run.
+  assert calls["fetch_stacked"] == [2, 2, 2]
+  assert len(calls["_loss_bytes"]) == config.training.eval_batches == 2
+
+
 # --- 2. One writer per workdir --------------------------------------------------------------
 
 

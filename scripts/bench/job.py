@@ -83,6 +83,9 @@ def run(args, s):
     with tempfile.TemporaryDirectory() as tmp:
       cache = os.path.join(tmp, "xla")   # empty: the first run compiles everything
       ours, results = run_ours(args.config, overrides, os.path.join(tmp, "cold"), cache)
+      # in the log at once: a time limit that stops the reference still leaves ours
+      print(f"job {stacks}x{steps}x{epochs}: ours {ours:.1f} s (stages "
+            f"{sum(st['seconds'] for st in results['stages']):.1f} s)", file=sys.stderr)
       warm = (run_ours(args.config, overrides, os.path.join(tmp, "warm"), cache)[0]
               if s["warm"] else None)
       theirs, reference = run_reference(config, stacks, epochs, tmp)

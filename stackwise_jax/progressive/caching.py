@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from stackwise_jax.model.layers import Segments
+from stackwise_jax.progressive import ahead
 
 # Compiled prefix functions kept, by stack structure: a run has a handful of stack shapes; a
 # process that builds many racks (benchmarks, tests) must not keep every one it ever compiled.
@@ -58,6 +59,21 @@ class PrefixRunner:
       h = self.extend(params, name, h, example)
       if i + 1 < len(names):
         h = h.astype(cache_dtype(self.rack, names[:i + 1]))
+    return h
+
+  def compile(self, params, names, example):
+    """Compiles `build`'s programs ahead (progressive/ahead.py) for abstract `params` and
+    `example` (`jax.ShapeDtypeStruct`s with shardings). Returns `build`'s output, abstract."""
+    embed = self.rack.graphdefs["embed_head"]
+    h = ahead.compile(_embed_fn(embed), params["embed_head"], example["inputs"],
+                      example["time_step"])
+    time_emb = ahead.compile(_time_fn(embed), params["embed_head"], example["time_step"])
+    for i, name in enumerate(names):
+      h = ahead.compile(_stack_fn(self.rack.graphdefs[name]), params["stacks"][name], h, time_emb,
+                        Segments.of(example))
+      if i + 1 < len(names):
+        h = jax.ShapeDtypeStruct(h.shape, cache_dtype(self.rack, names[:i + 1]),
+                                 sharding=h.sharding)
     return h
 
   def extend(self, params, name, h, example):

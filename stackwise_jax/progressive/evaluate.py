@@ -22,6 +22,7 @@ from stackwise_jax.data.tokenizer import BYTES, kind
 from stackwise_jax.progressive.masking import TimeStepMasking
 from stackwise_jax.progressive.stages import rack_from_checkpoint
 from stackwise_jax.progressive.steps import make_eval_step
+from stackwise_jax.trees import fetch_stacked
 
 EVAL_SALT = 1 << 20   # time-step draws for evaluation are the same at every stage
 
@@ -36,34 +37,45 @@ def evaluate(rack, examples, bar=None, token_bytes=None) -> dict:
   """Loss (nats per loss token), perplexity and accuracy (argmax = target) over the loss tokens
   of `examples` (dicts as `eval_example` makes them), and bits per byte where `token_bytes` is
   given (see `evaluate_with`). `bar`: a tqdm bar to advance by one per example."""
-  return evaluate_with(make_eval_step(rack), rack.params, examples, bar, token_bytes)
+  return evaluate_with(make_eval_step(rack), rack.params, examples, bar,
+                       loss_bytes(examples, token_bytes))
 
 
-def evaluate_with(eval_step, params, examples, bar=None, token_bytes=None) -> dict:
+def evaluate_with(eval_step, params, examples, bar=None, n_bytes=None) -> dict:
   """`evaluate` with a compiled eval step (`steps.make_eval_step`) and its params: the trainer's
   evaluation during training (where a cached stage's step takes the trunk's activations) and
-  this module's are this one function.
+  this module's are this one function. The step's sums stay on the device until all examples
+  ran, then come to the host in one transfer.
 
-  Returns {"loss", "perplexity", "accuracy", "tokens", "bits_per_byte"}. `token_bytes`: int
-  [tokenizer vocab] UTF-8 bytes per id (`Tokenizer.token_bytes`; ids past it count 0 bytes).
-  bits_per_byte = (sum of loss-token losses, nats) / ln 2 / (bytes their targets stand for), so
-  runs with different tokenizers compare; None without `token_bytes` or when the loss tokens stand
-  for no bytes (e.g. all EOS)."""
-  sums, byte_counts = [], []
-  table = None if token_bytes is None else np.asarray(token_bytes, np.float32)
+  Returns {"loss", "perplexity", "accuracy", "tokens", "bits_per_byte"}. `n_bytes`: the bytes
+  the examples' loss tokens stand for (`loss_bytes`: counted once for examples evaluated again
+  and again). bits_per_byte = (sum of loss-token losses, nats) / ln 2 / n_bytes, so runs with
+  different tokenizers compare; None without `n_bytes` or when it is 0 (e.g. all EOS)."""
+  sums = []
   for ex in examples:
-    sums.append(np.asarray(eval_step(params, ex)))
-    if table is not None:
-      byte_counts.append(_loss_bytes(table, ex["targets"], ex["loss_mask"]))
+    sums.append(eval_step(params, ex))
     if bar is not None:
       bar.update(1)
+  # As one np.asarray per example read them: each example's three sums, then summed in order.
+  sums = np.stack(fetch_stacked(sums), 1)
   loss_sum, tokens, correct = np.sum(sums, 0)
-  n_bytes = float(np.sum([np.asarray(b, np.float64) for b in byte_counts]))
+  n_bytes = n_bytes or 0.0
   tokens = max(tokens, 1.0)
   loss = float(loss_sum / tokens)
   return {"loss": loss, "perplexity": math.exp(loss), "accuracy": float(correct / tokens),
           "tokens": int(tokens),
           "bits_per_byte": float(loss_sum / math.log(2) / n_bytes) if n_bytes > 0 else None}
+
+
+def loss_bytes(examples, token_bytes) -> float | None:
+  """The UTF-8 bytes the loss tokens' targets of `examples` stand for, for bits per byte (see
+  `evaluate_with`); None without `token_bytes`: int [tokenizer vocab] bytes per id
+  (`Tokenizer.token_bytes`; ids past it count 0 bytes). One transfer for all examples."""
+  if token_bytes is None or not examples:
+    return None
+  table = np.asarray(token_bytes, np.float32)
+  counts = fetch_stacked([_loss_bytes(table, ex["targets"], ex["loss_mask"]) for ex in examples])
+  return float(np.sum(np.asarray(counts, np.float64)))
 
 
 @jax.jit
@@ -80,9 +92,12 @@ def evaluate_by_source(rack, masking, dataloader, n_batches: int, token_bytes=No
   (`dataloader.eval_batches_by_source`), masked as `eval_example` masks. `place`: a host batch
   -> what the step takes (the trainer's: global arrays on its mesh)."""
   step = make_eval_step(rack)
-  return {name: evaluate_with(step, rack.params, [eval_example(masking, place(b)) for b in batches],
-                              token_bytes=token_bytes)
-          for name, batches in dataloader.eval_batches_by_source(n_batches).items()}
+  results = {}
+  for name, batches in dataloader.eval_batches_by_source(n_batches).items():
+    examples = [eval_example(masking, place(b)) for b in batches]
+    results[name] = evaluate_with(step, rack.params, examples,
+                                  n_bytes=loss_bytes(examples, token_bytes))
+  return results
 
 
 def token_bytes_of(dataloader, config) -> np.ndarray | None:
@@ -114,6 +129,7 @@ def evaluate_run(checkpoints: RunCheckpoints, n_batches: int | None = None, data
   masking = TimeStepMasking(config)
   examples = [eval_example(masking, b) for b in batches]
   token_bytes = token_bytes_of(dataloader, config)
+  n_bytes = loss_bytes(examples, token_bytes)   # the same examples for every rack
   rows = []
   with tqdm(total=len(steps) * len(examples), desc="eval", disable=not progress,
             dynamic_ncols=True, file=sys.stderr) as bar:
@@ -121,7 +137,7 @@ def evaluate_run(checkpoints: RunCheckpoints, n_batches: int | None = None, data
       ckpt = latest if step == latest.step else checkpoints.read_checked(step)
       rack = rack_from_checkpoint(config, ckpt)
       rows.append({"stage": ckpt.meta["stage"], "step": step, "stacks": list(rack.order),
-                   **evaluate(rack, examples, bar, token_bytes)})
+                   **evaluate_with(make_eval_step(rack), rack.params, examples, bar, n_bytes)})
       if hasattr(dataloader, "eval_batches_by_source"):
         rows[-1]["by_source"] = evaluate_by_source(rack, masking, dataloader, len(batches),
                                                    token_bytes)

@@ -7,6 +7,8 @@ export grow a rack exactly as a run does (`rack_from_checkpoint`) without a trai
 import dataclasses
 import json
 
+import jax
+
 from stackwise_jax.checkpoint import open_run, restore_into
 from stackwise_jax.config import from_yaml, stage_sizes
 from stackwise_jax.errors import ConfigError
@@ -93,6 +95,31 @@ def grow(builder, target: int, n_stages: int | None = None, last_done: bool = Tr
   if new is not None and last_done:
     builder.trained.update(s.name for s in new)
   return new, frozen, stage
+
+
+def next_stage_shapes(config, target: int, number: int, specs_now: list[dict]):
+  """The builder of stage `number` + 1 as stage `number` (whose rack has `specs_now`, as
+  `stack_specs`) leaves it, grown by `grow` on a fresh builder of `config` under `jax.eval_shape`:
+  its specs, labels and graphdefs, its params as `jax.ShapeDtypeStruct`s (no init runs). Returns
+  (that builder, the stage's new specs, its frozen stack names), or None where there is no next
+  stage or the run's rack is not the one `config` grows (a builder grown by hand)."""
+  found = {}
+
+  def grown():
+    builder = ProgressiveRackBuilder(config)
+    stages = stage_specs(builder, target)
+    grow(builder, target, number, stages=stages)
+    if stack_specs(builder.specs) == specs_now:
+      new, frozen, reached = grow(builder, target, 1, last_done=False, stages=stages)
+      if reached:
+        found.update(builder=builder, new=new, frozen=frozen)
+    return builder.params
+
+  params = jax.eval_shape(grown)
+  if not found:
+    return None
+  found["builder"].params = params   # shapes in place of the tracers the trace left
+  return found["builder"], found["new"], found["frozen"]
 
 
 def replay(builder, specs: list[dict], n_stages: int, last_done: bool = True, source: str = "",

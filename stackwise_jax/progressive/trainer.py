@@ -18,6 +18,7 @@ import time
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -27,21 +28,22 @@ from stackwise_jax.config import from_yaml, resolve_init_from, stage_steps, vali
 from stackwise_jax.errors import ConfigError
 from stackwise_jax.data.iterable import as_dataloader
 from stackwise_jax.progressive.evaluate import (eval_example, evaluate_by_source, evaluate_with,
-                                                token_bytes_of)
+                                                loss_bytes, token_bytes_of)
 from stackwise_jax.model.lora import is_adapter_path
 from stackwise_jax.objectives import OBJECTIVES
-from stackwise_jax.progressive import caching
+from stackwise_jax.progressive import ahead, caching
 from stackwise_jax.progressive.builder import HEAD_SIDE, FROZEN, ProgressiveRackBuilder
 from stackwise_jax.progressive.feed import Prefetcher
 from stackwise_jax.progressive.guard import DivergenceGuard
 from stackwise_jax.progressive.masking import check_objective_data, check_time_steps_kept
-from stackwise_jax.progressive.stages import (is_final, restore_checkpoint, set_labels,
-                                              stack_specs, stage_specs)
+from stackwise_jax.progressive.stages import (is_final, next_stage_shapes, restore_checkpoint,
+                                              set_labels, stack_specs, stage_specs)
 from stackwise_jax.report import PHASES
 from stackwise_jax.progressive.steps import (StepView, init_train_state, make_eval_step,
                                              make_optimizer, make_train_step, plan_stage)
 from stackwise_jax.trees import leaf_bytes, plain_keys
-from stackwise_jax.sharding import global_batch, local_batch, make_mesh, replicated, tree_shardings
+from stackwise_jax.sharding import (batch_spec, global_batch, local_batch, make_mesh, replicated,
+                                    tree_shardings)
 
 POOL_SALT = 0         # pool mode: an example's masks are the same at every stage and epoch
 
@@ -135,6 +137,10 @@ class ProgressiveTrainer:
     self._train_cache = None    # (prefix stack names, ActivationCache) kept for the next stage
     self._eval_cache = None     # (prefix stack names, [h per eval batch])
     self._token_bytes = None    # UTF-8 bytes per token id, for bits per byte (None: not known)
+    self._eval_bytes = None     # bytes the eval examples' loss tokens stand for (None: not known)
+    # The next stage's programs (compile_ahead); a failure is told once a run.
+    self._ahead = ahead.CompileAhead(lambda message: self._tell("compile ahead", message))
+    self._batch_shapes = None   # a global batch as the data gives it, abstract (compile_ahead)
 
   def train_progressively(self, rack_builder: ProgressiveRackBuilder, dataloader,
                           target_stacks: int | None = None) -> dict:
@@ -162,6 +168,8 @@ class ProgressiveTrainer:
     # The same held-out examples (masks and time steps included) at every stage.
     eval_examples = [eval_example(rack_builder.masking, global_batch(self.mesh, b))
                      for b in eval_batches]
+    self._eval_bytes = loss_bytes(eval_examples, self._token_bytes)   # the same at every eval
+    self._batch_shapes = ahead.abstract(global_batch(self.mesh, eval_batches[0]))
     data = dataloader.train_iter()
     if self.config.training.data_reuse == "pool":   # drawn from the start, resumed or not
       pool_iter = dataloader.train_iter()
@@ -177,6 +185,7 @@ class ProgressiveTrainer:
               self.config.training.eval_batches, self._token_bytes,
               lambda b: global_batch(self.mesh, b))
     finally:
+      self._ahead.wait()
       self._drop_caches()
       self._wait_for_checkpoints()   # stopped or failed too: what was saved still reaches disk
     return self.results
@@ -244,6 +253,7 @@ class ProgressiveTrainer:
     clock = PhaseClock()
     started = time.perf_counter()
     with clock("compile"):   # set-up is counted with compilation: both are paid once a stage
+      self._ahead.wait()     # what it did not hide of this stage's compilation
       final = is_final(new_specs)
       frozen = set_labels(builder, final)
       params_axes = builder.build_rack().axes()   # as declared where the params were created
@@ -263,7 +273,14 @@ class ProgressiveTrainer:
       if eval_examples:   # compiled here, so eval time is evaluation only
         stage.eval_step(stage.state["params"], eval_examples[0])[0].block_until_ready()
 
-    outcome = self._train_loop(builder, stage, target, data)
+    # The next stage compiles once this one's step has (it compiles on its first call).
+    first_step = threading.Event()
+    stage.train_step = ahead.first_call_sets(first_step, stage.train_step)
+    self._compile_next(builder, context, target, eval_examples, first_step)
+    try:
+      outcome = self._train_loop(builder, stage, target, data)
+    finally:
+      first_step.set()
     steady = max(stage.steps - outcome.start - 1, 1)
     step_seconds = clock.seconds["train"] / steady
     with clock("train"):   # the stage's bookkeeping
@@ -304,13 +321,21 @@ class ProgressiveTrainer:
       progress = resume.meta["progress"]
       losses = [math.nan if x is None else x for x in progress["losses"]]
       eval_curve, skipped = progress["eval_curve"], progress["skipped_steps"]
-    guard = DivergenceGuard(t.nonfinite, t.max_skipped_steps, number, losses, skipped)
     first_step = sum(s["steps"] for s in self.results["stages"])   # the run's steps before
     name = ("final stage" if stage.context.final
             else f"stage {number} ({len(stage.context.rack.specs)}/{target} stacks)")
     bar = tqdm(total=stage.steps, initial=start, disable=not self.progress,
                desc=f"{name} [{plan.activation_mode}]", dynamic_ncols=True,
                file=sys.stderr)
+
+    def on_loss(step, loss):   # as the guard reads it: every log_every steps, one step late
+      if step % t.log_every == 0:
+        bar.set_postfix(loss=f"{loss:.3f}")
+        self._metric("train/loss", loss, first_step + step)
+
+    # Losses and verdicts stay on the device until read: every log_every steps, in one transfer.
+    guard = DivergenceGuard(t.nonfinite, t.max_skipped_steps, number, losses, skipped,
+                            read_every=t.log_every, on_loss=on_loss)
     indices = range(start, stage.steps)
     loop_start, first_done = time.perf_counter(), None
     with bar, (Prefetcher(stage.example_at, indices) if stage.prefetch
@@ -324,25 +349,19 @@ class ProgressiveTrainer:
           in_loop = dict(clock.seconds)
         else:
           stage.state, metrics = stage.train_step(stage.state, example)
-        loss = metrics["loss"]
-        losses.append(loss)
-        guard.after(i + 1, metrics)
+        guard.after(i + 1, metrics)   # appends the losses it reads to `losses`
         last = i + 1 == stage.steps
         if last or (t.eval_every and (i + 1) % t.eval_every == 0):
           guard.flush()   # waits for the steps queued so far: they are train time, not eval
           with clock("eval"):
             ev = (evaluate_with(stage.eval_step, stage.state["params"], eval_examples,
-                                token_bytes=self._token_bytes) if eval_examples else {})
+                                n_bytes=self._eval_bytes) if eval_examples else {})
             eval_curve.append([i + 1, ev.get("loss")])
             bits_per_byte = ev.get("bits_per_byte")
-          bar.set_postfix(loss=f"{float(loss):.3f}", eval=f"{eval_curve[-1][1]:.3f}")
+          bar.set_postfix(loss=f"{losses[-1]:.3f}", eval=f"{eval_curve[-1][1]:.3f}")
           self._metric("eval/loss", eval_curve[-1][1], first_step + i + 1)
           if bits_per_byte is not None:
             self._metric("eval/bits_per_byte", bits_per_byte, first_step + i + 1)
-        elif (i + 1) % t.log_every == 0:
-          bar.set_postfix(loss=f"{float(loss):.3f}")
-        if (i + 1) % t.log_every == 0:
-          self._metric("train/loss", float(loss), first_step + i + 1)
         bar.update(1)
         due = t.checkpoint_every and (i + 1) % t.checkpoint_every == 0
         if self.checkpoints is not None and not last and (due or self._stop_signal):
@@ -365,22 +384,40 @@ class ProgressiveTrainer:
              data_start, clock) -> Stage:
     """The stage's optimizer, train state and compiled steps (shared with earlier stages whose
     step computes the same thing)."""
-    t = self.config.training
-    number, final, rack, labels, plan = (context.number, context.final, context.rack,
-                                         context.labels, context.plan)
-    steps = stage_steps(self.config, final)
-    lr = t.final_stage_lr if final else t.lr
-    view = StepView.of(plan) if plan.cached else None
-    step_rack, step_plan = (view.rack(rack), view.plan(plan)) if view else (rack, plan)
-    step_labels = view.take(labels) if view else labels
-    tx = make_optimizer(t, step_labels, steps, lr)
-    state = init_train_state(step_rack.params, tx, step_plan, dropout_seed=t.seed * 1000 + number)
+    view, step_rack, step_plan, step_labels, tx, steps = self._step_parts(context)
+    state = self._initial_state(context, step_rack.params, tx, step_plan)
     if resume is not None:
       opt = restore_into({k: v for k, v in state.items() if k != "params"}, resume.opt,
                          "optimizer state")
       state = {**state, **opt}
     shardings = tree_shardings(self.mesh, state, step_rack.axes())
     state = jax.device_put(state, shardings)
+    train_step, eval_step = self._step_fns(context, step_rack, step_plan, step_labels, tx, steps,
+                                           shardings)
+    return Stage(context, view, state, train_step, eval_step, steps, example_at, prefetch,
+                 eval_examples, resume, data_start, clock)
+
+  def _step_parts(self, context: StageContext):
+    """(view, step rack, step plan, step labels, optimizer, steps) of a stage's step: what it
+    sees (a cached stage's `StepView`; None: the whole rack) and how it updates it."""
+    t, plan = self.config.training, context.plan
+    steps = stage_steps(self.config, context.final)
+    view = StepView.of(plan) if plan.cached else None
+    step_rack, step_plan = (view.rack(context.rack), view.plan(plan)) if view else (context.rack,
+                                                                                    plan)
+    step_labels = view.take(context.labels) if view else context.labels
+    tx = make_optimizer(t, step_labels, steps, t.final_stage_lr if context.final else t.lr)
+    return view, step_rack, step_plan, step_labels, tx, steps
+
+  def _initial_state(self, context: StageContext, params, tx, step_plan) -> dict:
+    return init_train_state(params, tx, step_plan,
+                            dropout_seed=self.config.training.seed * 1000 + context.number)
+
+  def _step_fns(self, context, step_rack, step_plan, step_labels, tx, steps, shardings):
+    """(train step, eval step) of a stage: jitted once for every stage whose step computes the
+    same thing (and compiled ahead into the same functions, `_compile_next`)."""
+    t = self.config.training
+    lr = t.final_stage_lr if context.final else t.lr
     key = (steps, lr, step_rack.structure(), step_plan, jax.tree.structure(step_labels),
            tuple(jax.tree.leaves(step_labels)), tuple(jax.tree.leaves(shardings)))
     if key not in self._compiled:
@@ -388,9 +425,64 @@ class ProgressiveTrainer:
           make_train_step(step_rack, step_plan, tx, step_labels,
                           shardings=(shardings, replicated(self.mesh))),
           make_eval_step(step_rack, step_plan))
-    train_step, eval_step = self._compiled[key]
-    return Stage(context, view, state, train_step, eval_step, steps, example_at, prefetch,
-                 eval_examples, resume, data_start, clock)
+    return self._compiled[key]
+
+  def _compile_next(self, builder, context: StageContext, target, eval_examples,
+                    after) -> None:
+    """Starts compiling the next stage's train and eval steps and its trunk's forward on a
+    background thread once the event `after` is set, while this stage trains
+    (training.compile_ahead; ahead.py). Nothing where there is no next stage or it cannot be
+    known."""
+    if not self.config.training.compile_ahead:
+      return
+    specs, config = stack_specs(builder.specs), builder.config
+    evals = [{k: v for k, v in ex.items() if k != "h"} for ex in eval_examples[:1]]
+    self._ahead.start(lambda: self._compile_stage(config, target, context.number, specs, evals),
+                      after)
+
+  def _compile_stage(self, config, target, number, specs, eval_examples) -> None:
+    """Compiles stage `number` + 1's programs from its abstract shapes: its rack as
+    `next_stage_shapes` grows it after stage `number` (whose rack has `specs`), its state as
+    `_setup` makes it, its examples as `_examples` makes them from this run's batches."""
+    t = self.config.training
+    found = next_stage_shapes(config, target, number, specs)
+    if found is None:
+      return
+    scratch, new, frozen = found
+    rack = scratch.build_rack()
+    rack = dataclasses.replace(rack, params=ahead.abstract(
+        rack.params, tree_shardings(self.mesh, rack.params, rack.axes())))
+    context = StageContext(number + 1, new, is_final(new), rack, scratch.labels(),
+                           plan_stage(rack, frozen, t.progressive.cache_activations))
+    _, step_rack, step_plan, step_labels, tx, steps = self._step_parts(context)
+    state = jax.eval_shape(lambda p: self._initial_state(context, p, tx, step_plan),
+                           step_rack.params)
+    shardings = tree_shardings(self.mesh, state, step_rack.axes())
+    state = ahead.abstract(state, shardings)
+    train_step, eval_step = self._step_fns(context, step_rack, step_plan, step_labels, tx, steps,
+                                           shardings)
+    salt = POOL_SALT if t.data_reuse == "pool" else number + 1
+    example = ahead.compile(jax.jit(_preparer(scratch.masking, context, salt)), self._batch_shapes)
+    evals = ahead.abstract(eval_examples[0]) if eval_examples else None
+    if context.plan.cached:
+      runner, prefix = caching.PrefixRunner(rack), context.plan.prefix
+      dtype = caching.cache_dtype(rack, prefix)
+      h = runner.compile(rack.params, prefix, example)
+      h = jax.ShapeDtypeStruct(h.shape, dtype, sharding=h.sharding)
+      entry_bytes = h.size // jax.process_count() * np.dtype(dtype).itemsize
+      if caching.device_budget(t.progressive.cache_device_bytes) < entry_bytes:
+        # Entries in host memory come back as global batches (`_cached_example`).
+        batch = NamedSharding(self.mesh, batch_spec())
+        example = {**example, "h": h}
+        example = ahead.abstract(example, jax.tree.map(lambda _: batch, example))
+      else:
+        example = {**example, "h": h}
+      if evals is not None and _input_side_frozen(context.labels):
+        h = runner.compile(rack.params, prefix, evals)
+        evals = {**evals, "h": jax.ShapeDtypeStruct(h.shape, dtype, sharding=h.sharding)}
+    ahead.compile(train_step, state, example)
+    if evals is not None:
+      ahead.compile(eval_step, state["params"], evals)
 
   def _examples(self, builder, context: StageContext, data, eval_examples):
     """-> (step index -> example on the device, whether that is by index, eval examples) of the
@@ -405,8 +497,7 @@ class ProgressiveTrainer:
     pool = t.data_reuse == "pool"
     number, rack, labels, plan = context.number, context.rack, context.labels, context.plan
     salt = POOL_SALT if pool else number
-    body = [s for s in rack.specs if s.name in plan.body]
-    prepare = jax.jit(lambda batch: masking.stage_example(batch, context.trains, body, salt))
+    prepare = jax.jit(_preparer(masking, context, salt))
     order = pool_order(t, number, stage_steps(self.config, context.final)) if pool else None
     if not plan.cached:
       self._drop_caches()
@@ -602,6 +693,12 @@ class ProgressiveTrainer:
                                 f"{stage}, step {step}: checkpoint saved in "
                                 f"{self.checkpoints.directory}; run the same command to resume",
                                 self._stop_signal)
+
+
+def _preparer(masking, context: StageContext, salt: int):
+  """A global batch -> the stage's training example (`TimeStepMasking.stage_example`)."""
+  body = [s for s in context.rack.specs if s.name in context.plan.body]
+  return lambda batch: masking.stage_example(batch, context.trains, body, salt)
 
 
 def _extended(runner, rack, prefix, names, h, example):

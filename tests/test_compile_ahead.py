@@ -1,0 +1,88 @@
+"""Compile ahead (training.compile_ahead): while a stage trains, the next stage's programs compile
+on a background thread into the functions the stage calls; results never change."""
+import jax
+from jax._src import compilation_cache   # to drop the persistent cache JAX already opened
+
+from conftest import assert_same_run, text_config, train_run
+from stackwise_jax.data import make_dataloader
+from stackwise_jax.progressive import ProgressiveRackBuilder, ProgressiveTrainer, ahead
+from stackwise_jax.progressive import trainer as trainer_module
+
+
+def _three_stages(text_corpus, on: bool):
+  config = text_config(text_corpus)   # 3 stages: streamed, then two cached
+  config.training.compile_ahead = on
+  return config
+
+
+def test_losses_evals_and_params_are_the_same_with_compile_ahead_on_and_off(text_corpus,
+                                                                             tmp_path):
+  on = train_run(_three_stages(text_corpus, True), tmp_path / "on")
+  off = train_run(_three_stages(text_corpus, False), tmp_path / "off")
+  assert_same_run(on, off)
+
+
+def test_next_stages_train_steps_compile_before_those_stages_start(text_corpus, tmp_path,
+                                                                   monkeypatch):
+  events = []   # in order: a stage's set-up, a program compiled ahead
+  compile_ahead, setup = ahead.compile, ProgressiveTrainer._setup
+
+  def logged_compile(jitted, *args):
+    out = compile_ahead(jitted, *args)
+    events.append(f"compiled {jitted.__name__}")
+    return out
+
+  def logged_setup(self, context, *args):
+    events.append(f"stage {context.number}")
+    return setup(self, context, *args)
+
+  monkeypatch.setattr(ahead, "compile", logged_compile)
+  monkeypatch.setattr(ProgressiveTrainer, "_setup", logged_setup)
+  train_run(_three_stages(text_corpus, True), tmp_path / "run")
+  stage = {n: events.index(f"stage {n}") for n in (1, 2, 3)}
+  # Each later stage's train step was compiled while the stage before it trained; none after
+  # the last stage (there is no next one).
+  assert "compiled train_step" in events[stage[1]:stage[2]]
+  assert "compiled train_step" in events[stage[2]:stage[3]]
+  assert "compiled train_step" not in events[stage[3]:]
+
+
+def test_a_stage_whose_programs_compiled_ahead_compiles_under_a_tenth_as_long(
+    text_corpus, tmp_path, monkeypatch):
+  # Every compile is a real one (no program from disk), and each stage's loop ends only once the
+  # next stage's programs are compiled: the time compile-ahead hides is all it can hide.
+  cache_was = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  loop = ProgressiveTrainer._train_loop
+
+  def loop_then_wait(self, *args):
+    outcome = loop(self, *args)
+    self._ahead.wait()
+    return outcome
+
+  monkeypatch.setattr(ProgressiveTrainer, "_train_loop", loop_then_wait)
+  try:
+    on, _ = train_run(_three_stages(text_corpus, True), tmp_path / "on")
+    off, _ = train_run(_three_stages(text_corpus, False), tmp_path / "off")
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache_was)
+    compilation_cache.reset_cache()
+  compile_s = lambda results: results["stages"][1]["seconds_by_phase"]["compile"]
+  # Stage 2 (the first cached one) compiles a new train and eval step; stage 3 shares them.
+  assert compile_s(on) < 0.1 * compile_s(off), (compile_s(on), compile_s(off))
+
+
+def test_a_failure_to_compile_ahead_is_one_log_line_and_the_run_goes_on(text_corpus, tmp_path,
+                                                                        monkeypatch):
+  def fails(*args):
+    raise RuntimeError("no shapes today")
+
+  monkeypatch.setattr(trainer_module, "next_stage_shapes", fails)
+  config = _three_stages(text_corpus, True)
+  lines = []
+  trainer = ProgressiveTrainer(config, progress=False, log=lines.append)
+  results = trainer.train_progressively(ProgressiveRackBuilder(config), make_dataloader(config))
+  failed = [line for line in lines if line.startswith("compile ahead:")]
+  assert len(failed) == 1 and "no shapes today" in failed[0]   # told once, not every stage
+  assert len(results["stages"]) == 3
