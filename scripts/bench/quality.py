@@ -91,11 +91,9 @@ def base_overrides(args, s) -> list[str]:
   return [*SIZES[s["size"]], *corpus_overrides(s["corpus"]), *args.overrides]
 
 
-def stage_costs(args, s, method: str) -> list[tuple[float, float]]:
+def stage_costs(args, base: list[str], target: int, method: str) -> list[tuple[float, float]]:
   """(train-step FLOPs, cache-build FLOPs per batch) of each progressive stage the method runs
   (a final stage, which costs end-to-end's step, not included)."""
-  base = base_overrides(args, s)
-  target = load_config(args.config, base).training.progressive.target_stacks
   # A final stage's cost is end-to-end's step (run adds it); the stages before it are the init's.
   overrides = [*base, *method_overrides(method.removesuffix("+final"), target)]
   config = load_config(args.config, overrides)
@@ -113,7 +111,9 @@ def run(args, s):
   config = load_config(args.config, base)
   target = config.training.progressive.target_stacks
   tokens_per_step = config.training.batch_size * config.training.seq_len
-  e2e_flops = stage_costs(args, s, "end-to-end")[0][0]
+  # Each method's stage costs, built once (end-to-end's step sets the budget).
+  method_costs = {m: stage_costs(args, base, target, m) for m in s["methods"]}
+  e2e_flops = method_costs["end-to-end"][0][0]
   budget = s["steps"] * e2e_flops
   runs, rows, plans = {}, [], {}
   # Every finished run is appended here, and read back instead of run again: an interrupted
@@ -122,7 +122,7 @@ def run(args, s):
   os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
   done = read_done(log_path)
   for method in s["methods"]:
-    costs = stage_costs(args, s, method)
+    costs = list(method_costs[method])
     final = method.endswith("+final")
     final_steps = round(s["final_fraction"] * s["steps"]) if final else 0
     # The progressive stages share, in equal steps, what a final stage leaves of the budget.

@@ -59,21 +59,6 @@ def choose(u: np.ndarray, weights: np.ndarray) -> np.ndarray:
   return np.minimum(np.searchsorted(cdf, u, side="right"), np.flatnonzero(weights > 0)[-1])
 
 
-class _Records:
-  """A grain random-access source over one entry's packed records: item i is record i with its
-  example id (offset past the entries before) and its entry."""
-
-  def __init__(self, records, offset: int, entry: int):
-    self._records, self._offset, self._entry = records, offset, entry
-
-  def __len__(self) -> int:
-    return len(self._records)
-
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return {"tokens": self._records[index].astype(np.int32),
-            "example_id": np.int32(self._offset + index), "source": np.int32(self._entry)}
-
-
 def _stack(records: list[dict]) -> dict[str, np.ndarray]:
   return {key: np.stack([r[key] for r in records]) for key in records[0]}
 
@@ -137,11 +122,12 @@ class MixtureLoader:
     # Entry k's train stream: a single-source run's (shuffled, each epoch anew; repeated), read
     # by position, so that any host reads exactly its share and a position is all its state.
     self._streams = [
-        grain.MapDataset.source(_Records(c.train.records, int(train_offsets[k]), k))
+        grain.MapDataset.source(packing.Records(c.train.records, int(train_offsets[k]), k))
         .shuffle(seed=(shuffle_seed + k * SEED_STRIDE) % 2**32).repeat()
         for k, c in enumerate(corpora)]
-    self._val = [grain.MapDataset.source(_Records(c.val.records, int(val_offsets[k]), k)).repeat()
-                 for k, c in enumerate(corpora)]
+    self._val = [
+        grain.MapDataset.source(packing.Records(c.val.records, int(val_offsets[k]), k)).repeat()
+        for k, c in enumerate(corpora)]
 
   @property
   def global_batch_size(self) -> int:

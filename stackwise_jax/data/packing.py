@@ -107,6 +107,25 @@ def split_tokens(files: Sequence[pathlib.Path], val_fraction: float,
   return (*_cut(read_tokens(bar(train_files), tokenizer), val_fraction), train_files, train_files)
 
 
+class Records:
+  """A grain random-access source over packed records (the pipeline's and each mixture entry's):
+  item i is record i with its example id, `offset` + i, and, for a mixture entry, its `entry`."""
+
+  def __init__(self, records, offset: int = 0, entry: int | None = None):
+    self._records = records   # [num_records, seq_len] uint16 or uint32, or prepared shards
+    self._offset, self._entry = offset, entry
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    item = {"tokens": self._records[index].astype(np.int32),
+            "example_id": np.int32(self._offset + index)}
+    if self._entry is not None:
+      item["source"] = np.int32(self._entry)
+    return item
+
+
 @dataclasses.dataclass
 class Split:
   """One split of a corpus, packed.

@@ -21,19 +21,6 @@ from stackwise_jax.data.tokenizer import BYTES, Tokenizer
 from stackwise_jax.errors import ConfigError
 
 
-class _Records:
-  """A grain random-access source over packed records: item i is record i with its example id."""
-
-  def __init__(self, records):
-    self._records = records   # [num_records, seq_len] uint16 or uint32, or prepared shards
-
-  def __len__(self) -> int:
-    return len(self._records)
-
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    return {"tokens": self._records[index].astype(np.int32), "example_id": np.int32(index)}
-
-
 def _take_default_absl_flags() -> None:
   """Lets grain start worker processes in a program that never parsed absl flags (our argparse CLI).
 
@@ -126,7 +113,8 @@ class DataLoader:
     `it.set_state(state)` are grain's own: a fresh iterator set to a saved state yields the same
     batches that followed it. Each call starts again at the first batch.
     """
-    ds = grain.MapDataset.source(_Records(self._train)).shuffle(seed=self.shuffle_seed).repeat()
+    ds = grain.MapDataset.source(packing.Records(self._train))
+    ds = ds.shuffle(seed=self.shuffle_seed).repeat()
     ds = self._host_share(ds)
     # Records are already in memory: reader threads would only contend for the GIL.
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
@@ -144,7 +132,7 @@ class DataLoader:
     """
     if n <= 0:
       return []
-    ds = self._host_share(grain.MapDataset.source(_Records(self._val)).repeat())
+    ds = self._host_share(grain.MapDataset.source(packing.Records(self._val)).repeat())
     return [ds[k] for k in range(n)]
 
   def _host_share(self, records: grain.MapDataset) -> grain.MapDataset:
