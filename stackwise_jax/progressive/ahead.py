@@ -35,8 +35,8 @@ def first_call_sets(event: threading.Event, fn):
 def compile(jitted, *args):
   """Compiles `jitted` for `args` (abstract) into its cache. Returns its output, abstract, with
   the shardings the executable gives it."""
-  compiled = jitted.lower(*args).compile()
-  return abstract(jax.eval_shape(jitted, *args), compiled.output_shardings)
+  lowered = jitted.lower(*args)   # traced once: its out_info is the output's shapes
+  return abstract(lowered.out_info, lowered.compile().output_shardings)
 
 
 class CompileAhead:
