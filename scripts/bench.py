@@ -48,7 +48,7 @@ def main():
   parser.add_argument("--out", help="JSON file (default bench_results/BENCHMARK.json); "
                                     "the Markdown table goes next to it as .md")
   parser.add_argument("--config", help="default: the sub-benchmark's (CONFIG in its module)")
-  for name in ("stages", "steps", "devices", "files", "batches"):
+  for name in ("stages", "steps", "devices", "files", "batches", "repeats"):
     parser.add_argument(f"--{name}", type=int)
   for name in ("seeds", "depths", "workers"):
     parser.add_argument(f"--{name}", type=int, nargs="+")
@@ -78,8 +78,8 @@ def main():
       parser.error(f"--cells {' '.join(args.cells)}: allowed: cells like 4x40x1")
     if any(len(cell) != 3 or min(cell) < 1 for cell in args.grid):
       parser.error(f"--cells {' '.join(args.cells)}: allowed: three positive ints per cell")
-  for name in ("stages", "steps", "devices", "files", "batches", "seeds", "depths", "workers",
-               "lrs", "corpus", "size", "modes", "methods", "grid"):
+  for name in ("stages", "steps", "devices", "files", "batches", "repeats", "seeds", "depths",
+               "workers", "lrs", "corpus", "size", "modes", "methods", "grid"):
     value = getattr(args, name, None)
     if value is not None:
       if name not in full:

@@ -5,6 +5,7 @@
 `stackwise-jax prepare --config configs/tiny.py [--config.a.b=v ...] --out DIR`."""
 import argparse
 import contextlib
+import gc
 import os
 import sys
 import time
@@ -186,6 +187,9 @@ def _train(config, dataloader, checkpoints, args) -> int:
                                          TrainingDiverged, TrainingInterrupted)
   from stackwise_jax.metrics import Metrics, TensorBoard, WandB, wandb_wanted
   from stackwise_jax.report import seconds_outside_stages, summary_table, write_json
+  # What is imported now lives as long as the process: out of the cyclic collector's sight, each
+  # full collection during training walks only what the run made (0.73 -> 0.30 s in a 4x40x1 job).
+  gc.freeze()
   primary = jax.process_index() == 0   # on several hosts one of them writes the shared files
   # A resumed run's earlier stages ran in earlier processes: this one's wall time holds the rest.
   done_before = (len(checkpoints.latest.meta["results"]["stages"])
@@ -527,6 +531,9 @@ def entry() -> None:
   from stackwise_jax.report import process_seconds
   age = process_seconds()   # interpreter start-up and imports included
   code = main(started=None if age is None else time.perf_counter() - age)
+  # The interpreter's last collections would walk every object jax and flax made (~0.5 s at the
+  # end of every command); refcounts still free what they free, atexit handlers still run.
+  gc.freeze()
   if code == 1:
     sys.stdout.flush()
     sys.stderr.flush()

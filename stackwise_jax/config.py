@@ -81,7 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.training.compilation_cache_dir = "~/.cache/stackwise-jax/xla"
   # While a stage trains, the next stage's steps and trunk forward compile on a background thread
   # (progressive/ahead.py), so the next stage starts with them compiled. Results are the same.
-  c.training.compile_ahead = True
+  # None: on where steps run on a GPU or TPU (the host idles while the device trains), off on a
+  # CPU (there the compile takes the cores the step uses: the job was slower, BUILD_NOTES *job*).
+  c.training.compile_ahead = None
 
   p = c.training.progressive = ml_collections.ConfigDict()
   p.enabled = True                  # False: one stage training all target_stacks end to end
@@ -542,6 +544,8 @@ _CHECKS = [
     ("data.mixture_by_stage", lambda v, c: not v or c.training.data_reuse != "pool",
      "() when training.data_reuse='pool': every stage trains on the one pool drawn at the start "
      "(at the entries' own weights)"),
+    ("training.compile_ahead", lambda v, c: v is None or isinstance(v, bool),
+     "None (on for a GPU or TPU, off on a CPU), True or False"),
     ("training.progressive.cache_device_bytes",
      lambda v, c: v is None or (yaml_io.type_ok(v, 1) and v >= 0),
      "None (a quarter of a GPU's or TPU's memory, none on a CPU) or an int >= 0"),

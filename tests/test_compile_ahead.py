@@ -1,6 +1,7 @@
 """Compile ahead (training.compile_ahead): while a stage trains, the next stage's programs compile
 on a background thread into the functions the stage calls; results never change."""
 import jax
+import pytest
 from jax._src import compilation_cache   # to drop the persistent cache JAX already opened
 
 from conftest import assert_same_run, text_config, train_run
@@ -86,3 +87,23 @@ def test_a_failure_to_compile_ahead_is_one_log_line_and_the_run_goes_on(text_cor
   failed = [line for line in lines if line.startswith("compile ahead:")]
   assert len(failed) == 1 and "no shapes today" in failed[0]   # told once, not every stage
   assert len(results["stages"]) == 3
+
+
+@pytest.mark.parametrize("setting, platform, on", [
+    (None, "gpu", True), (None, "tpu", True), (None, "cpu", False),
+    (True, "cpu", True), (False, "gpu", False)])
+def test_compile_ahead_by_default_only_where_the_steps_run_on_an_accelerator(setting, platform,
+                                                                             on):
+  assert ahead.wanted(setting, platform) is on
+
+
+def test_a_default_run_on_a_cpu_compiles_nothing_ahead(text_corpus, tmp_path, monkeypatch):
+  started = []
+  monkeypatch.setattr(ahead.CompileAhead, "start", lambda self, *args: started.append(args))
+  config = text_config(text_corpus)
+  assert config.training.compile_ahead is None and jax.default_backend() == "cpu"
+  train_run(config, tmp_path / "run")
+  assert started == []
+  config.training.compile_ahead = True   # the same spy sees a run that compiles ahead
+  train_run(config, tmp_path / "on")
+  assert len(started) == 3   # once a stage (the last finds no next stage)

@@ -366,6 +366,7 @@ _INVALID = [
     _case("training.grad_clip", -1.0),
     _case("model.dropout", 1.0),
     _case("model.dropout", -0.1),
+    _case("training.compile_ahead", "yes"),
     _case("model.rope_theta", 0.0),
     _case("model.norm_eps", 0.0),
     _case("training.progressive.mlm_min_ratio", 1.5),
@@ -435,6 +436,7 @@ def test_invalid_value_names_path_and_value(changes, path, value):
     {"training__progressive__time_embedding_dim": 33, "training__progressive__time_interpretation":
      "input", "training__progressive__time_encoding_type": "learned"},
     {"training__progressive__time_embedding_dim": 33},   # time as depth: no time embedding
+    {"training__compile_ahead": True}, {"training__compile_ahead": False},
 ])
 def test_edge_values_are_accepted(changes):
   validate(_tiny_with(**changes))

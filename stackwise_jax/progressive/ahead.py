@@ -12,6 +12,14 @@ import threading
 import jax
 
 
+def wanted(setting: bool | None, platform: str) -> bool:
+  """Whether a run compiles ahead: `training.compile_ahead` as set, or (None) where its steps run
+  on an accelerator (`platform`: "gpu", "tpu", "cpu"). There the host idles while the device
+  trains; on a CPU the background compile takes the cores the step itself runs on, and the job was
+  slower with it than without (BUILD_NOTES *job*)."""
+  return platform != "cpu" if setting is None else setting
+
+
 def abstract(tree, shardings=None):
   """`tree`'s arrays (or shapes) as `jax.ShapeDtypeStruct`s with their shardings, or with
   `shardings` (a matching tree) where given."""

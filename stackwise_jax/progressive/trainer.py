@@ -433,7 +433,7 @@ class ProgressiveTrainer:
     background thread once the event `after` is set, while this stage trains
     (training.compile_ahead; ahead.py). Nothing where there is no next stage or it cannot be
     known."""
-    if not self.config.training.compile_ahead:
+    if not ahead.wanted(self.config.training.compile_ahead, self.mesh.devices.flat[0].platform):
       return
     specs, config = stack_specs(builder.specs), builder.config
     evals = [{k: v for k, v in ex.items() if k != "h"} for ex in eval_examples[:1]]
