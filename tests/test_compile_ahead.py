@@ -107,3 +107,23 @@ def test_a_default_run_on_a_cpu_compiles_nothing_ahead(text_corpus, tmp_path, mo
   config.training.compile_ahead = True   # the same spy sees a run that compiles ahead
   train_run(config, tmp_path / "on")
   assert len(started) == 3   # once a stage (the last finds no next stage)
+
+
+def test_a_qlora_trunk_compiles_ahead_into_the_steps_its_stages_call(text_corpus, tmp_path,
+                                                                     monkeypatch):
+  # qwix gives every quantized stack a class of its own; the rack predicted for the next stage
+  # must still key the very train step that stage calls, or its compile ahead is wasted.
+  made = []
+  make = trainer_module.make_train_step
+  monkeypatch.setattr(trainer_module, "make_train_step",
+                      lambda *args, **kwargs: made.append(1) or make(*args, **kwargs))
+  runs, steps_made = {}, {}
+  for on in (False, True):
+    config = text_config(text_corpus, trunk_strategy="qlora", qlora_enabled=True,
+                         progressive_qlora=True, quant_block_size=32)
+    config.training.compile_ahead = on
+    made.clear()
+    runs[on] = train_run(config, tmp_path / str(on))
+    steps_made[on] = len(made)
+  assert steps_made[True] == steps_made[False] == 3   # one step a stage, none wasted
+  assert_same_run(runs[True], runs[False])

@@ -71,6 +71,14 @@ def is_adapter_path(path) -> bool:
   return keys[-1] in _ADAPTER_LEAVES or _PROGRESSIVE_KEY in keys
 
 
+# qwix gives every model it quantizes a class of its own (a subclass whose `__call__` its provider
+# intercepts), so two stacks quantized alike would have graphdefs that compare unequal: a rack
+# rebuilt for compile-ahead (progressive/ahead.py) would key other compiled steps than the run's,
+# and stages could not share one. Stacks of one class quantized by one rule share the first such
+# class; each still gets its params from its own quantize_model run.
+_QUANTIZED_CLASSES = {}
+
+
 def apply_qwix(stack: nnx.Module, lora: LoraSetting | None, weights: dict, sample_inputs,
                rngs: nnx.Rngs) -> nnx.Module:
   """Returns `stack` with its adapted kernels intercepted by qwix: stored in a qwix format
@@ -82,7 +90,10 @@ def apply_qwix(stack: nnx.Module, lora: LoraSetting | None, weights: dict, sampl
     provider = qwix.LoraProvider(rank=lora.rank, alpha=lora.alpha, **rule)
   else:
     provider = qwix.PtqProvider([qwix.QuantizationRule(**rule)])
+  unquantized = getattr(type(stack), "_unquantized_type", type(stack))
   stack = qwix.quantize_model(stack, provider, *sample_inputs, rngs=rngs)
+  key = (unquantized, lora, repr(sorted(rule.items())))
+  stack.__class__ = _QUANTIZED_CLASSES.setdefault(key, type(stack))
   for _, module in nnx.iter_modules(stack):
     for name in _ADAPTER_LEAVES:
       param = getattr(module, name, None)
