@@ -126,8 +126,11 @@ class WandB:
     from stackwise_jax.report import summary_rows
     self._stages.append(result)
     headers, rows = summary_rows(self._stages)
+    # At the stage's last step, named: W&B keeps that row open, so scalars logged at the same step
+    # after it (a mixture's eval by source at the run's end) join it instead of being dropped.
     self.run.log({"stage": result["stage"], **stage_scalars(result),
-                  "stages": self._wandb.Table(columns=headers, data=rows)})
+                  "stages": self._wandb.Table(columns=headers, data=rows)},
+                 step=sum(s["steps"] for s in self._stages))
 
   def end(self, results: dict, plots: list[str]) -> None:
     """The finished run: its final eval loss and bits per byte, the `stages` table as in

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import (MICRO, REPO, TRUNKS, assert_same_run, checkpoint_steps, cut_copy, micro_args,
-                      micro_config, text_config, train_run, write_corpus)
+                      micro_config, tensorboard_scalars, text_config, train_run, write_corpus)
 from stackwise_jax.checkpoint import check_compatible
 from stackwise_jax.cli import main
 from stackwise_jax.config import load_config, to_yaml
@@ -201,6 +201,13 @@ def test_results_json_holds_each_stages_weights_tokens_and_eval_by_source(source
   by_source = results["final_eval_by_source"]
   assert list(by_source) == ["text.0", "text.1"]
   assert all(math.isfinite(e["loss"]) and e["bits_per_byte"] > 0 for e in by_source.values())
+  # TensorBoard (and W&B, through the same scalars) gets them at the run's last step.
+  scalars = tensorboard_scalars(workdir / "tensorboard")
+  last_step = sum(s["steps"] for s in results["stages"])
+  for name, figures in by_source.items():
+    for key in ("loss", "bits_per_byte"):
+      (logged,) = scalars[f"eval_by_source/{name}/{key}"]
+      assert logged == (last_step, pytest.approx(figures[key], rel=1e-6))
 
   assert main(["eval", "--workdir", str(workdir)]) == 0
   rows = json.loads((workdir / "eval.json").read_text())["racks"]

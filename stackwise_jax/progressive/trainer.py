@@ -180,10 +180,15 @@ class ProgressiveTrainer:
           stage = len(self.results["stages"]) + 1
           self._run_stage(rack_builder, new, stage, target, data, eval_examples, resume)
         if hasattr(dataloader, "eval_batches_by_source"):   # a mixture (data/mixture.py)
-          self.results["final_eval_by_source"] = evaluate_by_source(
+          by_source = self.results["final_eval_by_source"] = evaluate_by_source(
               rack_builder.build_rack(), rack_builder.masking, dataloader,
               self.config.training.eval_batches, self._token_bytes,
               lambda b: global_batch(self.mesh, b))
+          last_step = sum(s["steps"] for s in self.results["stages"])
+          for name, figures in by_source.items():
+            for key in ("loss", "bits_per_byte"):
+              if figures.get(key) is not None:
+                self._metric(f"eval_by_source/{name}/{key}", figures[key], last_step)
     finally:
       self._ahead.wait()
       self._drop_caches()
