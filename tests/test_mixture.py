@@ -14,6 +14,7 @@ from stackwise_jax.cli import main
 from stackwise_jax.config import load_config, to_yaml
 from stackwise_jax.data import make_dataloader
 from stackwise_jax.data.mixture import MixtureLoader
+from stackwise_jax.progressive.trainer import setting_warnings
 
 
 def _write_code(directory) -> str:
@@ -263,3 +264,12 @@ def test_prepare_refuses_a_mixture(tmp_path, capsys):
                '--config.data.mixture=({"source": "builtin", "weight": 1.0},)', *MICRO]) == 2
   err = capsys.readouterr().err
   assert err.startswith("stackwise-jax: error: data.mixture: ") and err.count("\n") == 1, err
+
+
+def test_worker_processes_with_a_mixture_warn_that_they_are_not_used(sources):
+  config = micro_config()
+  config.data.mixture = _mixture(sources)
+  assert not [w for w in setting_warnings(config, None) if w[0] == "num_workers"]
+  config.data.num_workers = 2
+  ((_, line),) = [w for w in setting_warnings(config, None) if w[0] == "num_workers"]
+  assert line.startswith("data.num_workers=2 is not used with data.mixture")

@@ -738,8 +738,9 @@ def check_resumable(workdir: str, config) -> None:
 
 def setting_warnings(config, dataloader) -> list[tuple[str, str]]:
   """(reason, one line) for each setting that trains otherwise than it reads: a warm-up longer
-  than a stage (make_optimizer shortens it to the stage), and an eval that needs more held-out
-  records than the split has (`eval_batches` then cycles, repeating records)."""
+  than a stage (make_optimizer shortens it to the stage), worker processes for a mixture (which
+  reads in this process), and an eval that needs more held-out records than the split has
+  (`eval_batches` then cycles, repeating records)."""
   t, warnings, shorter = config.training, [], []
   if t.warmup_steps > stage_steps(config):
     shorter.append(f"a stage's {stage_steps(config)} steps (training.steps_per_stack"
@@ -750,6 +751,11 @@ def setting_warnings(config, dataloader) -> list[tuple[str, str]]:
     warnings.append(("warmup", f"training.warmup_steps={t.warmup_steps} is larger than "
                                f"{' and '.join(shorter)}: the warm-up is cut to the stage, "
                                "reaching the peak lr at its last step"))
+  if config.data.mixture and config.data.num_workers > 0:
+    warnings.append(("num_workers", f"data.num_workers={config.data.num_workers} is not used "
+                                    "with data.mixture: its batches are gathered in this process "
+                                    "from records packed ahead (thousands of times faster than "
+                                    "a step, BUILD_NOTES *data*)"))
   records = getattr(dataloader, "num_val_records", None)   # None: no held-out split of its own
   needed = t.eval_batches * t.batch_size
   if records is not None and records < needed:
