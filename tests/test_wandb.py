@@ -215,21 +215,3 @@ def test_the_originals_wandb_keys_map_to_logging(tmp_path, capsys):
   assert config.logging.to_dict() == {
       "wandb": False, "wandb_project": "stackwise-jax", "wandb_entity": "",
       "wandb_run_name": "", "wandb_tags": (), "wandb_notes": "", "wandb_mode": "online"}
-
-
-def test_a_mixtures_eval_by_source_reaches_wandb_at_the_runs_last_step(tmp_path, monkeypatch):
-  pytest.importorskip("wandb")
-  _wandb_env(monkeypatch, tmp_path)
-  corpus = write_corpus(tmp_path)
-  entry = f'{{"source": "text", "paths": ("{corpus}",), "weight": 1.0}}'
-  workdir = tmp_path / "run"
-  assert main([*micro_args(corpus, workdir), *WANDB,
-               f"--config.data.mixture=({entry}, {entry})"]) == 0
-  results = json.loads((workdir / "results.json").read_text())
-  (logged,) = _offline_runs(workdir)
-  last_step = sum(s["steps"] for s in results["stages"])
-  assert [s for s, _ in _values(logged["history"], "stage")] == [6, last_step]
-  for name, figures in results["final_eval_by_source"].items():
-    for key in ("loss", "bits_per_byte"):
-      assert _values(logged["history"], f"eval_by_source/{name}/{key}") == [
-          (last_step, pytest.approx(figures[key], rel=1e-6))]
