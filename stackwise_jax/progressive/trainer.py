@@ -475,13 +475,11 @@ class ProgressiveTrainer:
       h = runner.compile(rack.params, prefix, example)
       h = jax.ShapeDtypeStruct(h.shape, dtype, sharding=h.sharding)
       entry_bytes = h.size // jax.process_count() * np.dtype(dtype).itemsize
+      example = {**example, "h": h}
       if caching.device_budget(t.progressive.cache_device_bytes) < entry_bytes:
         # Entries in host memory come back as global batches (`_cached_example`).
         batch = NamedSharding(self.mesh, batch_spec())
-        example = {**example, "h": h}
         example = ahead.abstract(example, jax.tree.map(lambda _: batch, example))
-      else:
-        example = {**example, "h": h}
       if evals is not None and _input_side_frozen(context.labels):
         h = runner.compile(rack.params, prefix, evals)
         evals = {**evals, "h": jax.ShapeDtypeStruct(h.shape, dtype, sharding=h.sharding)}
