@@ -525,7 +525,9 @@ def _report_file_error(e: Exception) -> int:
 def entry() -> None:
   """The console script. After a file error, background writer threads (orbax, TensorBoard) may
   still be failing: the process ends at once so they cannot print past the one-line message."""
+  from stackwise_jax.host_memory import reuse_freed_host_memory
   from stackwise_jax.report import process_seconds
+  reuse_freed_host_memory()   # before JAX starts its threads: they keep the heaps they first use
   age = process_seconds()   # interpreter start-up and imports included
   code = main(started=None if age is None else time.perf_counter() - age)
   # The interpreter's last collections would walk every object jax and flax made (~0.5 s at the
