@@ -32,7 +32,8 @@ from stackwise_jax.host_memory import reuse_freed_host_memory
 
 reuse_freed_host_memory()   # as the `stackwise_jax` command does, before JAX starts its threads
 
-from bench import REPO, comm, data, depth, hf, job, memory, mfu, pytorch, quality, quant, reference  # noqa: E402
+from bench import (REPO, comm, data, depth, hf, job, memory, mfu, pytorch, quality,  # noqa: E402
+                   quant, reference)
 from bench.common import MODES, write  # noqa: E402
 
 BENCHMARKS = {"depth": depth, "mfu": mfu, "memory": memory, "quality": quality, "torch": pytorch,
