@@ -1,5 +1,7 @@
 """Compile ahead (training.compile_ahead): while a stage trains, the next stage's programs compile
 on a background thread into the functions the stage calls; results never change."""
+import logging
+
 import jax
 import pytest
 from jax._src import compilation_cache   # to drop the persistent cache JAX already opened
@@ -46,6 +48,24 @@ def test_next_stages_train_steps_compile_before_those_stages_start(text_corpus, 
   assert "compiled train_step" in events[stage[1]:stage[2]]
   assert "compiled train_step" in events[stage[2]:stage[3]]
   assert "compiled train_step" not in events[stage[3]:]
+
+
+@pytest.mark.parametrize("reuse", ["fresh", "pool"])
+def test_each_stages_example_preparer_compiles_once_ahead_or_in_place(text_corpus, tmp_path,
+                                                                     caplog, reuse):
+  config = _three_stages(text_corpus, True)
+  config.training.data_reuse = reuse
+  jax.config.update("jax_log_compiles", True)   # in every thread (the prefetcher compiles too)
+  try:
+    with caplog.at_level(logging.WARNING):
+      train_run(config, tmp_path / "run")
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  compiles = [r for r in caplog.records
+              if r.getMessage().startswith("Compiling jit(prepare_example)")]
+  # Stage 1's in place, stages 2's and 3's ahead: the stage calls the function the thread compiled
+  # (it compiled each of them again in place before).
+  assert len(compiles) == 3, [r.getMessage()[:120] for r in compiles]
 
 
 def test_a_stage_whose_programs_compiled_ahead_compiles_under_a_tenth_as_long(

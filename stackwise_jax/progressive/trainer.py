@@ -133,6 +133,7 @@ class ProgressiveTrainer:
     self._told = set()          # reasons already logged once
     self._stop_signal = None    # set by SIGINT/SIGTERM: save, then stop
     self._compiled = {}         # step functions by what they compute, shared by equal stages
+    self._preparers = {}        # jitted example preparers likewise (`_preparer`)
     self._pool = None           # data_reuse="pool": the batches every stage trains on
     self._train_cache = None    # (prefix stack names, ActivationCache) kept for the next stage
     self._eval_cache = None     # (prefix stack names, [h per eval batch])
@@ -442,13 +443,15 @@ class ProgressiveTrainer:
       return
     specs, config = stack_specs(builder.specs), builder.config
     evals = [{k: v for k, v in ex.items() if k != "h"} for ex in eval_examples[:1]]
-    self._ahead.start(lambda: self._compile_stage(config, target, context.number, specs, evals),
-                      after)
+    masking = builder.masking
+    self._ahead.start(
+        lambda: self._compile_stage(config, masking, target, context.number, specs, evals), after)
 
-  def _compile_stage(self, config, target, number, specs, eval_examples) -> None:
+  def _compile_stage(self, config, masking, target, number, specs, eval_examples) -> None:
     """Compiles stage `number` + 1's programs from its abstract shapes: its rack as
     `next_stage_shapes` grows it after stage `number` (whose rack has `specs`), its state as
-    `_setup` makes it, its examples as `_examples` makes them from this run's batches."""
+    `_setup` makes it, its examples as `_examples` makes them from this run's batches (with the
+    run's `masking`)."""
     t = self.config.training
     found = next_stage_shapes(config, target, number, specs)
     if found is None:
@@ -467,7 +470,7 @@ class ProgressiveTrainer:
     train_step, eval_step = self._step_fns(context, step_rack, step_plan, step_labels, tx, steps,
                                            shardings)
     salt = POOL_SALT if t.data_reuse == "pool" else number + 1
-    example = ahead.compile(jax.jit(_preparer(scratch.masking, context, salt)), self._batch_shapes)
+    example = ahead.compile(self._preparer(masking, context, salt), self._batch_shapes)
     evals = ahead.abstract(eval_examples[0]) if eval_examples else None
     if context.plan.cached:
       runner, prefix = caching.PrefixRunner(rack), context.plan.prefix
@@ -487,6 +490,18 @@ class ProgressiveTrainer:
     if evals is not None:
       ahead.compile(eval_step, state["params"], evals)
 
+  def _preparer(self, masking, context: StageContext, salt: int):
+    """A global batch -> the stage's training example (`TimeStepMasking.stage_example`), jitted
+    once per distinct function: a stage calls the one compile-ahead compiled for it."""
+    trains = tuple(context.trains)
+    body = tuple(s for s in context.rack.specs if s.name in context.plan.body)
+    key = (id(masking), trains, body, salt)   # the function holds `masking`: its id stays unique
+    if key not in self._preparers:
+      def prepare_example(batch):
+        return masking.stage_example(batch, list(trains), list(body), salt)
+      self._preparers[key] = jax.jit(prepare_example)
+    return self._preparers[key]
+
   def _examples(self, builder, context: StageContext, data, eval_examples):
     """-> (step index -> example on the device, whether that is by index, eval examples) of the
     stage (masked as `TimeStepMasking.stage_example` says; the final stage
@@ -500,7 +515,7 @@ class ProgressiveTrainer:
     pool = t.data_reuse == "pool"
     number, rack, labels, plan = context.number, context.rack, context.labels, context.plan
     salt = POOL_SALT if pool else number
-    prepare = jax.jit(_preparer(masking, context, salt))
+    prepare = self._preparer(masking, context, salt)
     order = pool_order(t, number, stage_steps(self.config, context.final)) if pool else None
     if not plan.cached:
       self._drop_caches()
@@ -696,12 +711,6 @@ class ProgressiveTrainer:
                                 f"{stage}, step {step}: checkpoint saved in "
                                 f"{self.checkpoints.directory}; run the same command to resume",
                                 self._stop_signal)
-
-
-def _preparer(masking, context: StageContext, salt: int):
-  """A global batch -> the stage's training example (`TimeStepMasking.stage_example`)."""
-  body = [s for s in context.rack.specs if s.name in context.plan.body]
-  return lambda batch: masking.stage_example(batch, context.trains, body, salt)
 
 
 def _extended(runner, rack, prefix, names, h, example):
