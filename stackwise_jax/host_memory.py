@@ -3,10 +3,10 @@
 Each train step on a CPU allocates its temporaries (~150 MB at the job's sizes) and frees them
 when it ends. With glibc's defaults those allocations land in per-thread heaps of 64 MB that are
 unmapped as soon as they are empty, or in `mmap`ed blocks unmapped on `free`: every step then
-faults in ~40,000 fresh pages that the kernel must zero (~25% of the step's CPU time on 2 cores;
-BUILD_NOTES *job*, "page faults"). One arena, no `mmap` for large blocks and a high trim
-threshold let the next step reuse the same pages. Where the steps run on a GPU or TPU, the host
-allocates little per step and nothing is changed.
+faults in ~40,000 fresh pages that the kernel must zero (the job's step ~25% slower on 2 cores;
+BUILD_NOTES *Decisions*, "Host memory kept for reuse on a CPU"). One arena, no `mmap` for large
+blocks and a high trim threshold let the next step reuse the same pages. Where the steps run on
+a GPU or TPU, the host allocates little per step and nothing is changed.
 """
 import ctypes
 import importlib.metadata
