@@ -55,12 +55,13 @@ def test_each_stages_example_preparer_compiles_once_ahead_or_in_place(text_corpu
                                                                      caplog, reuse):
   config = _three_stages(text_corpus, True)
   config.training.data_reuse = reuse
+  logging_was = jax.config.jax_log_compiles
   jax.config.update("jax_log_compiles", True)   # in every thread (the prefetcher compiles too)
   try:
     with caplog.at_level(logging.WARNING):
       train_run(config, tmp_path / "run")
   finally:
-    jax.config.update("jax_log_compiles", False)
+    jax.config.update("jax_log_compiles", logging_was)
   compiles = [r for r in caplog.records
               if r.getMessage().startswith("Compiling jit(prepare_example)")]
   # Stage 1's in place, stages 2's and 3's ahead: the stage calls the function the thread compiled
